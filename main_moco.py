@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""MoCo v3 self-supervised pretraining (ResNet and ViT).
+
+Launch modes (-b is always the TOTAL batch over all processes; --lr is the base lr for batch 256):
+  CPU or one GPU, no process group:   python main_moco.py -a resnet50 DIR            [--gpu 0]
+  one process per GPU of this node:   python main_moco.py --multiprocessing-distributed --world-size 1 --rank 0 DIR
+  several nodes (run on each, R=0..N-1):
+      python main_moco.py --multiprocessing-distributed --world-size N --rank R --dist-url tcp://HOST:PORT DIR
+  torchrun:                           torchrun --nproc_per_node=8 main_moco.py DIR
+Without a GPU the same commands run on CPU processes with the gloo backend.
+DIR holds train/<class>/<image> (and val/ for the optional kNN monitor). See CONFIG.md for recipes.
+"""
+import argparse
+import os
+import random
+import sys
+
+import torch
+
+from moco import dist
+from moco.amp import PRECISIONS, Amp
+from moco.checkpoint import (ddp_state_dict, latest_checkpoint, load_checkpoint, pretrain_checkpoint_name,
+                             require_keys, save_checkpoint, strip_prefix, unwrap, DDP_PREFIX)
+from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
+from moco.engine_pretrain import train_one_epoch
+from moco.knn import knn_accuracy
+from moco.metrics import RunLog
+from moco.models import BackboneFeatures, arch_names, build_moco, head_name
+from moco.norm import convert_sync_batchnorm
+from moco.optim import build_optimizer
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description='MoCo v3 pretraining', add_help=True)
+    parser.add_argument('data', metavar='DIR', help='dataset folder with train/ (and optionally val/)')
+
+    g = parser.add_argument_group('model')
+    g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', choices=arch_names(),
+                   help='model architecture: ' + ' | '.join(arch_names()[:8]) + ' | ... (default: resnet50)')
+    g.add_argument('--moco-dim', default=256, type=int, help='feature dimension (default: 256)')
+    g.add_argument('--moco-mlp-dim', default=4096, type=int, help='hidden dimension in MLPs (default: 4096)')
+    g.add_argument('--moco-m', default=0.99, type=float,
+                   help='moco momentum of updating momentum encoder (default: 0.99)')
+    g.add_argument('--moco-m-cos', action='store_true',
+                   help='gradually increase moco momentum to 1 with a half-cycle cosine schedule')
+    g.add_argument('--moco-t', default=1.0, type=float, help='softmax temperature (default: 1.0)')
+    g.add_argument('--stop-grad-conv1', action='store_true',
+                   help='stop-grad after first conv, or patch embedding (the "random patch projection" that '
+                        'stabilises ViT training)')
+    g.add_argument('--image-size', default=224, type=int, help='crop size of both views (default: 224)')
+
+    g = parser.add_argument_group('optimization')
+    g.add_argument('--epochs', default=100, type=int, metavar='N', help='number of total epochs to run')
+    g.add_argument('--start-epoch', default=0, type=int, metavar='N',
+                   help='manual epoch number (useful on restarts)')
+    g.add_argument('-b', '--batch-size', default=4096, type=int, metavar='N',
+                   help='mini-batch size (default: 4096), this is the total batch size of all processes')
+    g.add_argument('--lr', '--learning-rate', default=0.6, type=float, metavar='LR', dest='lr',
+                   help='initial (base) learning rate; the actual lr is base x batch / 256')
+    g.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum of SGD solver')
+    g.add_argument('--wd', '--weight-decay', default=1e-6, type=float, metavar='W', dest='weight_decay',
+                   help='weight decay (default: 1e-6)')
+    g.add_argument('--optimizer', default='lars', type=str, choices=['lars', 'adamw'],
+                   help='optimizer used (default: lars; the paper uses adamw for ViTs)')
+    g.add_argument('--warmup-epochs', default=10, type=int, metavar='N', help='number of warmup epochs')
+    g.add_argument('--amp', default='auto', choices=PRECISIONS,
+                   help='mixed precision: auto = fp16 with a GradScaler on CUDA (the original), fp32 on CPU')
+
+    g = parser.add_argument_group('data')
+    g.add_argument('-j', '--workers', default=32, type=int, metavar='N',
+                   help='number of data loading workers (default: 32), divided among the processes of a node')
+    g.add_argument('--crop-min', default=0.08, type=float, help='minimum scale for random cropping (default: 0.08)')
+    g.add_argument('--no-blur', action='store_true', help='no Gaussian blur in either view (small images)')
+
+    g = parser.add_argument_group('run folder, checkpoints and monitoring')
+    g.add_argument('--output-dir', default='./output', type=str,
+                   help='folder for checkpoints, log.txt and tensorboard/ (default: ./output)')
+    g.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help="checkpoint to resume from, or 'auto' for the newest readable one in --output-dir")
+    g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
+                   help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
+    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
+    g.add_argument('--knn-freq', default=0, type=int, metavar='N',
+                   help='every N epochs (and before training) report weighted kNN top-1 on DIR/val with '
+                        'DIR/train as memory; 0 = off')
+    g.add_argument('--knn-k', default=200, type=int, help='neighbours of the kNN monitor (default: 200)')
+    g.add_argument('--knn-t', default=0.1, type=float, help='temperature of the kNN monitor (default: 0.1)')
+    g.add_argument('--seed', default=None, type=int,
+                   help='seed for initializing training; makes CPU runs (and resumes) repeatable')
+
+    dist.add_distributed_args(parser)
+    return parser
+
+
+def check_args(args):
+    if args.epochs <= args.warmup_epochs and args.warmup_epochs > 0 and args.epochs > 0:
+        raise dist.UserError(f'--epochs {args.epochs} must be larger than --warmup-epochs {args.warmup_epochs}')
+    if args.batch_size <= 0:
+        raise dist.UserError('-b/--batch-size must be positive')
+
+
+def main_worker(args):
+    device = dist.init_process(args)
+    args.device = device
+    if args.seed is not None:
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+
+    # infer the learning rate before dividing the batch size among processes
+    base_lr = args.lr
+    args.lr = args.lr * args.batch_size / 256
+    if args.batch_size % args.world_size:
+        raise dist.UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
+    total_batch = args.batch_size
+    args.batch_size = args.batch_size // args.world_size
+    local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (torch.cuda.device_count() or 1
+                                                                 if args.multiprocessing_distributed else 1)
+    args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
+    print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
+          f'({args.batch_size} per process) | base lr {base_lr:.4g} -> actual lr {args.lr:.4g} | '
+          f'{args.workers} data workers per process')
+
+    model = build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, args.moco_t,
+                       image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'model: {n_total:,} parameters ({n_train:,} trainable)')
+    if args.distributed:
+        model = convert_sync_batchnorm(model, device)
+    model.to(device)
+    optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum)
+    amp = Amp(args.amp, device)
+    print(f'precision: {amp.precision}')
+
+    resume = resolve_resume(args)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], resume)
+        if ckpt.get('arch', args.arch) != args.arch:
+            raise dist.UserError(f'{resume} was trained with -a {ckpt["arch"]}, not -a {args.arch}')
+        load_model_state(model, ckpt['state_dict'], resume)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        amp.load_state_dict(ckpt.get('scaler'))
+        args.start_epoch = ckpt['epoch']
+        print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']})")
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+
+    train_set = image_folder(args.data, 'train',
+                             pretrain_transform(args.image_size, args.crop_min, blur=not args.no_blur))
+    if len(train_set) < total_batch:
+        raise dist.UserError(f'{len(train_set)} training images are fewer than one batch of {total_batch}; '
+                             'lower -b')
+    loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
+                         seed=args.seed, pin_memory=device.type == 'cuda')
+    print(f'{len(train_set)} training images, {len(loader)} iterations per epoch')
+
+    knn = None
+    if args.knn_freq > 0:
+        knn_sets = [image_folder(args.data, split, eval_transform(args.image_size)) for split in ('train', 'val')]
+        backbone = BackboneFeatures(unwrap(model).base_encoder, head_name(args.arch))
+        knn = lambda: knn_accuracy(backbone, *knn_sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
+                                   batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
+
+    run_log = RunLog(args.output_dir)
+    knn_acc1 = None
+    if knn is not None and args.start_epoch == 0:
+        knn_acc1 = knn()
+        print(f'kNN top-1 at initialisation: {knn_acc1:.2f}')
+        run_log.scalars(0, knn_top1=knn_acc1)
+        run_log.epoch({'epoch': 0, 'knn_top1': knn_acc1})
+
+    for epoch in range(args.start_epoch, args.epochs):
+        start_epoch(loader, epoch, args.seed)
+        stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log)
+        record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}}
+        if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            knn_acc1 = record['knn_top1'] = knn()
+            print(f'kNN top-1 after epoch {epoch + 1}: {knn_acc1:.2f}')
+            run_log.scalars((epoch + 1) * len(loader), knn_top1=knn_acc1)
+        if dist.is_main_process():
+            state = {'epoch': epoch + 1, 'arch': args.arch, 'state_dict': ddp_state_dict(model),
+                     'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict()}
+            if knn_acc1 is not None:
+                state['knn_top1'] = knn_acc1
+            save_checkpoint(state, os.path.join(args.output_dir, pretrain_checkpoint_name(epoch)))
+            thin_checkpoints(args.output_dir, args.keep_checkpoints)
+        run_log.epoch(record)
+    run_log.close()
+    dist.cleanup()
+
+
+def resolve_resume(args):
+    """The checkpoint to resume from, or None. Refuse to train a new run over an old one's files."""
+    existing = os.path.isdir(args.output_dir) and any(
+        f.startswith('checkpoint_') and f.endswith('.pth.tar') for f in os.listdir(args.output_dir))
+    if args.resume == 'auto':
+        path = latest_checkpoint(args.output_dir) if existing else None
+        if path is None:
+            print(f'--resume auto: no checkpoint in {args.output_dir}, starting from scratch')
+        return path
+    if args.resume:
+        return args.resume
+    if existing and args.start_epoch == 0:
+        raise dist.UserError(f'{args.output_dir} already holds checkpoints of a run: pass --resume auto to '
+                             'continue it, or choose another --output-dir')
+    return None
+
+
+def load_model_state(model, state_dict, path):
+    state = strip_prefix(state_dict, DDP_PREFIX) if any(k.startswith(DDP_PREFIX) for k in state_dict) else state_dict
+    try:
+        unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        raise dist.UserError(f'{path} does not match this model: {str(e).splitlines()[1].strip()[:200]}') from None
+
+
+def thin_checkpoints(folder, keep):
+    if keep <= 0:
+        return
+    names = sorted(f for f in os.listdir(folder) if f.startswith('checkpoint_') and f.endswith('.pth.tar'))
+    for name in names[:-keep]:
+        os.remove(os.path.join(folder, name))
+
+
+def main(args):
+    try:
+        check_args(args)
+        dist.launch(main_worker, args)
+    except dist.UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except torch.multiprocessing.ProcessExitedException as e:  # a spawned worker already said why
+        sys.exit(e.exit_code or 1)
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

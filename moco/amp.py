@@ -1,0 +1,46 @@
+"""Mixed precision as one code path: autocast (or nothing) plus a GradScaler that is a no-op
+unless fp16. The original uses fp16 autocast with a GradScaler for the whole forward and loss."""
+from contextlib import nullcontext
+
+import torch
+
+from moco.dist import UserError
+
+PRECISIONS = ('auto', 'fp16', 'bf16', 'fp32')
+
+
+def resolve_precision(name, device):
+    """'auto' is the original's fp16 on CUDA and fp32 on CPU."""
+    if name == 'auto':
+        return 'fp16' if device.type == 'cuda' else 'fp32'
+    if name == 'fp16' and device.type != 'cuda':
+        raise UserError('--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp fp32')
+    return name
+
+
+class Amp:
+    """``with amp.autocast(): loss = ...``, then ``amp.backward_step(loss, optimizer)``."""
+
+    def __init__(self, precision, device):
+        self.precision = resolve_precision(precision, device)
+        self.device_type = device.type
+        self.dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(self.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == 'fp16')
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def backward_step(self, loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state):
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)

@@ -1,0 +1,115 @@
+"""The MoCo v3 model (Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision
+Transformers", ICCV 2021), as in the paper's Algorithm 1:
+
+    f_q: backbone + projection head + prediction head      f_k: backbone + projection head (EMA of f_q)
+    for x in loader:
+        x1, x2 = aug(x), aug(x)
+        q1, q2 = f_q(x1), f_q(x2)
+        k1, k2 = f_k(x1), f_k(x2)
+        loss = ctr(q1, k2) + ctr(q2, k1)     # symmetrized
+        loss.backward(); update(f_q)
+        f_k = m * f_k + (1 - m) * f_q        # momentum update
+
+In this implementation the momentum update happens inside ``forward``, before the keys are computed,
+exactly as in the authors' PyTorch release. Each view goes through each encoder in its own call, so
+BatchNorm statistics are per view. Checkpoint keys: ``base_encoder.*``, ``momentum_encoder.*``,
+``predictor.*``.
+
+References: facebookresearch/moco-v3 moco/builder.py (CC-BY-NC 4.0; re-written).
+"""
+import torch
+import torch.nn as nn
+
+from moco.losses import infonce
+
+
+class MoCo(nn.Module):
+    """Base class: builds the two encoders and leaves the heads to ``_build_projector_and_predictor_mlps``.
+
+    base_encoder: a callable taking ``num_classes`` (e.g. ``torchvision.models.resnet50``);
+    dim: output dim of the projector/predictor (default 256); mlp_dim: hidden dim (default 4096);
+    T: softmax temperature (default 1.0).
+    """
+
+    def __init__(self, base_encoder, dim=256, mlp_dim=4096, T=1.0):
+        super().__init__()
+        self.T = T
+
+        # the classifier of each encoder is built with mlp_dim outputs, then replaced by the projector
+        self.base_encoder = base_encoder(num_classes=mlp_dim)
+        self.momentum_encoder = base_encoder(num_classes=mlp_dim)
+        self._build_projector_and_predictor_mlps(dim, mlp_dim)
+
+        for param_b, param_m in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            param_m.data.copy_(param_b.data)  # start as an exact copy
+            param_m.requires_grad = False     # updated by the moving average, never by gradient
+
+    def _build_mlp(self, num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+        """Linear layers without bias; BN + ReLU between them; after the last one a BN without
+        affine parameters when ``last_bn`` ("follow SimCLR's design ... we further removed gamma in BN")."""
+        mlp = []
+        for layer in range(num_layers):
+            dim1 = input_dim if layer == 0 else mlp_dim
+            dim2 = output_dim if layer == num_layers - 1 else mlp_dim
+            mlp.append(nn.Linear(dim1, dim2, bias=False))
+            if layer < num_layers - 1:
+                mlp.append(nn.BatchNorm1d(dim2))
+                mlp.append(nn.ReLU(inplace=True))
+            elif last_bn:
+                mlp.append(nn.BatchNorm1d(dim2, affine=False))
+        return nn.Sequential(*mlp)
+
+    def _build_projector_and_predictor_mlps(self, dim, mlp_dim):
+        raise NotImplementedError('use MoCo_ResNet or MoCo_ViT')
+
+    @torch.no_grad()
+    def _update_momentum_encoder(self, m):
+        """xi <- m * xi + (1 - m) * theta over parameters only (BN running statistics are not averaged).
+
+        Evaluated as two separately rounded products and a sum, bit-identical to the original's
+        ``param_m.data * m + param_b.data * (1. - m)``, but without a Python loop over tensors.
+        """
+        params_b = list(self.base_encoder.parameters())
+        params_m = list(self.momentum_encoder.parameters())
+        torch._foreach_mul_(params_m, m)
+        torch._foreach_add_(params_m, torch._foreach_mul(params_b, 1. - m))
+
+    def contrastive_loss(self, q, k):
+        return infonce(q, k, self.T)
+
+    def forward(self, x1, x2, m):
+        """x1, x2: two augmented views, (N, 3, H, W) each; m: momentum coefficient. Returns the loss."""
+        q1 = self.predictor(self.base_encoder(x1))   # (N, dim) queries
+        q2 = self.predictor(self.base_encoder(x2))
+
+        with torch.no_grad():
+            self._update_momentum_encoder(m)          # before computing the keys
+            k1 = self.momentum_encoder(x1)            # (N, dim) keys
+            k2 = self.momentum_encoder(x2)
+
+        return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+
+
+class MoCo_ResNet(MoCo):
+    """ResNet: 2-layer projector (on the pooled 2048-d feature for R50), 2-layer predictor without
+    the last BN."""
+
+    def _build_projector_and_predictor_mlps(self, dim, mlp_dim):
+        hidden_dim = self.base_encoder.fc.weight.shape[1]
+        del self.base_encoder.fc, self.momentum_encoder.fc  # remove the classifier
+
+        self.base_encoder.fc = self._build_mlp(2, hidden_dim, mlp_dim, dim)
+        self.momentum_encoder.fc = self._build_mlp(2, hidden_dim, mlp_dim, dim)
+        self.predictor = self._build_mlp(2, dim, mlp_dim, dim, last_bn=False)
+
+
+class MoCo_ViT(MoCo):
+    """ViT: 3-layer projector on the [cls] feature, 2-layer predictor, both ending in BN."""
+
+    def _build_projector_and_predictor_mlps(self, dim, mlp_dim):
+        hidden_dim = self.base_encoder.head.weight.shape[1]
+        del self.base_encoder.head, self.momentum_encoder.head  # remove the classifier
+
+        self.base_encoder.head = self._build_mlp(3, hidden_dim, mlp_dim, dim)
+        self.momentum_encoder.head = self._build_mlp(3, hidden_dim, mlp_dim, dim)
+        self.predictor = self._build_mlp(2, dim, mlp_dim, dim)

@@ -1,0 +1,108 @@
+"""Checkpoints: the original MoCo v3 file format, written safely.
+
+Pretraining files hold ``{'epoch': next_epoch, 'arch', 'state_dict', 'optimizer', 'scaler'}`` (plus a
+few plain extras) with ``module.``-prefixed keys in every launch mode, so released MoCo v3 checkpoints
+and ours are interchangeable. Only tensors and plain types are saved, and every load uses
+``weights_only=True``: a checkpoint cannot run code.
+"""
+import glob
+import os
+import re
+
+import torch
+
+from moco.dist import UserError
+
+DDP_PREFIX = 'module.'
+
+
+def unwrap(model):
+    """The bare model under DDP and torch.compile wrappers (their keys must not reach the file)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def ddp_state_dict(model):
+    """state_dict of the bare model with the keys a DDP-wrapped model has: ``module.*``."""
+    return {DDP_PREFIX + k: v for k, v in unwrap(model).state_dict().items()}
+
+
+def strip_prefix(state_dict, prefix):
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def save_checkpoint(state, path):
+    """Atomic save: write a temporary file in the same folder, flush and fsync, then rename.
+
+    An interrupted save leaves the previous file at ``path`` untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path):
+    """torch.load on CPU with weights_only=True; a missing, truncated or foreign file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint not found: {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, not a torch file at all, ...
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f'cannot read checkpoint {path}: {first_line[:200]}') from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path} is not a checkpoint (a {type(ckpt).__name__}, not a dict)')
+    return ckpt
+
+
+def pretrain_checkpoint_name(epoch):
+    return f'checkpoint_{epoch:04d}.pth.tar'
+
+
+def latest_checkpoint(folder):
+    """Newest readable pretraining checkpoint in ``folder`` (by epoch, then time), or None.
+
+    Unreadable files are skipped with a warning.
+    """
+    found = []
+    for path in glob.glob(os.path.join(folder, 'checkpoint_*.pth.tar')):
+        m = re.search(r'checkpoint_(\d+)\.pth\.tar$', path)
+        if m:
+            found.append((int(m.group(1)), os.path.getmtime(path), path))
+    for _, _, path in sorted(found, reverse=True):
+        try:
+            ckpt = load_checkpoint(path)
+            if 'state_dict' in ckpt and 'epoch' in ckpt:
+                return path
+        except UserError as e:
+            print(f'warning: skipping {e}')
+    return None
+
+
+def require_keys(ckpt, keys, path):
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise UserError(f'{path} is not a MoCo pretraining checkpoint: no {", ".join(missing)} '
+                        f'(found keys: {", ".join(sorted(map(str, ckpt))[:6])})')

@@ -1,0 +1,190 @@
+"""Process launch and distributed helpers shared by every script.
+
+Launch modes (the PyTorch ImageNet example's, plus the ones it lacks):
+  * one process, CPU or one GPU, no process group          python main_moco.py [--gpu 0] DIR
+  * one spawned process per local GPU (one on a CPU host)  --multiprocessing-distributed
+  * several nodes                                         ... --world-size N --rank R --dist-url tcp://HOST:PORT
+  * torchrun (env:// with RANK, WORLD_SIZE, LOCAL_RANK)      torchrun --nproc_per_node=K main_moco.py DIR
+
+``rank()``, ``world_size()`` and ``concat_all_gather`` work with or without a process group; at
+world size 1 the gather is the identity.
+"""
+import builtins
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class UserError(Exception):
+    """A mistake in the command line, the data or a file: reported as one line, exit code 2."""
+
+
+def add_distributed_args(parser):
+    g = parser.add_argument_group('distributed (same flags as the PyTorch ImageNet example)')
+    g.add_argument('--world-size', default=-1, type=int,
+                   help='number of NODES for distributed training (the process count is nodes x GPUs '
+                        'with --multiprocessing-distributed)')
+    g.add_argument('--rank', default=-1, type=int, help='node rank for distributed training')
+    g.add_argument('--dist-url', default='tcp://localhost:10001', type=str,
+                   help='url used to set up distributed training; under torchrun env:// is used')
+    g.add_argument('--dist-backend', default='nccl', type=str,
+                   help="distributed backend; falls back to gloo (with a log line) when there is no GPU")
+    g.add_argument('--gpu', default=None, type=int,
+                   help='GPU id to use: one process on that GPU, no process group')
+    g.add_argument('--multiprocessing-distributed', action='store_true',
+                   help='spawn one process per GPU on this node (one CPU process when there is no GPU); '
+                        'the batch size and workers are divided among all processes')
+    return g
+
+
+def torchrun_env():
+    """(rank, world_size, local_rank) when launched by torchrun (or any env:// launcher), else None."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+    return None
+
+
+def launch(worker, args):
+    """Run ``worker(args)`` in every process the flags and environment ask for.
+
+    Sets on args: ``distributed``, ``rank`` (global), ``world_size`` (processes), ``local_rank``,
+    ``gpu`` (None on CPU).
+    """
+    if args.gpu is not None and not torch.cuda.is_available():
+        raise UserError(f'--gpu {args.gpu} was given but this machine has no CUDA GPU')
+    if args.gpu is not None and args.gpu >= torch.cuda.device_count():
+        raise UserError(f'--gpu {args.gpu} was given but only {torch.cuda.device_count()} GPU(s) are visible')
+
+    env = torchrun_env()
+    if env is not None:  # torchrun: one process per rank was already started for us
+        args.rank, args.world_size, args.local_rank = env
+        args.dist_url, args.distributed = 'env://', True
+        args.multiprocessing_distributed = False
+        if torch.cuda.is_available():
+            args.gpu = args.local_rank
+        return worker(args)
+
+    if args.dist_url == 'env://' and args.world_size == -1:
+        args.world_size = int(os.environ.get('WORLD_SIZE', 1))
+    args.distributed = args.world_size > 1 or args.multiprocessing_distributed
+    if args.world_size == -1:
+        args.world_size = 1
+    if args.rank == -1:
+        args.rank = 0
+    if args.rank >= args.world_size:
+        raise UserError(f'--rank {args.rank} must be smaller than --world-size {args.world_size}')
+
+    if args.multiprocessing_distributed:
+        procs_per_node = torch.cuda.device_count() or 1
+        args.world_size = procs_per_node * args.world_size
+        mp.spawn(_spawned_worker, nprocs=procs_per_node, args=(procs_per_node, worker, args))
+    else:
+        args.local_rank = 0
+        if args.gpu is None and torch.cuda.is_available():
+            args.gpu = 0
+        return worker(args)
+
+
+def _spawned_worker(local_rank, procs_per_node, worker, args):
+    args.local_rank = local_rank
+    args.rank = args.rank * procs_per_node + local_rank
+    args.gpu = local_rank if torch.cuda.is_available() else None
+    try:
+        worker(args)
+    except UserError as e:  # one line, not a traceback from every child
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def init_process(args):
+    """Inside a worker: choose the device, join the process group, silence non-zero ranks.
+
+    Returns the torch.device of this process.
+    """
+    if args.gpu is not None:
+        torch.cuda.set_device(args.gpu)
+        device = torch.device('cuda', args.gpu)
+    else:
+        device = torch.device('cpu')
+    if args.distributed:
+        backend = args.dist_backend
+        if device.type == 'cpu' and backend == 'nccl':
+            print(f'[rank {args.rank}] no CUDA device: using the gloo backend instead of nccl')
+            backend = 'gloo'
+        try:
+            dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                                    rank=args.rank, timeout=datetime.timedelta(minutes=30))
+        except RuntimeError as e:
+            if 'address already in use' in str(e).lower():
+                raise UserError(f'cannot start the process group: {args.dist_url} is already in use '
+                                '(another run?); choose another port in --dist-url') from None
+            raise
+        if device.type == 'cpu':  # share the cores among the processes of this node
+            local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or max(1, args.world_size)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+    setup_for_distributed(rank() == 0)
+    return device
+
+
+def cleanup():
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on all ranks but 0; print(..., force=True) still prints."""
+    builtin_print = getattr(builtins.print, '_moco_original', builtins.print)
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    print_._moco_original = builtin_print
+    builtins.print = print_
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """All-gather along dim 0 without gradient; the identity at world size 1."""
+    if world_size() == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered, dim=0)
+
+
+def all_reduce_mean(value):
+    """Average a python number or tensor over processes (for logging)."""
+    if world_size() == 1:
+        return value
+    t = torch.as_tensor(value, dtype=torch.float64,
+                        device='cuda' if dist.get_backend() == 'nccl' else 'cpu').clone()
+    dist.all_reduce(t)
+    return (t / world_size()).item() if not torch.is_tensor(value) else t / world_size()

@@ -1,0 +1,90 @@
+"""Architecture names -> encoder factories, the MoCo model for an arch, and backbone features.
+
+Names: the ViTs of ``vits.py``; every torchvision classification model with an ``fc`` classifier
+(ResNets, ResNeXts, Wide ResNets, RegNets), built with ``zero_init_residual=True`` where accepted
+(as the original does); and ``resnet18_cifar`` / ``resnet50_cifar``: the same ResNets with the usual
+CIFAR stem (3x3 stride-1 first conv, no max-pool) for 32 px images.
+"""
+import inspect
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+import vits
+from moco.builder import MoCo_ResNet, MoCo_ViT
+from moco.dist import UserError
+
+
+def _cifar_resnet(name, **kwargs):
+    model = tvm.get_model_builder(name)(**kwargs)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode='fan_out', nonlinearity='relu')  # as torchvision
+    model.maxpool = nn.Identity()
+    return model
+
+
+CIFAR_ARCHS = {f'{name}_cifar': partial(_cifar_resnet, name) for name in ('resnet18', 'resnet50')}
+
+
+def _torchvision_archs():
+    names = []
+    for name in tvm.list_models(module=tvm):
+        if name.startswith(('resnet', 'resnext', 'wide_resnet', 'regnet')):
+            names.append(name)
+    return sorted(names)
+
+
+def arch_names():
+    return sorted(vits.VIT_ARCHS) + sorted(CIFAR_ARCHS) + _torchvision_archs()
+
+
+def is_vit(arch):
+    return arch in vits.VIT_ARCHS
+
+
+def head_name(arch):
+    """Attribute holding the classifier (and, in MoCo, the projector)."""
+    return 'head' if is_vit(arch) else 'fc'
+
+
+def encoder_factory(arch, image_size=None, stop_grad_conv1=False, **kwargs):
+    """A callable ``f(num_classes=...)`` building a fresh encoder of this arch."""
+    if is_vit(arch):
+        if image_size is not None:
+            kwargs['img_size'] = image_size
+        return partial(vits.VIT_ARCHS[arch], stop_grad_conv1=stop_grad_conv1, **kwargs)
+    if arch in CIFAR_ARCHS:
+        return partial(CIFAR_ARCHS[arch], zero_init_residual=True, **kwargs)
+    if arch not in _torchvision_archs():
+        raise UserError(f'unknown architecture {arch!r}; choose one of: {", ".join(arch_names())}')
+    builder = tvm.get_model_builder(arch)
+    if 'zero_init_residual' in inspect.signature(builder).parameters or arch.startswith(('resnet', 'resnext', 'wide')):
+        kwargs.setdefault('zero_init_residual', True)
+    return partial(builder, **kwargs)
+
+
+def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, image_size=None, stop_grad_conv1=False):
+    """The MoCo v3 model of the original ``main_moco.py`` for an arch name."""
+    factory = encoder_factory(arch, image_size=image_size, stop_grad_conv1=stop_grad_conv1)
+    cls = MoCo_ViT if is_vit(arch) else MoCo_ResNet
+    return cls(factory, dim, mlp_dim, T)
+
+
+class BackboneFeatures(nn.Module):
+    """Features of an encoder just before its head (the pooled ResNet feature, the ViT [cls] token
+    after the final norm): what linear probing and kNN read."""
+
+    def __init__(self, encoder, head='fc'):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x):
+        head = getattr(self.encoder, self.head)
+        setattr(self.encoder, self.head, nn.Identity())  # skip the head for this call only
+        try:
+            return self.encoder(x)
+        finally:
+            setattr(self.encoder, self.head, head)

@@ -1,0 +1,60 @@
+"""Optimizers of the paper: LARS for ResNets, AdamW for ViTs."""
+import torch
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017), as in MoCo v3.
+
+    Tensors with ndim <= 1 (biases, norm weights) get neither weight decay nor the trust ratio.
+    For the others: g <- g + wd * p;  g <- g * (eta * |p| / |g|)  (1 when either norm is zero).
+    Then mu <- momentum * mu + g;  p <- p - lr * mu. The state key 'mu' matches the original, so
+    optimizer states of original checkpoints load.
+    """
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, trust_coefficient=0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g['params']:
+                dp = p.grad
+                if dp is None:  # frozen parameters (momentum encoder, frozen patch projection)
+                    continue
+
+                if p.ndim > 1:  # not a bias or a normalisation weight
+                    dp = dp.add(p, alpha=g['weight_decay'])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.,
+                                    torch.where(update_norm > 0, (g['trust_coefficient'] * param_norm / update_norm), one),
+                                    one)
+                    dp = dp.mul(q)
+
+                param_state = self.state[p]
+                if 'mu' not in param_state:
+                    param_state['mu'] = torch.zeros_like(p)
+                mu = param_state['mu']
+                mu.mul_(g['momentum']).add_(dp)
+                p.add_(mu, alpha=-g['lr'])
+        return loss
+
+
+def build_optimizer(name, model, lr, weight_decay, momentum=0.9):
+    """'lars' (SGD momentum + trust ratio) or 'adamw' (torch AdamW, weight decay on all tensors).
+
+    All parameters are passed, frozen ones included (they have no gradient, so no update), exactly as
+    the original does: parameter indices in the optimizer state then match original checkpoints.
+    """
+    params = list(model.parameters())
+    if name == 'lars':
+        return LARS(params, lr, weight_decay=weight_decay, momentum=momentum)
+    if name == 'adamw':
+        return torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    raise ValueError(f'unknown optimizer {name!r}')
