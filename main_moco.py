@@ -19,8 +19,8 @@ import torch
 
 from moco import dist
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (ddp_state_dict, latest_checkpoint, load_checkpoint, pretrain_checkpoint_name,
-                             require_keys, save_checkpoint, strip_prefix, unwrap, DDP_PREFIX)
+from moco.checkpoint import (ddp_state_dict, latest_checkpoint, load_checkpoint, load_model_state,
+                             pretrain_checkpoint_name, require_keys, save_checkpoint, thin_checkpoints, unwrap)
 from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.knn import knn_accuracy
@@ -207,22 +207,6 @@ def resolve_resume(args):
         raise dist.UserError(f'{args.output_dir} already holds checkpoints of a run: pass --resume auto to '
                              'continue it, or choose another --output-dir')
     return None
-
-
-def load_model_state(model, state_dict, path):
-    state = strip_prefix(state_dict, DDP_PREFIX) if any(k.startswith(DDP_PREFIX) for k in state_dict) else state_dict
-    try:
-        unwrap(model).load_state_dict(state)
-    except RuntimeError as e:
-        raise dist.UserError(f'{path} does not match this model: {str(e).splitlines()[1].strip()[:200]}') from None
-
-
-def thin_checkpoints(folder, keep):
-    if keep <= 0:
-        return
-    names = sorted(f for f in os.listdir(folder) if f.startswith('checkpoint_') and f.endswith('.pth.tar'))
-    for name in names[:-keep]:
-        os.remove(os.path.join(folder, name))
 
 
 def main(args):

@@ -106,3 +106,22 @@ def require_keys(ckpt, keys, path):
     if missing:
         raise UserError(f'{path} is not a MoCo pretraining checkpoint: no {", ".join(missing)} '
                         f'(found keys: {", ".join(sorted(map(str, ckpt))[:6])})')
+
+
+def load_model_state(model, state_dict, path):
+    """Load a (possibly ``module.``-prefixed) state_dict strictly into the bare model; a mismatch is a
+    one-line UserError naming the first problem."""
+    state = strip_prefix(state_dict, DDP_PREFIX) if any(k.startswith(DDP_PREFIX) for k in state_dict) else state_dict
+    try:
+        unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f'{path} does not match this model: {str(e).splitlines()[1].strip()[:200]}') from None
+
+
+def thin_checkpoints(folder, keep):
+    """Delete all but the ``keep`` newest checkpoint_*.pth.tar of folder (keep <= 0: keep all)."""
+    if keep <= 0:
+        return
+    names = sorted(f for f in os.listdir(folder) if f.startswith('checkpoint_') and f.endswith('.pth.tar'))
+    for name in names[:-keep]:
+        os.remove(os.path.join(folder, name))

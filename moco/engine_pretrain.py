@@ -2,7 +2,6 @@
 import math
 import time
 
-import torch
 
 from moco import schedules
 from moco.metrics import MetricLogger, SmoothedValue

@@ -8,7 +8,6 @@ CIFAR stem (3x3 stride-1 first conv, no max-pool) for 32 px images.
 import inspect
 from functools import partial
 
-import torch
 import torch.nn as nn
 import torchvision.models as tvm
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moco import dist as moco_dist
 
