@@ -125,3 +125,61 @@ def thin_checkpoints(folder, keep):
     names = sorted(f for f in os.listdir(folder) if f.startswith('checkpoint_') and f.endswith('.pth.tar'))
     for name in names[:-keep]:
         os.remove(os.path.join(folder, name))
+
+
+# ---- backbone weights of a pretraining checkpoint (linear probe, DeiT conversion, fine-tuning) ----
+
+MOCO_ENCODER_PREFIX = DDP_PREFIX + 'base_encoder.'
+
+
+def load_encoder_from_moco(state_dict, head, path='checkpoint'):
+    """The backbone of a MoCo pretraining ``state_dict``: the ``module.base_encoder.*`` entries minus
+    the projector that replaced the classifier (``head``: 'fc' or 'head'), prefix stripped.
+
+    The momentum encoder and the predictor are dropped. Works for files of this project and of the
+    original release alike (same keys).
+    """
+    skip = MOCO_ENCODER_PREFIX + head + '.'
+    encoder = {k[len(MOCO_ENCODER_PREFIX):]: v for k, v in state_dict.items()
+               if k.startswith(MOCO_ENCODER_PREFIX) and not k.startswith(skip)}
+    if not encoder:
+        sample = ', '.join(sorted(map(str, state_dict))[:3]) or 'none'
+        raise UserError(f'{path} holds no {MOCO_ENCODER_PREFIX}* weights, so it is not a MoCo pretraining '
+                        f'checkpoint (first keys: {sample})')
+    return encoder
+
+
+def read_pretrained_encoder(path, head, allow_deit=False):
+    """Read a file and return ``(encoder_state, arch or None)``.
+
+    Accepts a MoCo pretraining checkpoint (``{'state_dict': {'module.base_encoder.*': ...}}``) and,
+    with ``allow_deit``, a converted file ``{'model': state_dict}`` (convert_to_deit.py), whose head
+    entries, if any, are dropped.
+    """
+    ckpt = load_checkpoint(path)
+    if allow_deit and 'model' in ckpt and 'state_dict' not in ckpt:
+        skip = head + '.'
+        return {k: v for k, v in ckpt['model'].items() if not k.startswith(skip)}, ckpt.get('arch')
+    require_keys(ckpt, ['state_dict'], path)
+    return load_encoder_from_moco(ckpt['state_dict'], head, path), ckpt.get('arch')
+
+
+def load_backbone(model, encoder_state, head, path='checkpoint'):
+    """``load_state_dict(strict=False)`` of backbone weights into a fresh model whose classifier is
+    ``head``; anything but exactly the classifier's weight and bias missing is a one-line UserError."""
+    try:
+        msg = model.load_state_dict(encoder_state, strict=False)
+    except RuntimeError as e:  # a shape mismatch fails even with strict=False
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise UserError(f'{path} does not fit this model: {detail[:200]}') from None
+    expected = {f'{head}.weight', f'{head}.bias'}
+    missing = sorted(set(msg.missing_keys) - expected)
+    if missing or msg.unexpected_keys or not expected <= set(msg.missing_keys):
+        problems = []
+        if missing:
+            problems.append(f'missing {len(missing)} weight(s), e.g. {missing[0]}')
+        if msg.unexpected_keys:
+            problems.append(f'{len(msg.unexpected_keys)} unexpected, e.g. {sorted(msg.unexpected_keys)[0]}')
+        if not expected <= set(msg.missing_keys):
+            problems.append(f'it holds a classifier {head}.*')
+        raise UserError(f'{path} does not fit this model: {"; ".join(problems)}')

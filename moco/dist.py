@@ -48,6 +48,14 @@ def torchrun_env():
     return None
 
 
+def slurm_env():
+    """(rank, world_size, local_rank) for one process per task of a multi-task SLURM step
+    (``srun python main_moco.py --dist-url tcp://HOST:PORT ...``), else None."""
+    if int(os.environ.get('SLURM_NTASKS', 1)) > 1 and 'SLURM_PROCID' in os.environ:
+        return int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS']), int(os.environ.get('SLURM_LOCALID', 0))
+    return None
+
+
 def launch(worker, args):
     """Run ``worker(args)`` in every process the flags and environment ask for.
 
@@ -60,9 +68,15 @@ def launch(worker, args):
         raise UserError(f'--gpu {args.gpu} was given but only {torch.cuda.device_count()} GPU(s) are visible')
 
     env = torchrun_env()
-    if env is not None:  # torchrun: one process per rank was already started for us
+    if env is None and not args.multiprocessing_distributed and args.world_size == -1:
+        env = slurm_env()
+        if env is not None and args.dist_url == 'env://':
+            raise UserError('under SLURM pass --dist-url tcp://HOST:PORT (the first node of the job)')
+    elif env is not None:
+        args.dist_url = 'env://'
+    if env is not None:  # torchrun or srun: one process per rank was already started for us
         args.rank, args.world_size, args.local_rank = env
-        args.dist_url, args.distributed = 'env://', True
+        args.distributed = True
         args.multiprocessing_distributed = False
         if torch.cuda.is_available():
             args.gpu = args.local_rank

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Linear classification on frozen MoCo v3 features (ResNet or ViT), the protocol of the original
+``main_lincls.py``: SGD on a linear classifier only, backbone frozen and kept in eval mode.
+
+Launch modes (-b is the TOTAL batch over all processes; --lr is the base lr for batch 256):
+  CPU or one GPU, no process group:   python main_lincls.py -a resnet50 --pretrained PRE.pth.tar DIR   [--gpu 0]
+  one process per GPU of this node:   python main_lincls.py -a vit_small --lr 3 --pretrained PRE.pth.tar \\
+                                          --multiprocessing-distributed --world-size 1 --rank 0 DIR
+  several nodes (R = 0..N-1):         ... --multiprocessing-distributed --world-size N --rank R --dist-url tcp://HOST:PORT DIR
+  torchrun:                           torchrun --nproc_per_node=8 main_lincls.py --pretrained PRE.pth.tar DIR
+  evaluate a trained probe:           python main_lincls.py -a ARCH -e --resume OUT/model_best.pth.tar DIR
+DIR holds train/<class>/<image> and val/<class>/<image>. PRE.pth.tar is a pretraining checkpoint of
+main_moco.py or of the original release (e.g. vit-s-300ep.pth.tar). See CONFIG.md for recipes.
+"""
+import argparse
+import os
+import random
+import sys
+
+import torch
+import torch.nn as nn
+
+from moco import dist
+from moco.amp import PRECISIONS, Amp
+from moco.checkpoint import (ddp_state_dict, load_backbone, load_checkpoint, load_model_state,
+                             read_pretrained_encoder, save_checkpoint)
+from moco.data import eval_transform, image_folder, lincls_train_transform, make_loader, start_epoch
+from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
+from moco.metrics import RunLog
+from moco.models import arch_names, encoder_factory, head_name
+
+CHECKPOINT, BEST = 'checkpoint.pth.tar', 'model_best.pth.tar'
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description='MoCo v3 linear classification', add_help=True)
+    parser.add_argument('data', metavar='DIR', help='dataset folder with train/ and val/')
+
+    g = parser.add_argument_group('model')
+    g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', choices=arch_names(),
+                   help='model architecture, the one used for pretraining: '
+                        + ' | '.join(arch_names()[:8]) + ' | ... (default: resnet50)')
+    g.add_argument('--pretrained', default='', type=str, metavar='PATH',
+                   help='MoCo pretraining checkpoint (ours or the original release); without it the '
+                        'probe trains on a randomly initialised backbone')
+    g.add_argument('--image-size', default=224, type=int,
+                   help='crop size (default: 224); for 32 px data pass 32 (eval then resizes to 32)')
+
+    g = parser.add_argument_group('optimization')
+    g.add_argument('--epochs', default=90, type=int, metavar='N', help='number of total epochs to run')
+    g.add_argument('--start-epoch', default=0, type=int, metavar='N',
+                   help='manual epoch number (useful on restarts)')
+    g.add_argument('-b', '--batch-size', default=1024, type=int, metavar='N',
+                   help='mini-batch size (default: 1024), the total batch size of all processes')
+    g.add_argument('--lr', '--learning-rate', default=0.1, type=float, metavar='LR', dest='lr',
+                   help='initial (base) learning rate; the actual lr is base x batch / 256 (default: 0.1; '
+                        'the original recipes use 0.1 for ResNet-50 and 3 for ViTs)')
+    g.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum of SGD')
+    g.add_argument('--wd', '--weight-decay', default=0., type=float, metavar='W', dest='weight_decay',
+                   help='weight decay (default: 0.)')
+    g.add_argument('--amp', default='fp32', choices=PRECISIONS,
+                   help='precision of the frozen backbone (default: fp32, as the original probe); '
+                        'bf16/fp16/auto run it under autocast for speed, the classifier and loss stay fp32')
+
+    g = parser.add_argument_group('data')
+    g.add_argument('-j', '--workers', default=32, type=int, metavar='N',
+                   help='number of data loading workers (default: 32), divided among the processes of a node')
+
+    g = parser.add_argument_group('run folder, checkpoints and monitoring')
+    g.add_argument('--output-dir', default='./output_lincls', type=str,
+                   help=f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/ (default: ./output_lincls)')
+    g.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help=f"linear-probe checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}")
+    g.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
+                   help='only evaluate the model (give the probe with --resume) on the validation set')
+    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
+    g.add_argument('--seed', default=None, type=int,
+                   help='seed for initializing training; makes CPU runs (and resumes) repeatable')
+
+    dist.add_distributed_args(parser)
+    return parser
+
+
+def build_model(arch, image_size, num_classes):
+    """A fresh backbone with a ``num_classes`` classifier, frozen but for that classifier (init
+    N(0, 0.01), bias 0). Returns (model, head attribute name)."""
+    factory = encoder_factory(arch, image_size=image_size)
+    kwargs = {}
+    if 'zero_init_residual' in getattr(factory, 'keywords', {}):
+        kwargs['zero_init_residual'] = False  # the original probe builds torchvision's default model
+    model = factory(num_classes=num_classes, **kwargs)
+    head = head_name(arch)
+    for name, param in model.named_parameters():
+        param.requires_grad = name in (f'{head}.weight', f'{head}.bias')
+    classifier = getattr(model, head)
+    nn.init.normal_(classifier.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(classifier.bias)
+    return model, head
+
+
+def load_pretrained(model, path, arch, head):
+    """Load the backbone of a MoCo pretraining checkpoint; returns the loaded weights (for the
+    sanity check). Any mismatch is a one-line UserError."""
+    encoder_state, pretrained_arch = read_pretrained_encoder(path, head)
+    if pretrained_arch is not None and pretrained_arch != arch:
+        raise dist.UserError(f'{path} was pretrained with -a {pretrained_arch}, not -a {arch}')
+    load_backbone(model, encoder_state, head, path)
+    print(f"=> loaded the pretrained backbone of '{path}' ({len(encoder_state)} tensors)")
+    return encoder_state
+
+
+def main_worker(args):
+    device = dist.init_process(args)
+    args.device = device
+    if args.seed is not None:
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+
+    # infer the learning rate before dividing the batch size among processes
+    base_lr, total_batch = args.lr, args.batch_size
+    args.lr = args.lr * args.batch_size / 256
+    if args.batch_size % args.world_size:
+        raise dist.UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
+    args.batch_size = args.batch_size // args.world_size
+    local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (torch.cuda.device_count() or 1
+                                                                 if args.multiprocessing_distributed else 1)
+    args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
+
+    train_set = image_folder(args.data, 'train', lincls_train_transform(args.image_size))
+    val_set = image_folder(args.data, 'val', eval_transform(args.image_size))
+    if val_set.classes != train_set.classes:
+        raise dist.UserError(f'{args.data}/val has other classes than {args.data}/train')
+    num_classes = len(train_set.classes)
+
+    model, head = build_model(args.arch, args.image_size, num_classes)
+    pretrained = load_pretrained(model, args.pretrained, args.arch, head) if args.pretrained else None
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 2, 'only the classifier weight and bias are trained'
+    optimizer = torch.optim.SGD(trainable, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    amp = Amp(args.amp, device)
+
+    best_acc1, best_epoch = 0., None
+    resume = resolve_resume(args)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        if not {'state_dict', 'epoch', 'optimizer', 'best_acc1'} <= set(ckpt):
+            raise dist.UserError(f'{resume} is not a linear-probe checkpoint (it needs state_dict, epoch, '
+                                 'optimizer and best_acc1); a pretraining checkpoint goes to --pretrained')
+        if ckpt.get('arch', args.arch) != args.arch:
+            raise dist.UserError(f'{resume} is a probe of -a {ckpt["arch"]}, not -a {args.arch}')
+        load_model_state(model, ckpt['state_dict'], resume)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        args.start_epoch, best_acc1, best_epoch = ckpt['epoch'], float(ckpt['best_acc1']), ckpt.get('best_epoch')
+        print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']}, best top-1 {best_acc1:.2f})")
+
+    classifier = None
+    if args.distributed:  # only the classifier has gradients to average
+        classifier = torch.nn.parallel.DistributedDataParallel(
+            getattr(model, head), device_ids=[args.gpu] if device.type == 'cuda' else None)
+    probe = LinearProbe(model, head, amp, classifier)
+    criterion = nn.CrossEntropyLoss()
+
+    print(f'arch {args.arch} | {num_classes} classes | {args.world_size} process(es) on {device.type} | '
+          f'total batch {total_batch} ({args.batch_size} per process) | base lr {base_lr:.4g} -> actual lr '
+          f'{args.lr:.4g} | backbone precision {amp.precision} | {args.workers} data workers per process')
+
+    pin = device.type == 'cuda'
+    val_loader = sharded_eval_loader(val_set, args.batch_size, args.workers, pin_memory=pin)
+    if args.evaluate:
+        evaluate(probe, val_loader, args)
+        dist.cleanup()
+        return
+
+    train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=False,
+                               seed=args.seed, pin_memory=pin)
+    print(f'{len(train_set)} training images, {len(train_loader)} iterations per epoch; '
+          f'{len(val_set)} validation images')
+    run_log = RunLog(args.output_dir)
+    acc1 = None
+    for epoch in range(args.start_epoch, args.epochs):
+        start_epoch(train_loader, epoch, args.seed)
+        train_stats = train_one_epoch(probe, train_loader, criterion, optimizer, epoch, args, run_log)
+        val_stats = evaluate(probe, val_loader, args)
+        acc1 = val_stats['acc1']
+        is_best = best_epoch is None or acc1 > best_acc1
+        if is_best:
+            best_acc1, best_epoch = acc1, epoch + 1
+        step = (epoch + 1) * len(train_loader)
+        run_log.scalars(step, val_top1=acc1, val_top5=val_stats['acc5'], val_loss=val_stats['loss'])
+        run_log.epoch({'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()},
+                       **{f'val_{k}': v for k, v in val_stats.items()}, 'best_acc1': best_acc1})
+        if dist.is_main_process():
+            state = {'epoch': epoch + 1, 'arch': args.arch, 'state_dict': ddp_state_dict(model),
+                     'best_acc1': best_acc1, 'best_epoch': best_epoch, 'optimizer': optimizer.state_dict()}
+            save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT))
+            if is_best:
+                save_checkpoint(state, os.path.join(args.output_dir, BEST))
+        if epoch == args.start_epoch and pretrained is not None:
+            sanity_check(model, pretrained, head)
+        print(f'epoch {epoch + 1}: top-1 {acc1:.2f}, best top-1 {best_acc1:.2f} (epoch {best_epoch})')
+    run_log.close()
+    if acc1 is None:
+        print(f'nothing to train: the run is at epoch {args.start_epoch} of {args.epochs}')
+    else:
+        print(f'=> last top-1 {acc1:.2f} (epoch {args.epochs}) | best top-1 {best_acc1:.2f} (epoch {best_epoch})')
+    dist.cleanup()
+
+
+def resolve_resume(args):
+    """The checkpoint to resume from, or None. Refuse to train a new probe over an old one's files."""
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    if args.resume == 'auto':
+        if not os.path.isfile(path):
+            print(f'--resume auto: no {CHECKPOINT} in {args.output_dir}, starting from scratch')
+            return None
+        return path
+    if args.resume:
+        return args.resume
+    if os.path.isfile(path) and not args.evaluate:
+        raise dist.UserError(f'{args.output_dir} already holds a linear-probe run: pass --resume auto to '
+                             'continue it, or choose another --output-dir')
+    return None
+
+
+def main(args):
+    try:
+        dist.launch(main_worker, args)
+    except dist.UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except torch.multiprocessing.ProcessExitedException as e:  # a spawned worker already said why
+        sys.exit(e.exit_code or 1)
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())
