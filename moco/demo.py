@@ -56,7 +56,7 @@ def main(args):
     (_, knn_init), (last_epoch, knn_final) = history[0], history[-1]
     lines = ['', f'MoCo v3 demo: ResNet-18, {args.epochs} epochs on 3,000 CIFAR-10 images, '
                  f'{pretrain_min:.1f} min of pretraining',
-             f'  weighted kNN top-1 on 1,000 held-out images (k=20, T=0.1):',
+             '  weighted kNN top-1 on 1,000 held-out images (k=20, T=0.1):',
              f'    random initialisation : {knn_init:5.1f}%',
              f'    after {last_epoch:2d} epochs       : {knn_final:5.1f}%   ({knn_final - knn_init:+.1f} points)']
 

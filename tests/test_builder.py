@@ -9,6 +9,7 @@ import torchvision
 import vits
 from moco.builder import MoCo_ResNet, MoCo_ViT
 from moco.models import build_moco
+from moco.optim import build_optimizer
 
 DIM, MLP_DIM = 16, 32
 
@@ -247,8 +248,20 @@ def test_forward_backward_resnet():
     _check_gradients(model, torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
 
 
-def test_forward_backward_vit():
+@pytest.mark.parametrize('optimizer', ['lars', 'adamw'])
+def test_forward_backward_vit_and_frozen_params_not_updated(optimizer):
     torch.manual_seed(0)
-    model = tiny_vit_moco()
+    model = MoCo_ViT(partial(vits.vit_tiny_patch4, depth=1, stop_grad_conv1=True), dim=DIM, mlp_dim=MLP_DIM)
+    frozen = {'base_encoder.pos_embed', 'base_encoder.patch_embed.proj.weight', 'base_encoder.patch_embed.proj.bias'}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad and n.startswith('base_encoder.')} == frozen
     _check_gradients(model, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
-    assert model.base_encoder.pos_embed.grad is None
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is None for n in frozen)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    build_optimizer(optimizer, model, lr=0.1, weight_decay=0.1).step()
+    for n in frozen:
+        assert torch.equal(params[n], before[n]), n
+    for n, p in model.momentum_encoder.named_parameters():
+        assert torch.equal(p, before['momentum_encoder.' + n]), n
+    assert not torch.equal(params['base_encoder.cls_token'], before['base_encoder.cls_token'])
+    assert not torch.equal(params['predictor.0.weight'], before['predictor.0.weight'])

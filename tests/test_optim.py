@@ -136,10 +136,12 @@ def test_build_optimizer_adamw_is_torch_adamw_over_all_params():
     # the weight decay applies to 1-D tensors too (no exclusion): a zero gradient still shrinks a bias
     bias = model[0].bias
     bias.data.fill_(1.0)
+    frozen_before = model[2].weight.detach().clone()
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     opt.step()
     assert torch.allclose(bias.detach(), torch.full_like(bias, 1.0 - 1.5e-4 * 0.1))
+    assert torch.equal(model[2].weight.detach(), frozen_before)   # frozen: not decayed either
 
 
 def test_build_optimizer_lars():
