@@ -6,7 +6,8 @@ Launch modes (-b is the TOTAL batch over all processes; --lr is the base lr for 
   CPU or one GPU, no process group:   python main_lincls.py -a resnet50 --pretrained PRE.pth.tar DIR   [--gpu 0]
   one process per GPU of this node:   python main_lincls.py -a vit_small --lr 3 --pretrained PRE.pth.tar \\
                                           --multiprocessing-distributed --world-size 1 --rank 0 DIR
-  several nodes (R = 0..N-1):         ... --multiprocessing-distributed --world-size N --rank R --dist-url tcp://HOST:PORT DIR
+  several nodes (R = 0..N-1):         ... --multiprocessing-distributed --world-size N --rank R \\
+                                          --dist-url tcp://HOST:PORT DIR
   torchrun:                           torchrun --nproc_per_node=8 main_lincls.py --pretrained PRE.pth.tar DIR
   evaluate a trained probe:           python main_lincls.py -a ARCH -e --resume OUT/model_best.pth.tar DIR
 DIR holds train/<class>/<image> and val/<class>/<image>. PRE.pth.tar is a pretraining checkpoint of
@@ -67,8 +68,8 @@ def get_args_parser():
                    help='number of data loading workers (default: 32), divided among the processes of a node')
 
     g = parser.add_argument_group('run folder, checkpoints and monitoring')
-    g.add_argument('--output-dir', default='./output_lincls', type=str,
-                   help=f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/ (default: ./output_lincls)')
+    g.add_argument('--output-dir', default='./output/lincls', type=str,
+                   help=f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/ (default: ./output/lincls)')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
                    help=f"linear-probe checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}")
     g.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
@@ -81,10 +82,10 @@ def get_args_parser():
     return parser
 
 
-def build_model(arch, image_size, num_classes):
+def build_model(arch, image_size, num_classes, **encoder_kwargs):
     """A fresh backbone with a ``num_classes`` classifier, frozen but for that classifier (init
     N(0, 0.01), bias 0). Returns (model, head attribute name)."""
-    factory = encoder_factory(arch, image_size=image_size)
+    factory = encoder_factory(arch, image_size=image_size, **encoder_kwargs)
     kwargs = {}
     if 'zero_init_residual' in getattr(factory, 'keywords', {}):
         kwargs['zero_init_residual'] = False  # the original probe builds torchvision's default model
@@ -140,7 +141,7 @@ def main_worker(args):
     optimizer = torch.optim.SGD(trainable, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     amp = Amp(args.amp, device)
 
-    best_acc1, best_epoch = 0., None
+    best_acc1, best_epoch = None, None
     resume = resolve_resume(args)
     if resume:
         ckpt = load_checkpoint(resume)
@@ -168,9 +169,9 @@ def main_worker(args):
     pin = device.type == 'cuda'
     val_loader = sharded_eval_loader(val_set, args.batch_size, args.workers, pin_memory=pin)
     if args.evaluate:
-        evaluate(probe, val_loader, args)
+        stats = evaluate(probe, val_loader, args)
         dist.cleanup()
-        return
+        return stats
 
     train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=False,
                                seed=args.seed, pin_memory=pin)
@@ -183,7 +184,7 @@ def main_worker(args):
         train_stats = train_one_epoch(probe, train_loader, criterion, optimizer, epoch, args, run_log)
         val_stats = evaluate(probe, val_loader, args)
         acc1 = val_stats['acc1']
-        is_best = best_epoch is None or acc1 > best_acc1
+        is_best = best_acc1 is None or acc1 > best_acc1
         if is_best:
             best_acc1, best_epoch = acc1, epoch + 1
         step = (epoch + 1) * len(train_loader)
@@ -198,13 +199,15 @@ def main_worker(args):
                 save_checkpoint(state, os.path.join(args.output_dir, BEST))
         if epoch == args.start_epoch and pretrained is not None:
             sanity_check(model, pretrained, head)
-        print(f'epoch {epoch + 1}: top-1 {acc1:.2f}, best top-1 {best_acc1:.2f} (epoch {best_epoch})')
+        print(f'epoch {epoch + 1}: top-1 {acc1:.2f}, best top-1 {best_acc1:.2f} (epoch {best_epoch or "?"})')
     run_log.close()
     if acc1 is None:
         print(f'nothing to train: the run is at epoch {args.start_epoch} of {args.epochs}')
     else:
-        print(f'=> last top-1 {acc1:.2f} (epoch {args.epochs}) | best top-1 {best_acc1:.2f} (epoch {best_epoch})')
+        print(f'=> last top-1 {acc1:.2f} (epoch {args.epochs}) | best top-1 {best_acc1:.2f} '
+              f'(epoch {best_epoch or "?"})')  # files of the original release do not record the epoch
     dist.cleanup()
+    return {'acc1': acc1, 'best_acc1': best_acc1, 'best_epoch': best_epoch}
 
 
 def resolve_resume(args):
@@ -224,8 +227,10 @@ def resolve_resume(args):
 
 
 def main(args):
+    """Run the probe; returns {'acc1' (last epoch), 'best_acc1', 'best_epoch'} (or the evaluation's
+    {'acc1', 'acc5', 'loss'} with -e) when it ran in this process, None with spawned workers."""
     try:
-        dist.launch(main_worker, args)
+        return dist.launch(main_worker, args)
     except dist.UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,1 @@
+"""Fine-tuning and transfer learning of MoCo v3 ViTs (DeiT recipes): ``python -m transfer.finetune``."""

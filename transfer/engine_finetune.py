@@ -1,0 +1,33 @@
+"""One epoch of end-to-end fine-tuning (DeiT's ``train_one_epoch``): mixup/cutmix, the whole
+forward and loss under autocast, one scaled AdamW step per batch. Evaluation is
+``moco.engine_lincls.evaluate``.
+References: facebookresearch/deit engine.py.
+"""
+import math
+
+from moco.metrics import MetricLogger, SmoothedValue
+
+
+def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log):
+    model.train()
+    logger = MetricLogger()
+    logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
+    lr = optimizer.param_groups[0]['lr']  # set per epoch by the scheduler
+    iters = len(loader)
+    for i, (samples, targets) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch: [{epoch}]')):
+        samples = samples.to(args.device, non_blocking=True)
+        targets = targets.to(args.device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)   # targets become (N, classes) soft labels
+        with amp.autocast():
+            outputs = model(samples)
+            loss = criterion(outputs, targets)
+        amp.backward_step(loss, optimizer)
+
+        logger.update(loss=loss.detach(), lr=lr)
+        if i % args.print_freq == 0 or i == iters - 1:
+            loss_value = logger.meters['loss'].value
+            if not math.isfinite(loss_value) and amp.precision != 'fp16':
+                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, iteration {i}: stopping')
+            run_log.scalars(epoch * iters + i, train_loss=loss_value, lr=lr)
+    return logger.global_averages()
