@@ -16,7 +16,6 @@ main_moco.py or of the original release (e.g. vit-s-300ep.pth.tar). See CONFIG.m
 import argparse
 import os
 import random
-import sys
 
 import torch
 import torch.nn as nn
@@ -229,13 +228,7 @@ def resolve_resume(args):
 def main(args):
     """Run the probe; returns {'acc1' (last epoch), 'best_acc1', 'best_epoch'} (or the evaluation's
     {'acc1', 'acc5', 'loss'} with -e) when it ran in this process, None with spawned workers."""
-    try:
-        return dist.launch(main_worker, args)
-    except dist.UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except torch.multiprocessing.ProcessExitedException as e:  # a spawned worker already said why
-        sys.exit(e.exit_code or 1)
+    return dist.run(main_worker, args)
 
 
 if __name__ == '__main__':

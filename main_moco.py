@@ -13,7 +13,6 @@ DIR holds train/<class>/<image> (and val/ for the optional kNN monitor). See CON
 import argparse
 import os
 import random
-import sys
 
 import torch
 
@@ -25,7 +24,7 @@ from moco.data import eval_transform, image_folder, make_loader, pretrain_transf
 from moco.engine_pretrain import train_one_epoch
 from moco.knn import knn_accuracy
 from moco.metrics import RunLog
-from moco.models import BackboneFeatures, arch_names, build_moco, head_name
+from moco.models import BackboneFeatures, arch_names, build_moco, head_name, is_vit
 from moco.norm import convert_sync_batchnorm
 from moco.optim import build_optimizer
 
@@ -63,6 +62,8 @@ def get_args_parser():
     g.add_argument('--optimizer', default='lars', type=str, choices=['lars', 'adamw'],
                    help='optimizer used (default: lars; the paper uses adamw for ViTs)')
     g.add_argument('--warmup-epochs', default=10, type=int, metavar='N', help='number of warmup epochs')
+    g.add_argument('--channels-last', action='store_true',
+                   help='channels_last memory format for convolutional models (same math; often faster)')
     g.add_argument('--amp', default='auto', choices=PRECISIONS,
                    help='mixed precision: auto = fp16 with a GradScaler on CUDA (the original), fp32 on CPU')
 
@@ -100,6 +101,7 @@ def check_args(args):
 
 
 def main_worker(args):
+    check_args(args)
     device = dist.init_process(args)
     args.device = device
     if args.seed is not None:
@@ -127,7 +129,8 @@ def main_worker(args):
     print(f'model: {n_total:,} parameters ({n_train:,} trainable)')
     if args.distributed:
         model = convert_sync_batchnorm(model, device)
-    model.to(device)
+    args.memory_format = torch.channels_last if args.channels_last and not is_vit(args.arch) else torch.contiguous_format
+    model.to(device, memory_format=args.memory_format)
     optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum)
     amp = Amp(args.amp, device)
     print(f'precision: {amp.precision}')
@@ -210,14 +213,7 @@ def resolve_resume(args):
 
 
 def main(args):
-    try:
-        check_args(args)
-        dist.launch(main_worker, args)
-    except dist.UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except torch.multiprocessing.ProcessExitedException as e:  # a spawned worker already said why
-        sys.exit(e.exit_code or 1)
+    return dist.run(main_worker, args)
 
 
 if __name__ == '__main__':

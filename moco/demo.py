@@ -5,7 +5,7 @@
 Unpacks 3,000 training and 1,000 held-out CIFAR-10 JPEGs (32x32, 10 classes), measures the weighted
 kNN top-1 of a randomly initialised network's features on the held-out images, pretrains it with
 MoCo v3 (main_moco.py, the same code as a full run), prints the loss falling, then measures the kNN
-top-1 of the learned features again and linear-probes them (main_lincls.py) when that script is present.
+top-1 of the learned features again and linear-probes them (main_lincls.py).
 """
 import argparse
 import json
@@ -17,7 +17,7 @@ from moco import demo_data
 
 # The recipe of CONFIG.md's "embedded demo": a ResNet-18 at 32 px with the CIFAR recipe of
 # solo-learn (LARS, T 0.2, no blur, crop scale 0.08-1), shortened to fit a 2-core CPU.
-DEMO_ARGS = ['-a', 'resnet18', '--image-size', '32', '--no-blur', '--crop-min', '0.08',
+DEMO_ARGS = ['-a', 'resnet18', '--image-size', '32', '--no-blur', '--crop-min', '0.08', '--channels-last',
              '-b', '256', '--lr', '0.6', '--wd', '1e-6', '--optimizer', 'lars', '--warmup-epochs', '2',
              '--moco-t', '0.2', '--moco-m', '0.99', '--moco-m-cos', '--moco-dim', '256', '--moco-mlp-dim', '1024',
              '--knn-k', '20', '--knn-t', '0.1', '-p', '4', '--seed', '0']
@@ -60,7 +60,7 @@ def main(args):
              f'    random initialisation : {knn_init:5.1f}%',
              f'    after {last_epoch:2d} epochs       : {knn_final:5.1f}%   ({knn_final - knn_init:+.1f} points)']
 
-    if args.probe_epochs > 0 and os.path.exists('main_lincls.py'):
+    if args.probe_epochs > 0:
         import main_lincls
         ckpt = os.path.join(run_dir, f'checkpoint_{args.epochs - 1:04d}.pth.tar')
         probe_args = main_lincls.get_args_parser().parse_args(

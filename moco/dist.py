@@ -103,6 +103,19 @@ def launch(worker, args):
         return worker(args)
 
 
+def run(worker, args):
+    """``launch`` for a script's ``main``: a UserError becomes one line on stderr and exit code 2, a
+    spawned worker that failed makes this process exit with its code. Returns the worker's result
+    when it ran in this process."""
+    try:
+        return launch(worker, args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except mp.ProcessExitedException as e:  # the worker already said why
+        sys.exit(e.exit_code or 1)
+
+
 def _spawned_worker(local_rank, procs_per_node, worker, args):
     args.local_rank = local_rank
     args.rank = args.rank * procs_per_node + local_rank

@@ -25,8 +25,8 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log):
         schedules.set_lr(optimizer, lr)
         m = schedules.moco_momentum(t, args.moco_m, args.epochs) if args.moco_m_cos else args.moco_m
 
-        x1 = images[0].to(device, non_blocking=True)
-        x2 = images[1].to(device, non_blocking=True)
+        x1 = images[0].to(device, non_blocking=True, memory_format=args.memory_format)
+        x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
             loss = model(x1, x2, m)
         amp.backward_step(loss, optimizer)

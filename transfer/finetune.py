@@ -279,13 +279,7 @@ def resolve_resume(args):
 
 
 def main(args):
-    try:
-        dist.launch(main_worker, args)
-    except dist.UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except torch.multiprocessing.ProcessExitedException as e:  # a spawned worker already said why
-        sys.exit(e.exit_code or 1)
+    return dist.run(main_worker, args)
 
 
 if __name__ == '__main__':
