@@ -94,8 +94,6 @@ def get_args_parser():
 
 
 def check_args(args):
-    if args.epochs <= args.warmup_epochs and args.warmup_epochs > 0 and args.epochs > 0:
-        raise dist.UserError(f'--epochs {args.epochs} must be larger than --warmup-epochs {args.warmup_epochs}')
     if args.batch_size <= 0:
         raise dist.UserError('-b/--batch-size must be positive')
 

@@ -25,10 +25,10 @@ DEMO_ARGS = ['-a', 'resnet18', '--image-size', '32', '--no-blur', '--crop-min', 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description='MoCo v3 demo on the shipped CIFAR-10 subset (CPU friendly)')
-    p.add_argument('--epochs', default=12, type=int, help='pretraining epochs (default: 12)')
+    p.add_argument('--epochs', default=10, type=int, help='pretraining epochs (default: 10)')
     p.add_argument('--output-dir', default='output/demo', help='parent folder of this demo run')
     p.add_argument('-j', '--workers', default=2, type=int, help='data loading workers')
-    p.add_argument('--probe-epochs', default=10, type=int, help='linear-probe epochs (0 = skip)')
+    p.add_argument('--probe-epochs', default=5, type=int, help='linear-probe epochs (0 = skip)')
     return p
 
 
@@ -64,7 +64,7 @@ def main(args):
         import main_lincls
         ckpt = os.path.join(run_dir, f'checkpoint_{args.epochs - 1:04d}.pth.tar')
         probe_args = main_lincls.get_args_parser().parse_args(
-            ['-a', 'resnet18', '--image-size', '32', '-b', '256', '--lr', '10', '--epochs', str(args.probe_epochs),
+            ['-a', 'resnet18', '--image-size', '32', '-b', '256', '--lr', '0.5', '--epochs', str(args.probe_epochs),
              '-j', str(args.workers), '--pretrained', ckpt, '--output-dir', os.path.join(run_dir, 'lincls'),
              '-p', '100', '--seed', '0', data])
         result = main_lincls.main(probe_args)

@@ -150,7 +150,7 @@ def init_process(args):
                 raise UserError(f'cannot start the process group: {args.dist_url} is already in use '
                                 '(another run?); choose another port in --dist-url') from None
             raise
-        if device.type == 'cpu':  # share the cores among the processes of this node
+        if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:  # share the cores of this node
             local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or max(1, args.world_size)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     setup_for_distributed(rank() == 0)
@@ -168,7 +168,7 @@ def setup_for_distributed(is_master):
 
     def print_(*args, **kwargs):
         force = kwargs.pop('force', False)
-        if is_master or force:
+        if is_master or force or kwargs.get('file') in (sys.stderr, sys.__stderr__):  # errors from any rank
             builtin_print(*args, **kwargs)
 
     print_._moco_original = builtin_print

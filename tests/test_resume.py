@@ -1,0 +1,160 @@
+"""Resuming is exact on CPU with a fixed --seed: a run of 3 epochs, and the same command killed (SIGKILL)
+once it has written checkpoint_0001.pth.tar (epoch 2) and then resumed to epoch 3 in the same
+--output-dir, end with IDENTICAL model and optimizer states (torch.equal on every tensor).
+
+``--epochs`` is 3 in both runs (the lr and momentum schedules depend on it). Variants: -j 0 with LARS
+and ``--resume auto``; -j 2 (data-loading worker processes) with AdamW and ``--resume PATH``. Both
+use ``--moco-m-cos``, so the momentum schedule also has to pick up at the right point.
+"""
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+ARCH, IMG = 'vit_tiny_patch4', 8
+TIMEOUT = 300
+
+
+def cli_env():
+    """As in test_cli_pretrain: no launcher/scheduler variables, CPU only, one sleeping-when-idle thread."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('SLURM_', 'TORCHELASTIC_', 'MASTER_', 'GROUP_', 'ROLE_'))
+           and k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
+    env.update(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+    return env
+
+
+def _command(data, output_dir, workers, optimizer, *extra):
+    return [sys.executable, 'main_moco.py', str(data), '-a', ARCH, '--image-size', str(IMG),
+            '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '3', '--warmup-epochs', '1',
+            '--moco-m-cos', '--optimizer', optimizer, '-j', str(workers), '-p', '100', '--seed', '3',
+            '--output-dir', str(output_dir), *extra]
+
+
+def _start(args):
+    # own process group, so that the data-loading workers die with the main process when it is killed
+    return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait(proc):
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        _kill_group(proc)
+    return proc.returncode, out
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _assert_identical(a, b, where=''):
+    """Nested dicts/lists of tensors and numbers, compared exactly."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_identical(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f'{where}[{i}]')
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _last_train_record(output_dir):
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        records = [json.loads(line) for line in f if 'train_loss' in line]
+    return records[-1]
+
+
+VARIANTS = {'j0-lars-auto': (0, 'lars', 'auto'), 'j2-adamw-path': (2, 'adamw', 'path')}
+
+
+def _uninterrupted(data, output_dir, workers, optimizer):
+    rc, out = _wait(_start(_command(data, output_dir, workers, optimizer)))
+    assert rc == 0, out
+    return out
+
+
+def _killed_then_resumed(data, output_dir, workers, optimizer, resume):
+    """Start the 3-epoch run, SIGKILL it as soon as its epoch-2 checkpoint is on disk (saves are atomic
+    renames), then resume it. Returns the resumed run's output."""
+    cut = _start(_command(data, output_dir, workers, optimizer))
+    ckpt1 = output_dir / 'checkpoint_0001.pth.tar'
+    try:
+        deadline = time.time() + TIMEOUT
+        while not ckpt1.exists():
+            assert cut.poll() is None, f'run ended before its second checkpoint:\n{cut.communicate()[0]}'
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        _kill_group(cut)
+        cut.communicate()
+    assert cut.returncode == -signal.SIGKILL
+    # should the kill have come after the third epoch was saved, drop that file: the resume must then
+    # start from the epoch-2 checkpoint all the same
+    late = output_dir / 'checkpoint_0002.pth.tar'
+    if late.exists():
+        late.unlink()
+    extra = ['--resume', 'auto'] if resume == 'auto' else ['--resume', str(ckpt1)]
+    rc, out = _wait(_start(_command(data, output_dir, workers, optimizer, *extra)))
+    assert rc == 0, out
+    return out
+
+
+@pytest.fixture(scope='module')
+def resume_runs(tiny_folder, tmp_path_factory):
+    """All runs of both variants, two processes at a time: variant -> (full dir, cut dir, futures)."""
+    tmp = tmp_path_factory.mktemp('resume')
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    runs = {}
+    for name, (workers, optimizer, resume) in VARIANTS.items():
+        full_dir, cut_dir = tmp / name / 'full', tmp / name / 'cut'
+        cut = pool.submit(_killed_then_resumed, tiny_folder, cut_dir, workers, optimizer, resume)
+        full = pool.submit(_uninterrupted, tiny_folder, full_dir, workers, optimizer)
+        runs[name] = (full_dir, cut_dir, full, cut)
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_killed_and_resumed_run_equals_uninterrupted_run(resume_runs, variant):
+    full_dir, cut_dir, full, cut = resume_runs[variant]
+    full.result()
+    resumed_out = cut.result()
+    ckpt1 = cut_dir / 'checkpoint_0001.pth.tar'
+    assert f"=> resumed from '{ckpt1}' (epoch 2)" in resumed_out
+    assert 'Epoch: [2]' in resumed_out and 'Epoch: [0]' not in resumed_out and 'Epoch: [1]' not in resumed_out
+
+    a, b = _load(full_dir / 'checkpoint_0002.pth.tar'), _load(cut_dir / 'checkpoint_0002.pth.tar')
+    assert a['epoch'] == b['epoch'] == 3
+    # non-trivial: the third epoch changed the model and the optimizer state
+    before = _load(ckpt1)
+    for enc in ('base_encoder', 'momentum_encoder'):
+        key = f'module.{enc}.blocks.0.attn.qkv.weight'
+        assert not torch.equal(before['state_dict'][key], a['state_dict'][key])
+    assert len(a['optimizer']['state']) > 0
+    _assert_identical(a['state_dict'], b['state_dict'], 'state_dict')
+    _assert_identical(a['optimizer'], b['optimizer'], 'optimizer')
+    _assert_identical(a['scaler'], b['scaler'], 'scaler')
+    # and the third epoch saw the same batches and augmentations: the same mean loss, bit for bit
+    assert _last_train_record(full_dir) == _last_train_record(cut_dir)
