@@ -116,15 +116,7 @@ def main_worker(args):
         random.seed(args.seed)
         torch.manual_seed(args.seed)
 
-    # infer the learning rate before dividing the batch size among processes
-    base_lr, total_batch = args.lr, args.batch_size
-    args.lr = args.lr * args.batch_size / 256
-    if args.batch_size % args.world_size:
-        raise dist.UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
-    args.batch_size = args.batch_size // args.world_size
-    local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (torch.cuda.device_count() or 1
-                                                                 if args.multiprocessing_distributed else 1)
-    args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
+    base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
 
     train_set = image_folder(args.data, 'train', lincls_train_transform(args.image_size))
     val_set = image_folder(args.data, 'val', eval_transform(args.image_size))

@@ -106,16 +106,7 @@ def main_worker(args):
         random.seed(args.seed)
         torch.manual_seed(args.seed)
 
-    # infer the learning rate before dividing the batch size among processes
-    base_lr = args.lr
-    args.lr = args.lr * args.batch_size / 256
-    if args.batch_size % args.world_size:
-        raise dist.UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
-    total_batch = args.batch_size
-    args.batch_size = args.batch_size // args.world_size
-    local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (torch.cuda.device_count() or 1
-                                                                 if args.multiprocessing_distributed else 1)
-    args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
+    base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
     print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
           f'({args.batch_size} per process) | base lr {base_lr:.4g} -> actual lr {args.lr:.4g} | '
           f'{args.workers} data workers per process')

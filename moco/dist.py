@@ -157,6 +157,20 @@ def init_process(args):
     return device
 
 
+def scale_lr_and_divide_batch(args):
+    """The original's conventions: the actual lr is base lr x TOTAL batch / 256 (computed before the
+    division), then -b and -j are divided among the processes. Returns (base_lr, total_batch)."""
+    base_lr, total_batch = args.lr, args.batch_size
+    args.lr = args.lr * args.batch_size / 256
+    if args.batch_size % args.world_size:
+        raise UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
+    args.batch_size = args.batch_size // args.world_size
+    local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (
+        (torch.cuda.device_count() or 1) if args.multiprocessing_distributed else 1)
+    args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
+    return base_lr, total_batch
+
+
 def cleanup():
     if is_initialized():
         dist.destroy_process_group()

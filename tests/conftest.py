@@ -1,4 +1,5 @@
 import os
+import random
 import socket
 import sys
 
@@ -11,6 +12,17 @@ if ROOT not in sys.path:
 from moco import demo_data  # noqa: E402
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """The test machine's 2 cores may be shared with parallel runs: one thread is several times faster
+    than two fighting over them."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def tiny_folder(tmp_path_factory):
     """Real CIFAR-10 JPEGs from the shipped demo data: train/ 4 per class, val/ 2 per class (10 classes)."""
@@ -21,3 +33,31 @@ def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def unassigned_port(_taken=set()):  # noqa: B006 (shared on purpose)
+    """A free TCP port below Linux's ephemeral range, distinct from the ones this module already chose.
+
+    ``free_port()`` returns an ephemeral port and releases it; while a launcher starts up,
+    the many sockets that concurrently running gloo processes open may be given that same port (seen
+    once: two launches talking to each other's store). Ports below the ephemeral range are never given
+    out that way. 29400-29600 (torchrun's default 29500) is avoided.
+    """
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(20000, max(ephemeral_low, 20001))
+        if port in _taken or 29400 <= port <= 29600:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    return free_port()

@@ -18,16 +18,14 @@ import concurrent.futures
 import json
 import math
 import os
-import random
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT, unassigned_port
 
 ARCH, IMG = 'vit_tiny_patch4', 8
 SMALL = ['-a', ARCH, '--image-size', str(IMG), '--moco-dim', '16', '--moco-mlp-dim', '32',
@@ -35,34 +33,6 @@ SMALL = ['-a', ARCH, '--image-size', str(IMG), '--moco-dim', '16', '--moco-mlp-d
 SPEC_KEYS = {'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}
 PREFIXES = ('module.base_encoder.', 'module.momentum_encoder.', 'module.predictor.')
 TIMEOUT = 300
-
-
-def unassigned_port(_taken=set()):  # noqa: B006 (shared on purpose)
-    """A free TCP port below Linux's ephemeral range, distinct from the ones this module already chose.
-
-    ``free_port()`` of conftest returns an ephemeral port and releases it; while a launcher starts up,
-    the many sockets that concurrently running gloo processes open may be given that same port (seen
-    once: two launches talking to each other's store). Ports below the ephemeral range are never given
-    out that way. 29400-29600 (torchrun's default 29500) is avoided.
-    """
-    try:
-        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
-            ephemeral_low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    rng = random.SystemRandom()
-    for _ in range(1000):
-        port = rng.randrange(20000, max(ephemeral_low, 20001))
-        if port in _taken or 29400 <= port <= 29600:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(('127.0.0.1', port))
-            except OSError:
-                continue
-        _taken.add(port)
-        return port
-    return free_port()
 
 
 def cli_env():

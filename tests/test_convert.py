@@ -10,16 +10,6 @@ from moco.checkpoint import ddp_state_dict, save_checkpoint
 from moco.models import build_moco
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared with parallel runs: one thread is several times faster
-    than two fighting over them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def convert(inp, out):
     """convert_to_deit.main in this process; returns the exit code."""
     try:

@@ -19,8 +19,6 @@ by a wide margin.
 """
 import functools
 import os
-import random
-import socket
 import time
 
 import pytest
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import vits
-from conftest import free_port
+from conftest import unassigned_port
 from moco import dist as moco_dist
 from moco.builder import MoCo_ViT
 from moco.losses import infonce
@@ -46,34 +44,6 @@ REL_TOL, ABS_TOL = 1e-4, 1e-6
 ZERO_GRAD = {'resnet': set(), 'vit': {'base_encoder.norm.bias'}}
 INFONCE_N, INFONCE_C, INFONCE_T = 3, 5, 0.5
 TIMEOUT = 300
-
-
-def unassigned_port(_taken=set()):  # noqa: B006 (shared on purpose)
-    """A free TCP port below Linux's ephemeral range, distinct from the ones this module already chose.
-
-    ``free_port()`` of conftest returns an ephemeral port and releases it; while a launcher starts up,
-    the many sockets that concurrently running gloo processes open may be given that same port (seen
-    once: two launches talking to each other's store). Ports below the ephemeral range are never given
-    out that way. 29400-29600 (torchrun's default 29500) is avoided.
-    """
-    try:
-        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
-            ephemeral_low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    rng = random.SystemRandom()
-    for _ in range(1000):
-        port = rng.randrange(20000, max(ephemeral_low, 20001))
-        if port in _taken or 29400 <= port <= 29600:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(('127.0.0.1', port))
-            except OSError:
-                continue
-        _taken.add(port)
-        return port
-    return free_port()
 
 
 def _factory(case):

@@ -22,16 +22,6 @@ from moco.models import BackboneFeatures, encoder_factory
 CLASSES = ('airplane', 'cat', 'ship')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared with parallel runs: one thread is several times faster
-    than two fighting over them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def probe_data(tiny_folder, tmp_path_factory):
     """3 classes of the demo data: 12 train and 6 val images."""

@@ -18,15 +18,6 @@ from transfer import finetune
 from transfer.datasets import Flowers, Pets, build_dataset, read_mat, transfer_transform
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared with parallel runs: one thread is several times faster
-    than two fighting over them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Written by scipy.io.savemat({'labels': [[77, 77, 3, 102, 1]] (double), 'trnid': [[1, 4]] (double),
 # 'tstid': [[2, 3, 5]] (uint16)}), without and with compression.
 SCIPY_MAT = (
