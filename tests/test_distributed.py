@@ -101,7 +101,7 @@ def _worker(rank, port, tmp):
         out = {'rank': rank, 'world_size': moco_dist.world_size(), 'dist_rank': moco_dist.rank()}
 
         # InfoNCE and the all-gather under a real 2-process group
-        qk = torch.load(os.path.join(tmp, 'infonce.pt'))
+        qk = torch.load(os.path.join(tmp, 'infonce.pt'), weights_only=True)
         n = INFONCE_N
         q = qk['q'][rank * n:(rank + 1) * n].clone().requires_grad_(True)
         k = qk['k'][rank * n:(rank + 1) * n].clone().requires_grad_(True)
@@ -111,13 +111,13 @@ def _worker(rank, port, tmp):
                           'gathered': moco_dist.concat_all_gather(torch.full((2, 3), float(rank)))}
 
         for case in CASES:
-            xs = torch.load(os.path.join(tmp, f'{case}_x.pt'))
+            xs = torch.load(os.path.join(tmp, f'{case}_x.pt'), weights_only=True)
             half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
             x1, x2 = xs['x1'][half], xs['x2'][half]
             for sync in (True, False):  # False: the sensitivity control with per-process BN
                 torch.manual_seed(99 + rank)  # the initial weights come from the file, not this seed
                 model = _factory(case)
-                model.load_state_dict(torch.load(os.path.join(tmp, f'{case}_init.pt')))
+                model.load_state_dict(torch.load(os.path.join(tmp, f'{case}_init.pt'), weights_only=True))
                 if sync:
                     model = convert_sync_batchnorm(model, torch.device('cpu'))
                     n_sync = sum(isinstance(mod, AllReduceBatchNorm) for mod in model.modules())
@@ -151,7 +151,7 @@ def two_process_results(tmp_path_factory):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    results = [torch.load(os.path.join(tmp, f'rank{r}.pt')) for r in range(WORLD)]
+    results = [torch.load(os.path.join(tmp, f'rank{r}.pt'), weights_only=True) for r in range(WORLD)]
     return tmp, results
 
 
@@ -166,11 +166,11 @@ def single_process_results(two_process_results):
         ref = {}
         for case in CASES:
             model = _factory(case)
-            model.load_state_dict(torch.load(os.path.join(tmp, f'{case}_init.pt')))
-            xs = torch.load(os.path.join(tmp, f'{case}_x.pt'))
+            model.load_state_dict(torch.load(os.path.join(tmp, f'{case}_init.pt'), weights_only=True))
+            xs = torch.load(os.path.join(tmp, f'{case}_x.pt'), weights_only=True)
             loss, grads, state = _step(model, model, xs['x1'], xs['x2'])
             ref[case] = {'loss': loss, 'grads': grads, 'state': state,
-                         'init': torch.load(os.path.join(tmp, f'{case}_init.pt'))}
+                         'init': torch.load(os.path.join(tmp, f'{case}_init.pt'), weights_only=True)}
         return ref
     finally:
         torch.set_num_threads(threads)
@@ -284,7 +284,7 @@ def _infonce_by_hand(q, k_all, T, offset):
 
 def test_infonce_labels_are_offset_by_rank(two_process_results):
     tmp, res = two_process_results
-    qk = torch.load(os.path.join(tmp, 'infonce.pt'))
+    qk = torch.load(os.path.join(tmp, 'infonce.pt'), weights_only=True)
     n = INFONCE_N
     for r in range(WORLD):
         q = qk['q'][r * n:(r + 1) * n].double().requires_grad_(True)
