@@ -61,3 +61,14 @@ def unassigned_port(_taken=set()):  # noqa: B006 (shared on purpose)
         _taken.add(port)
         return port
     return free_port()
+
+
+def cli_env():
+    """The test's environment without anything a launcher or a scheduler could have left in it."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('SLURM_', 'TORCHELASTIC_', 'MASTER_', 'GROUP_', 'ROLE_'))
+           and k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
+    # one thread per process, and threads that sleep rather than spin while they wait: on a few shared
+    # cores a spinning OpenMP team makes a 2-thread process (the spawned one of -mp) ~10x slower
+    env.update(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+    return env

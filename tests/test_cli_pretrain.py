@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, unassigned_port
+from conftest import ROOT, cli_env, unassigned_port
 
 ARCH, IMG = 'vit_tiny_patch4', 8
 SMALL = ['-a', ARCH, '--image-size', str(IMG), '--moco-dim', '16', '--moco-mlp-dim', '32',
@@ -33,17 +33,6 @@ SMALL = ['-a', ARCH, '--image-size', str(IMG), '--moco-dim', '16', '--moco-mlp-d
 SPEC_KEYS = {'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}
 PREFIXES = ('module.base_encoder.', 'module.momentum_encoder.', 'module.predictor.')
 TIMEOUT = 300
-
-
-def cli_env():
-    """The test's environment without anything a launcher or a scheduler could have left in it."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('SLURM_', 'TORCHELASTIC_', 'MASTER_', 'GROUP_', 'ROLE_'))
-           and k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
-    # one thread per process, and threads that sleep rather than spin while they wait: on a few shared
-    # cores a spinning OpenMP team makes a 2-thread process (the spawned one of -mp) ~10x slower
-    env.update(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
-    return env
 
 
 class Run:

@@ -17,19 +17,10 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, cli_env
 
 ARCH, IMG = 'vit_tiny_patch4', 8
 TIMEOUT = 300
-
-
-def cli_env():
-    """As in test_cli_pretrain: no launcher/scheduler variables, CPU only, one sleeping-when-idle thread."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('SLURM_', 'TORCHELASTIC_', 'MASTER_', 'GROUP_', 'ROLE_'))
-           and k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
-    env.update(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
-    return env
 
 
 def _command(data, output_dir, workers, optimizer, *extra):
