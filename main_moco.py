@@ -18,8 +18,9 @@ import torch
 
 from moco import dist
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (ddp_state_dict, latest_checkpoint, load_checkpoint, load_model_state,
-                             pretrain_checkpoint_name, require_keys, save_checkpoint, thin_checkpoints, unwrap)
+from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
+                             load_checkpoint, load_model_state, pretrain_checkpoint_name, remove_file, require_keys,
+                             save_checkpoint, thin_checkpoints, unwrap)
 from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.knn import knn_accuracy
@@ -66,12 +67,16 @@ def get_args_parser():
                    help='channels_last memory format for convolutional models (same math; often faster)')
     g.add_argument('--amp', default='auto', choices=PRECISIONS,
                    help='mixed precision: auto = fp16 with a GradScaler on CUDA (the original), fp32 on CPU')
+    g.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
+                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10)')
 
     g = parser.add_argument_group('data')
     g.add_argument('-j', '--workers', default=32, type=int, metavar='N',
                    help='number of data loading workers (default: 32), divided among the processes of a node')
     g.add_argument('--crop-min', default=0.08, type=float, help='minimum scale for random cropping (default: 0.08)')
     g.add_argument('--no-blur', action='store_true', help='no Gaussian blur in either view (small images)')
+    g.add_argument('--strict-data', action='store_true',
+                   help='stop at the first unreadable image (default: skip it, warn once and count it in the log)')
 
     g = parser.add_argument_group('run folder, checkpoints and monitoring')
     g.add_argument('--output-dir', default='./output', type=str,
@@ -80,6 +85,9 @@ def get_args_parser():
                    help="checkpoint to resume from, or 'auto' for the newest readable one in --output-dir")
     g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
                    help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
+    g.add_argument('--save-every-iters', default=0, type=int, metavar='N',
+                   help='also save checkpoint_last.pth.tar every N iterations inside an epoch, for long epochs '
+                        '(--resume auto continues from it mid-epoch; default: 0 = only at epoch ends)')
     g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
     g.add_argument('--knn-freq', default=0, type=int, metavar='N',
                    help='every N epochs (and before training) report weighted kNN top-1 on DIR/val with '
@@ -94,8 +102,12 @@ def get_args_parser():
 
 
 def check_args(args):
-    if args.batch_size <= 0:
-        raise dist.UserError('-b/--batch-size must be positive')
+    for flag in ('batch_size', 'epochs', 'print_freq', 'max_nonfinite_steps'):
+        if getattr(args, flag) <= 0:
+            raise dist.UserError(f'--{flag.replace("_", "-")} must be positive')
+    for flag in ('workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs'):
+        if getattr(args, flag) < 0:
+            raise dist.UserError(f'--{flag.replace("_", "-")} must not be negative')
 
 
 def main_worker(args):
@@ -125,6 +137,7 @@ def main_worker(args):
     print(f'precision: {amp.precision}')
 
     resume = resolve_resume(args)
+    start_iter, data_seed = 0, args.seed
     if resume:
         ckpt = load_checkpoint(resume)
         require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], resume)
@@ -133,52 +146,72 @@ def main_worker(args):
         load_model_state(model, ckpt['state_dict'], resume)
         optimizer.load_state_dict(ckpt['optimizer'])
         amp.load_state_dict(ckpt.get('scaler'))
-        args.start_epoch = ckpt['epoch']
-        print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']})")
+        args.start_epoch, start_iter = ckpt['epoch'], ckpt.get('iter', 0)
+        data_seed = ckpt.get('data_seed', data_seed)  # the same data order and views as before the stop
+        print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']}"
+              + (f", iteration {start_iter})" if start_iter else ")"))
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
 
     train_set = image_folder(args.data, 'train',
-                             pretrain_transform(args.image_size, args.crop_min, blur=not args.no_blur))
+                             pretrain_transform(args.image_size, args.crop_min, blur=not args.no_blur),
+                             strict=args.strict_data)
     if len(train_set) < total_batch:
         raise dist.UserError(f'{len(train_set)} training images are fewer than one batch of {total_batch}; '
                              'lower -b')
     loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
-                         seed=args.seed, pin_memory=device.type == 'cuda')
-    print(f'{len(train_set)} training images, {len(loader)} iterations per epoch')
+                         seed=data_seed, pin_memory=device.type == 'cuda')
+    iters_per_epoch = len(loader)
+    print(f'{len(train_set)} training images, {iters_per_epoch} iterations per epoch')
 
     knn = None
     if args.knn_freq > 0:
-        knn_sets = [image_folder(args.data, split, eval_transform(args.image_size)) for split in ('train', 'val')]
+        knn_sets = [image_folder(args.data, split, eval_transform(args.image_size), strict=args.strict_data)
+                    for split in ('train', 'val')]
         backbone = BackboneFeatures(unwrap(model).base_encoder, head_name(args.arch))
         knn = lambda: knn_accuracy(backbone, *knn_sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
                                    batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
 
     run_log = RunLog(args.output_dir)
     knn_acc1 = None
-    if knn is not None and args.start_epoch == 0:
+    if knn is not None and args.start_epoch == 0 and start_iter == 0:
         knn_acc1 = knn()
         print(f'kNN top-1 at initialisation: {knn_acc1:.2f}')
         run_log.scalars(0, knn_top1=knn_acc1)
         run_log.epoch({'epoch': 0, 'knn_top1': knn_acc1})
 
+    def save(epochs_done, iters_done=0):
+        """SPEC 5's checkpoint (plus data_seed, knn_top1 and, mid-epoch, iter); rank 0 writes it."""
+        if not dist.is_main_process():
+            return
+        state = {'epoch': epochs_done, 'arch': args.arch, 'state_dict': ddp_state_dict(model),
+                 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
+                 'data_seed': loader.sampler.seed}
+        if knn_acc1 is not None:
+            state['knn_top1'] = knn_acc1
+        if iters_done:  # inside epoch `epochs_done`: one rolling file
+            state['iter'] = iters_done
+            save_checkpoint(state, os.path.join(args.output_dir, LAST_CHECKPOINT))
+        else:
+            save_checkpoint(state, os.path.join(args.output_dir, pretrain_checkpoint_name(epochs_done - 1)))
+            remove_file(os.path.join(args.output_dir, LAST_CHECKPOINT))  # older than the file just written
+            thin_checkpoints(args.output_dir, args.keep_checkpoints)
+
+    nonfinite_streak = 0
     for epoch in range(args.start_epoch, args.epochs):
-        start_epoch(loader, epoch, args.seed)
-        stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log)
+        start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
+        stats, nonfinite_streak = train_one_epoch(
+            model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=start_iter,
+            save_progress=save, nonfinite_streak=nonfinite_streak)
+        start_iter = 0
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}}
         if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
             knn_acc1 = record['knn_top1'] = knn()
             print(f'kNN top-1 after epoch {epoch + 1}: {knn_acc1:.2f}')
-            run_log.scalars((epoch + 1) * len(loader), knn_top1=knn_acc1)
-        if dist.is_main_process():
-            state = {'epoch': epoch + 1, 'arch': args.arch, 'state_dict': ddp_state_dict(model),
-                     'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict()}
-            if knn_acc1 is not None:
-                state['knn_top1'] = knn_acc1
-            save_checkpoint(state, os.path.join(args.output_dir, pretrain_checkpoint_name(epoch)))
-            thin_checkpoints(args.output_dir, args.keep_checkpoints)
+            run_log.scalars((epoch + 1) * iters_per_epoch, knn_top1=knn_acc1)
+        save(epoch + 1)
         run_log.epoch(record)
     run_log.close()
     dist.cleanup()
@@ -187,7 +220,7 @@ def main_worker(args):
 def resolve_resume(args):
     """The checkpoint to resume from, or None. Refuse to train a new run over an old one's files."""
     existing = os.path.isdir(args.output_dir) and any(
-        f.startswith('checkpoint_') and f.endswith('.pth.tar') for f in os.listdir(args.output_dir))
+        is_pretrain_checkpoint_name(f) for f in os.listdir(args.output_dir))
     if args.resume == 'auto':
         path = latest_checkpoint(args.output_dir) if existing else None
         if path is None:

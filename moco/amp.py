@@ -4,6 +4,7 @@ from contextlib import nullcontext
 
 import torch
 
+from moco import dist
 from moco.dist import UserError
 
 PRECISIONS = ('auto', 'fp16', 'bf16', 'fp32')
@@ -33,10 +34,18 @@ class Amp:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def backward_step(self, loss, optimizer):
+        """Backward and step; returns False if the loss was not finite on some process, in which case
+        no process takes the step (fp16: the GradScaler skips it and lowers its scale, as usual).
+
+        Deciding needs the loss on the host: one sync per step, after the backward is queued (the
+        GradScaler of the original syncs once per step as well)."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        finite = dist.all_true(torch.isfinite(loss.detach()))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        return finite
 
     def state_dict(self):
         return self.scaler.state_dict()

@@ -5,7 +5,6 @@ few plain extras) with ``module.``-prefixed keys in every launch mode, so releas
 and ours are interchangeable. Only tensors and plain types are saved, and every load uses
 ``weights_only=True``: a checkpoint cannot run code.
 """
-import glob
 import os
 import re
 
@@ -77,28 +76,52 @@ def load_checkpoint(path):
     return ckpt
 
 
+LAST_CHECKPOINT = 'checkpoint_last.pth.tar'  # the rolling mid-epoch file of --save-every-iters
+_NUMBERED = re.compile(r'^checkpoint_(\d+)\.pth\.tar$')
+
+
 def pretrain_checkpoint_name(epoch):
     return f'checkpoint_{epoch:04d}.pth.tar'
 
 
-def latest_checkpoint(folder):
-    """Newest readable pretraining checkpoint in ``folder`` (by epoch, then time), or None.
+def is_pretrain_checkpoint_name(name):
+    return bool(_NUMBERED.match(name)) or name == LAST_CHECKPOINT
 
-    Unreadable files are skipped with a warning.
+
+def remove_file(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def latest_checkpoint(folder):
+    """The readable pretraining checkpoint of ``folder`` that is furthest in training (by its
+    (epoch, iter) fields: a mid-epoch checkpoint_last.pth.tar beats the end of the previous epoch),
+    or None. Unreadable files are skipped with a warning.
+
+    Numbered files are tried newest first and only until one reads, so a long run costs two loads.
     """
-    found = []
-    for path in glob.glob(os.path.join(folder, 'checkpoint_*.pth.tar')):
-        m = re.search(r'checkpoint_(\d+)\.pth\.tar$', path)
-        if m:
-            found.append((int(m.group(1)), os.path.getmtime(path), path))
-    for _, _, path in sorted(found, reverse=True):
+    numbered = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
+    candidates = [LAST_CHECKPOINT] if os.path.exists(os.path.join(folder, LAST_CHECKPOINT)) else []
+    best, best_progress, numbered_found = None, None, False
+    for name in candidates + [name for _, name in reversed(numbered)]:
+        if numbered_found:
+            break
+        path = os.path.join(folder, name)
         try:
             ckpt = load_checkpoint(path)
-            if 'state_dict' in ckpt and 'epoch' in ckpt:
-                return path
         except UserError as e:
             print(f'warning: skipping {e}')
-    return None
+            continue
+        if 'state_dict' not in ckpt or 'epoch' not in ckpt:
+            print(f'warning: skipping {path}: not a pretraining checkpoint')
+            continue
+        numbered_found = name != LAST_CHECKPOINT
+        progress = (ckpt['epoch'], ckpt.get('iter', 0))
+        if best is None or progress > best_progress:
+            best, best_progress = path, progress
+    return best
 
 
 def require_keys(ckpt, keys, path):
@@ -119,12 +142,12 @@ def load_model_state(model, state_dict, path):
 
 
 def thin_checkpoints(folder, keep):
-    """Delete all but the ``keep`` newest checkpoint_*.pth.tar of folder (keep <= 0: keep all)."""
+    """Delete all but the ``keep`` newest checkpoint_NNNN.pth.tar of folder (keep <= 0: keep all)."""
     if keep <= 0:
         return
-    names = sorted(f for f in os.listdir(folder) if f.startswith('checkpoint_') and f.endswith('.pth.tar'))
-    for name in names[:-keep]:
-        os.remove(os.path.join(folder, name))
+    names = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
+    for _, name in names[:-keep]:
+        remove_file(os.path.join(folder, name))
 
 
 # ---- backbone weights of a pretraining checkpoint (linear probe, DeiT conversion, fine-tuning) ----

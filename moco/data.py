@@ -5,11 +5,14 @@ release, so its randomness and pixels are the original's.
 """
 import os
 import random
+import sys
+
+import numpy as np
 
 import torch
 import torchvision.datasets as datasets
 import torchvision.transforms as transforms
-from PIL import ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from moco import dist
 from moco.dist import UserError
@@ -86,40 +89,186 @@ def lincls_train_transform(image_size=224):
                                transforms.ToTensor(), normalize()])
 
 
-def image_folder(root, split, transform):
-    """ImageFolder of root/split with one-line errors for a missing or empty folder."""
+class BadImage(Exception):
+    """An image file that cannot be decoded (truncated, corrupt, not an image)."""
+
+
+def load_rgb(path):
+    """PIL RGB image of any file PIL reads: CMYK and YCbCr JPEGs, grayscale, 16-bit grayscale PNGs,
+    palette images (with transparency), RGBA. Raises BadImage if the file cannot be decoded."""
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            img.load()  # decode now: a truncated file fails here, not later inside a transform
+            if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):  # 16/32-bit gray: scale, don't clip
+                arr = np.asarray(img, dtype=np.float64)
+                arr = arr / (65535. if img.mode.startswith('I;16') or arr.max() > 255 else 255.) * 255.
+                img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), 'L')
+            elif img.mode == 'P' and 'transparency' in img.info:
+                img = img.convert('RGBA')  # what PIL asks for; avoids its warning
+            return img.convert('RGB')
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadImage(f'{path}: {first_line[:160]}') from None
+
+
+# Consecutive unreadable files tolerated before a run gives up (a folder of mostly broken files is a
+# user mistake, not bad luck).
+MAX_CONSECUTIVE_BAD = 50
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder that survives bad files: an unreadable image is reported once (per process) on
+    stderr and replaced by the next readable one, unless ``strict`` (then it is a one-line error).
+
+    ``load(i)`` returns ``(sample, target, skipped)``, ``skipped`` counting the files passed over.
+    """
+
+    def __init__(self, root, transform=None, strict=False):
+        super().__init__(root, transform, loader=load_rgb)
+        self.strict = strict
+        self._reported = set()
+
+    def load(self, index):
+        for skipped in range(min(MAX_CONSECUTIVE_BAD, len(self.samples))):
+            path, target = self.samples[(index + skipped) % len(self.samples)]
+            try:
+                sample = self.loader(path)
+            except BadImage as e:
+                if self.strict:
+                    raise UserError(f'unreadable image {e} (without --strict-data it would be skipped)') from None
+                if path not in self._reported:
+                    self._reported.add(path)
+                    print(f'warning: skipping unreadable image {e}', file=sys.stderr, flush=True)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            return sample, target, skipped
+        raise UserError(f'{MAX_CONSECUTIVE_BAD} consecutive unreadable images in {self.root}: is this '
+                        'an image folder?')
+
+    def __getitem__(self, index):
+        sample, target, _ = self.load(index)
+        return sample, target
+
+
+def image_folder(root, split, transform, strict=False):
+    """SafeImageFolder of root/split with one-line errors for a missing or empty folder."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(f'data folder not found: {path} (expected {root}/{split}/<class>/<image>)')
     try:
-        return datasets.ImageFolder(path, transform)
+        return SafeImageFolder(path, transform, strict=strict)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         raise UserError(f'no images in {path}: {str(e).splitlines()[0]}') from None
 
 
+def sample_seed(seed, epoch, position):
+    """Seed of the augmentation of the image at ``position`` of the shuffled epoch: a function of
+    (seed, epoch, position) only, so neither the number of loader workers nor of processes, nor a
+    resume in the middle of an epoch, changes any view."""
+    return ((seed * 1_000_003 + epoch) * 100_000_007 + position) % (2 ** 63)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of an epoch, as ``(index, sample_seed)`` pairs.
+
+    The order is a permutation drawn from (seed, epoch) and split among processes as DistributedSampler
+    does (every world_size-th position, from the rank); it can start after ``skip_batches`` batches,
+    to resume in the middle of an epoch.
+    """
+
+    def __init__(self, n, batch_size, shuffle, drop_last, seed, rank=0, world_size=1):
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def _positions(self):
+        if self.drop_last:
+            total = self.n // self.world_size * self.world_size
+        else:  # pad by wrapping around, so that every process gets the same number
+            total = -(-self.n // self.world_size) * self.world_size
+        return range(self.rank, total, self.world_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        positions = self._positions()[self.skip_batches * self.batch_size:]
+        for pos in positions:
+            yield order[pos % self.n], sample_seed(self.seed, self.epoch, pos)
+
+    def __len__(self):
+        return max(0, len(self._positions()) - self.skip_batches * self.batch_size)
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """Wraps a dataset for an EpochSampler: item ``(index, seed)`` is ``(sample, target, skipped)``
+    with every random op of the transform drawn from ``seed`` (torch and python RNGs)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        in_main_process = torch.utils.data.get_worker_info() is None
+        state = (torch.get_rng_state(), random.getstate()) if in_main_process else None
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            if hasattr(self.dataset, 'load'):
+                return self.dataset.load(index)
+            sample, target = self.dataset[index]
+            return sample, target, 0
+        finally:
+            if state is not None:  # leave the training process's own random streams alone
+                torch.set_rng_state(state[0])
+                random.setstate(state[1])
+
+
+def shared_seed(seed=None):
+    """``seed``, or (when None) a random one drawn on rank 0 and shared by all processes."""
+    if seed is not None:
+        return seed
+    value = torch.tensor([random.SystemRandom().randrange(2 ** 31)])
+    if dist.world_size() > 1:
+        if torch.distributed.get_backend() == 'nccl':
+            value = value.cuda()
+        torch.distributed.broadcast(value, src=0)
+    return int(value.item())
+
+
 def make_loader(dataset, batch_size, workers, shuffle, drop_last, seed=None, pin_memory=False):
-    """DataLoader with a DistributedSampler when a process group exists. Call ``start_epoch`` before
-    each epoch."""
-    generator = torch.Generator() if seed is not None else None
-    sampler = None
-    if dist.world_size() > 1:  # the same seed on every rank, so the shards partition the data
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            dataset, shuffle=shuffle, drop_last=drop_last, seed=seed or 0)
-    elif shuffle:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-        drop_last=drop_last, generator=generator)
+    """DataLoader over this process's share of ``dataset`` yielding ``(samples, targets, skipped)``.
+
+    Call ``start_epoch`` before each epoch. Order and augmentations are a function of (seed, epoch)
+    only (a shared random seed when None: ``loader.sampler.seed``, saved in checkpoints).
+    """
+    sampler = EpochSampler(len(dataset), batch_size, shuffle, drop_last, shared_seed(seed),
+                           dist.rank(), dist.world_size())
+    return torch.utils.data.DataLoader(EpochDataset(dataset), batch_size=batch_size, sampler=sampler,
+                                       num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
+                                       persistent_workers=False)
 
 
-def start_epoch(loader, epoch, seed=None):
-    """Shuffle for this epoch; with a seed, make everything random in the epoch (order, worker seeds,
-    main-process augmentation) a function of (seed, epoch) only, so a resumed run repeats an
-    uninterrupted one exactly."""
-    if isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler):
+def start_epoch(loader, epoch, seed=None, skip_batches=0):
+    """Set the epoch of the loader (and the batches of it already done, when resuming mid-epoch).
+    With a seed, also reseed this process's own random streams (dropout, drop-path, mixup) from
+    (seed, epoch, rank), so a run resumed at an epoch boundary repeats an uninterrupted one."""
+    if isinstance(loader.sampler, EpochSampler):
+        loader.sampler.set_epoch(epoch, skip_batches)
+    elif hasattr(loader.sampler, 'set_epoch'):  # e.g. timm's RepeatAugSampler
         loader.sampler.set_epoch(epoch)
     if seed is not None:
-        s = (seed * 100003 + epoch) * 4096 + dist.rank()  # each rank its own augmentation stream
-        loader.generator.manual_seed(s)
+        s = (seed * 100003 + epoch) * 4096 + dist.rank()
         torch.manual_seed(s)
         random.seed(s)
+        np.random.seed(s % 2 ** 32)

@@ -221,6 +221,15 @@ def concat_all_gather(tensor):
     return torch.cat(gathered, dim=0)
 
 
+def all_true(flag):
+    """True if the boolean tensor ``flag`` is true on every process (the same answer everywhere, so that
+    all processes take the same branch); reads it on the host."""
+    if world_size() > 1:
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def all_reduce_mean(value):
     """Average a python number or tensor over processes (for logging)."""
     if world_size() == 1:

@@ -46,7 +46,7 @@ def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log):
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     iters = len(loader)
-    for i, (images, target) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch: [{epoch}]')):
+    for i, (images, target, _) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch: [{epoch}]')):
         images = images.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
         output = model(images)

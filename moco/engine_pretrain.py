@@ -1,25 +1,38 @@
 """One epoch of MoCo v3 pretraining."""
-import math
 import time
 
 
-from moco import schedules
+from moco import dist, schedules
+from moco.dist import UserError
 from moco.metrics import MetricLogger, SmoothedValue
 
 
-def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log):
+class NonFiniteLoss(UserError):
+    """The loss stayed NaN/inf for too many consecutive steps."""
+
+
+def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=0,
+                    save_progress=None, nonfinite_streak=0):
     """Per iteration: set lr (warmup + cosine) and the momentum coefficient, forward both views,
-    backward, step. No host synchronisation except when a progress line is printed."""
+    backward, step.
+
+    Starts at iteration ``start_iter`` of the epoch (a mid-epoch resume); ``save_progress(epoch, iters_done)``
+    is called every ``args.save_every_iters`` iterations. A step whose loss is not finite is skipped;
+    ``args.max_nonfinite_steps`` of them in a row stop the run. Returns (averages, streak of non-finite
+    steps at the end). The only host syncs are the finiteness check of ``amp.backward_step`` and the
+    progress lines.
+    """
     model.train()
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     logger.add_meter('m', SmoothedValue(window_size=1, fmt='{value:.5f}'))
-    iters_per_epoch = len(loader)
     device = args.device
     header = f'Epoch: [{epoch}]'
     tic = time.time()
+    skipped_images = skipped_steps = 0
 
-    for i, (images, _) in enumerate(logger.log_every(loader, args.print_freq, header)):
+    batches = logger.log_every(loader, args.print_freq, header, total=len(loader))
+    for i, (images, _, skipped) in enumerate(batches, start=start_iter):
         t = epoch + i / iters_per_epoch
         lr = schedules.pretrain_lr(t, args.lr, args.warmup_epochs, args.epochs)
         schedules.set_lr(optimizer, lr)
@@ -29,15 +42,37 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log):
         x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
             loss = model(x1, x2, m)
-        amp.backward_step(loss, optimizer)
+        if amp.backward_step(loss, optimizer):
+            nonfinite_streak = 0
+            logger.update(loss=loss.detach(), lr=lr, m=m)
+        else:
+            nonfinite_streak += 1
+            skipped_steps += 1
+            print(f'warning: loss is {loss.item()} at epoch {epoch}, iteration {i}: step skipped '
+                  f'({nonfinite_streak} in a row)', flush=True)
+            if nonfinite_streak >= args.max_nonfinite_steps:
+                raise NonFiniteLoss(
+                    f'the loss was not finite for {nonfinite_streak} consecutive steps (epoch {epoch}, '
+                    f'iteration {i}): stopping. The last good checkpoint is untouched in {args.output_dir}; '
+                    'try a lower --lr, --amp fp32, or a higher --max-nonfinite-steps')
+        skipped_images += int(skipped.sum())  # a CPU tensor: no device sync
 
-        logger.update(loss=loss.detach(), lr=lr, m=m)
         step = epoch * iters_per_epoch + i
-        if i % args.print_freq == 0 or i == iters_per_epoch - 1:
-            loss_value = logger.meters['loss'].value
-            if not math.isfinite(loss_value) and amp.precision != 'fp16':
-                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, iteration {i}: stopping')
-            images_per_s = (i + 1) * x1.shape[0] * args.world_size / (time.time() - tic)
-            run_log.scalars(step, loss=loss_value, lr=lr, moco_momentum=m, images_per_s=images_per_s)
+        if (i - start_iter) % args.print_freq == 0 or i == iters_per_epoch - 1:
+            done = i - start_iter + 1
+            images_per_s = done * x1.shape[0] * args.world_size / (time.time() - tic)
+            scalars = dict(lr=lr, moco_momentum=m, images_per_s=images_per_s)
+            if 'loss' in logger.meters:
+                scalars['loss'] = logger.meters['loss'].value
+            run_log.scalars(step, **scalars)
+        if save_progress is not None and args.save_every_iters > 0 and (i + 1) % args.save_every_iters == 0 \
+                and i + 1 < iters_per_epoch:
+            save_progress(epoch, i + 1)
 
-    return logger.global_averages()
+    stats = logger.global_averages()
+    skipped_images = round(dist.all_reduce_mean(skipped_images) * dist.world_size())
+    if skipped_images or skipped_steps:
+        print(f'epoch {epoch}: {skipped_images} unreadable image(s) replaced, {skipped_steps} step(s) skipped '
+              'for a non-finite loss', flush=True)
+    stats.update(skipped_images=skipped_images, skipped_steps=skipped_steps)
+    return stats, nonfinite_streak

@@ -14,7 +14,7 @@ def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, a
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     lr = optimizer.param_groups[0]['lr']  # set per epoch by the scheduler
     iters = len(loader)
-    for i, (samples, targets) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch: [{epoch}]')):
+    for i, (samples, targets, *_) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch: [{epoch}]')):
         samples = samples.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
         if mixup_fn is not None:

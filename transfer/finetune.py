@@ -242,8 +242,6 @@ def main_worker(args):
     run_log = RunLog(args.output_dir)
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch(train_loader, epoch, args.seed)
-        if isinstance(train_loader.sampler, RepeatAugSampler):
-            train_loader.sampler.set_epoch(epoch)
         set_epoch_lr(scheduler, epoch)
         train_stats = train_one_epoch(model, train_loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log)
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()}}
