@@ -19,7 +19,8 @@ import torch
 from moco import dist
 from moco.amp import PRECISIONS, Amp
 from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
-                             load_checkpoint, load_model_state, pretrain_checkpoint_name, remove_file, require_keys,
+                             load_checkpoint, load_model_state, pretrain_checkpoint_name, remove_file,
+                             remove_stale_temporaries, require_keys,
                              save_checkpoint, thin_checkpoints, unwrap)
 from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
 from moco.engine_pretrain import train_one_epoch
@@ -137,6 +138,8 @@ def main_worker(args):
     print(f'precision: {amp.precision}')
 
     resume = resolve_resume(args)
+    if dist.is_main_process():
+        remove_stale_temporaries(args.output_dir)
     start_iter, data_seed = 0, args.seed
     if resume:
         ckpt = load_checkpoint(resume)
@@ -144,7 +147,12 @@ def main_worker(args):
         if ckpt.get('arch', args.arch) != args.arch:
             raise dist.UserError(f'{resume} was trained with -a {ckpt["arch"]}, not -a {args.arch}')
         load_model_state(model, ckpt['state_dict'], resume)
-        optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise dist.UserError(f'{resume}: its optimizer state does not fit --optimizer {args.optimizer} '
+                                 f'({type(e).__name__}: {str(e).splitlines()[0][:80]}); resume with the '
+                                 'optimizer the run was started with') from None
         amp.load_state_dict(ckpt.get('scaler'))
         args.start_epoch, start_iter = ckpt['epoch'], ckpt.get('iter', 0)
         data_seed = ckpt.get('data_seed', data_seed)  # the same data order and views as before the stop

@@ -35,23 +35,30 @@ def strip_prefix(state_dict, prefix):
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def _temporary_name(path):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+
+
 def save_checkpoint(state, path):
     """Atomic save: write a temporary file in the same folder, flush and fsync, then rename.
 
-    An interrupted save leaves the previous file at ``path`` untouched.
+    An interrupted save (kill -9, disk full) leaves the previous file at ``path`` untouched; a failed
+    one is a UserError.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    tmp = _temporary_name(path)
     try:
         with open(tmp, 'wb') as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f'cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints are '
+                        'intact') from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_file(tmp)
     try:  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -60,6 +67,26 @@ def save_checkpoint(state, path):
             os.close(fd)
     except OSError:
         pass
+
+
+def remove_stale_temporaries(folder):
+    """Delete the partial files of saves that were killed (``.NAME.tmp.PID`` of a dead process)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        m = re.match(r'^\..+\.pth\.tar\.tmp\.(\d+)$', name)
+        if m and not _process_alive(int(m.group(1))):
+            remove_file(os.path.join(folder, name))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_checkpoint(path):

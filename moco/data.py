@@ -109,6 +109,8 @@ def load_rgb(path):
             return img.convert('RGB')
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if first_line.startswith('cannot identify image file'):  # PIL repeats the file name
+            first_line = 'not an image PIL can read'
         raise BadImage(f'{path}: {first_line[:160]}') from None
 
 

@@ -35,6 +35,9 @@ def add_distributed_args(parser):
                    help="distributed backend; falls back to gloo (with a log line) when there is no GPU")
     g.add_argument('--gpu', default=None, type=int,
                    help='GPU id to use: one process on that GPU, no process group')
+    g.add_argument('--dist-timeout', default=30., type=float, metavar='MIN',
+                   help='minutes a collective may wait for a silent process before the job fails (default: 30); '
+                        'a process that dies is noticed at once')
     g.add_argument('--multiprocessing-distributed', action='store_true',
                    help='spawn one process per GPU on this node (one CPU process when there is no GPU); '
                         'the batch size and workers are divided among all processes')
@@ -103,17 +106,49 @@ def launch(worker, args):
         return worker(args)
 
 
+# Messages of the failures a process sees when another process of the job (or a data-loading worker)
+# died or became unreachable: reported in one line, not as a traceback of the collective that noticed.
+_PEER_FAILURES = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe',
+                  'Socket Timeout', 'Timed out waiting', 'timed out', 'NCCL communicator was aborted',
+                  'DataLoader worker (pid')
+
+
+def fatal_error(e):
+    """(exit code, one-line message) for an exception that should not print a traceback, else None."""
+    if isinstance(e, UserError):
+        msg = str(e)
+        if 'Original Traceback' in msg:  # re-raised by the DataLoader from a worker: keep the last line
+            msg = msg.strip().splitlines()[-1].split('Error: ', 1)[-1]
+        return 2, msg
+    text = str(e)
+    if isinstance(e, (RuntimeError, dist.DistError)) and any(p in text for p in _PEER_FAILURES):
+        detail = (text.strip().splitlines() or [''])[0]
+        detail = detail.split('] ', 1)[-1][:200]  # drop the source location gloo puts first
+        return 1, (f'another process of the job, or a data-loading worker, died or became unreachable '
+                   f'({detail}); stopping. Checkpoints already written are intact: restart every process '
+                   'with --resume auto')
+    return None
+
+
 def run(worker, args):
     """``launch`` for a script's ``main``: a UserError becomes one line on stderr and exit code 2, a
-    spawned worker that failed makes this process exit with its code. Returns the worker's result
-    when it ran in this process."""
+    failed or unreachable peer one line and exit code 1, a spawned worker that failed makes this
+    process exit with its code. Returns the worker's result when it ran in this process."""
     try:
         return launch(worker, args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
     except mp.ProcessExitedException as e:  # the worker already said why
         sys.exit(e.exit_code or 1)
+    except Exception as e:
+        _exit_if_fatal(e)
+        raise
+
+
+def _exit_if_fatal(e):
+    known = fatal_error(e)
+    if known is not None:
+        sys.stdout.flush()
+        print(f'error: {known[1]}', file=sys.stderr, flush=True)
+        os._exit(known[0]) if is_initialized() else sys.exit(known[0])
 
 
 def _spawned_worker(local_rank, procs_per_node, worker, args):
@@ -122,9 +157,9 @@ def _spawned_worker(local_rank, procs_per_node, worker, args):
     args.gpu = local_rank if torch.cuda.is_available() else None
     try:
         worker(args)
-    except UserError as e:  # one line, not a traceback from every child
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # one line, not a traceback from every child
+        _exit_if_fatal(e)
+        raise
 
 
 def init_process(args):
@@ -144,7 +179,7 @@ def init_process(args):
             backend = 'gloo'
         try:
             dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                                    rank=args.rank, timeout=datetime.timedelta(minutes=30))
+                                    rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
         except RuntimeError as e:
             if 'address already in use' in str(e).lower():
                 raise UserError(f'cannot start the process group: {args.dist_url} is already in use '

@@ -1,9 +1,12 @@
 import os
 import random
+import signal
 import socket
+import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -16,7 +19,6 @@ from moco import demo_data  # noqa: E402
 def one_thread():
     """The test machine's 2 cores may be shared with parallel runs: one thread is several times faster
     than two fighting over them."""
-    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -72,3 +74,48 @@ def cli_env():
     # cores a spinning OpenMP team makes a 2-thread process (the spawned one of -mp) ~10x slower
     env.update(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
     return env
+
+
+# ---- command-line runs (tests/test_resume.py, tests/test_faults.py) ----
+
+def start(args):
+    # own process group, so that the data-loading workers die with the main process when it is killed
+    return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_output(proc, timeout=300):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    return proc.returncode, out
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_identical(a, b, where=''):
+    """Nested dicts/lists of tensors and numbers, compared exactly."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            assert_identical(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f'{where}[{i}]')
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+

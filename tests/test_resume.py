@@ -10,17 +10,16 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, cli_env
+from conftest import assert_identical, kill_group, load, start, wait_output
 
 ARCH, IMG = 'vit_tiny_patch4', 8
-TIMEOUT = 300
+TIMEOUT = 300  # seconds a CLI run may take
 
 
 def _command(data, output_dir, workers, optimizer, *extra):
@@ -28,47 +27,6 @@ def _command(data, output_dir, workers, optimizer, *extra):
             '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '3', '--warmup-epochs', '1',
             '--moco-m-cos', '--optimizer', optimizer, '-j', str(workers), '-p', '100', '--seed', '3',
             '--output-dir', str(output_dir), *extra]
-
-
-def _start(args):
-    # own process group, so that the data-loading workers die with the main process when it is killed
-    return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _wait(proc):
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    finally:
-        _kill_group(proc)
-    return proc.returncode, out
-
-
-def _load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _assert_identical(a, b, where=''):
-    """Nested dicts/lists of tensors and numbers, compared exactly."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), where
-        for k in a:
-            _assert_identical(a[k], b[k], f'{where}.{k}')
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f'{where}[{i}]')
-    elif torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def _last_train_record(output_dir):
@@ -81,7 +39,7 @@ VARIANTS = {'j0-lars-auto': (0, 'lars', 'auto'), 'j2-adamw-path': (2, 'adamw', '
 
 
 def _uninterrupted(data, output_dir, workers, optimizer):
-    rc, out = _wait(_start(_command(data, output_dir, workers, optimizer)))
+    rc, out = wait_output(start(_command(data, output_dir, workers, optimizer)))
     assert rc == 0, out
     return out
 
@@ -89,7 +47,7 @@ def _uninterrupted(data, output_dir, workers, optimizer):
 def _killed_then_resumed(data, output_dir, workers, optimizer, resume):
     """Start the 3-epoch run, SIGKILL it as soon as its epoch-2 checkpoint is on disk (saves are atomic
     renames), then resume it. Returns the resumed run's output."""
-    cut = _start(_command(data, output_dir, workers, optimizer))
+    cut = start(_command(data, output_dir, workers, optimizer))
     ckpt1 = output_dir / 'checkpoint_0001.pth.tar'
     try:
         deadline = time.time() + TIMEOUT
@@ -98,7 +56,7 @@ def _killed_then_resumed(data, output_dir, workers, optimizer, resume):
             assert time.time() < deadline
             time.sleep(0.02)
     finally:
-        _kill_group(cut)
+        kill_group(cut)
         cut.communicate()
     assert cut.returncode == -signal.SIGKILL
     # should the kill have come after the third epoch was saved, drop that file: the resume must then
@@ -107,7 +65,7 @@ def _killed_then_resumed(data, output_dir, workers, optimizer, resume):
     if late.exists():
         late.unlink()
     extra = ['--resume', 'auto'] if resume == 'auto' else ['--resume', str(ckpt1)]
-    rc, out = _wait(_start(_command(data, output_dir, workers, optimizer, *extra)))
+    rc, out = wait_output(start(_command(data, output_dir, workers, optimizer, *extra)))
     assert rc == 0, out
     return out
 
@@ -136,16 +94,16 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(resume_runs, variant):
     assert f"=> resumed from '{ckpt1}' (epoch 2)" in resumed_out
     assert 'Epoch: [2]' in resumed_out and 'Epoch: [0]' not in resumed_out and 'Epoch: [1]' not in resumed_out
 
-    a, b = _load(full_dir / 'checkpoint_0002.pth.tar'), _load(cut_dir / 'checkpoint_0002.pth.tar')
+    a, b = load(full_dir / 'checkpoint_0002.pth.tar'), load(cut_dir / 'checkpoint_0002.pth.tar')
     assert a['epoch'] == b['epoch'] == 3
     # non-trivial: the third epoch changed the model and the optimizer state
-    before = _load(ckpt1)
+    before = load(ckpt1)
     for enc in ('base_encoder', 'momentum_encoder'):
         key = f'module.{enc}.blocks.0.attn.qkv.weight'
         assert not torch.equal(before['state_dict'][key], a['state_dict'][key])
     assert len(a['optimizer']['state']) > 0
-    _assert_identical(a['state_dict'], b['state_dict'], 'state_dict')
-    _assert_identical(a['optimizer'], b['optimizer'], 'optimizer')
-    _assert_identical(a['scaler'], b['scaler'], 'scaler')
+    assert_identical(a['state_dict'], b['state_dict'], 'state_dict')
+    assert_identical(a['optimizer'], b['optimizer'], 'optimizer')
+    assert_identical(a['scaler'], b['scaler'], 'scaler')
     # and the third epoch saw the same batches and augmentations: the same mean loss, bit for bit
     assert _last_train_record(full_dir) == _last_train_record(cut_dir)

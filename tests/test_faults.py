@@ -1,0 +1,542 @@
+"""Fault injection: kills, failed saves, bad images, non-finite losses, dying or silent processes, busy
+ports, foreign and malicious checkpoints. Each test names the fault it injects; the closing note of
+issue 5 has the table. Everything runs on CPU with tiny models (ViT-Tiny/4 at 8 px)."""
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, assert_identical, cli_env, kill_group, load, start, unassigned_port, wait_output
+from moco import dist
+from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+                             save_checkpoint, thin_checkpoints)
+from moco.data import (EpochSampler, SafeImageFolder, image_folder, load_rgb, make_loader, pretrain_transform,
+                       start_epoch)
+from moco.dist import UserError
+from moco.engine_pretrain import NonFiniteLoss, train_one_epoch
+
+TIMEOUT = 300
+
+
+def _command(data, output_dir, *extra, epochs=3):
+    return [sys.executable, 'main_moco.py', str(data), '-a', 'vit_tiny_patch4', '--image-size', '8',
+            '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', str(epochs), '--warmup-epochs', '1',
+            '--moco-m-cos', '-p', '100', '--seed', '5', '--output-dir', str(output_dir), *extra]
+
+
+def _run(args, timeout=TIMEOUT):
+    return wait_output(start(args), timeout)
+
+
+def _wait_for(predicate, proc, what):
+    deadline = time.time() + TIMEOUT
+    while not predicate():
+        assert proc.poll() is None, f'run ended before {what}:\n{proc.communicate()[0]}'
+        assert time.time() < deadline, f'no {what} after {TIMEOUT} s'
+        time.sleep(0.01)
+
+
+def _error_lines(out):
+    return [line for line in out.splitlines() if line.startswith('error:')]
+
+
+def _assert_one_line_error(rc, out, *needles, code=2):
+    assert rc == code, out
+    assert 'Traceback' not in out, out
+    errors = _error_lines(out)
+    assert len(errors) == 1, out
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tiny_folder, tmp_path_factory):
+    """The reference: 3 epochs without any fault (-j 0; the views do not depend on the worker count)."""
+    out_dir = tmp_path_factory.mktemp('uninterrupted')
+    rc, out = _run(_command(tiny_folder, out_dir, '-j', '0'))
+    assert rc == 0, out
+    return out_dir
+
+
+# ---------------------------------------------------------------- kill -9 and resume
+
+def test_kill_mid_epoch_then_resume_auto_equals_uninterrupted(tiny_folder, tmp_path, uninterrupted):
+    """kill -9 in the middle of epoch 2 (after a --save-every-iters checkpoint), then --resume auto:
+    the resumed run starts at that iteration and ends bit-identical to the uninterrupted run."""
+    cmd = _command(tiny_folder, tmp_path, '-j', '2', '--save-every-iters', '2')
+    cut = start(cmd)
+    last = tmp_path / LAST_CHECKPOINT
+    try:
+        _wait_for(lambda: (tmp_path / 'checkpoint_0000.pth.tar').exists(), cut, 'the epoch-1 checkpoint')
+        _wait_for(last.exists, cut, 'a mid-epoch checkpoint in epoch 2')
+    finally:
+        kill_group(cut)
+        cut.communicate()
+    assert cut.returncode == -signal.SIGKILL
+    saved = load(last)
+    assert saved['epoch'] == 1 and saved['iter'] in (2, 4) and 'data_seed' in saved
+
+    rc, out = _run(cmd + ['--resume', 'auto'])
+    assert rc == 0, out
+    assert f"=> resumed from '{last}' (epoch 1, iteration {saved['iter']})" in out
+    assert 'Epoch: [0]' not in out
+    a, b = load(uninterrupted / 'checkpoint_0002.pth.tar'), load(tmp_path / 'checkpoint_0002.pth.tar')
+    assert_identical(a['state_dict'], b['state_dict'], 'state_dict')
+    assert_identical(a['optimizer'], b['optimizer'], 'optimizer')
+    # the run folder holds exactly the per-epoch files and the logs: no leftovers
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0000.pth.tar', 'checkpoint_0001.pth.tar',
+                                            'checkpoint_0002.pth.tar', 'log.txt', 'tensorboard']
+
+
+_KILL_DURING_SAVE = r'''
+import io, os, runpy, signal, sys
+import torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if '.checkpoint_0001.pth.tar.tmp.' in os.path.basename(getattr(f, 'name', '')):
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])  # half of the file is on disk ...
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)                 # ... when the process is killed
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path('main_moco.py', run_name='__main__')
+'''
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resumes(tiny_folder, tmp_path, uninterrupted):
+    """kill -9 while checkpoint_0001 is half written: checkpoint_0000 is intact, no checkpoint_0001
+    exists, --resume auto restarts from epoch 2, removes the partial file and ends bit-identical."""
+    cmd = _command(tiny_folder, tmp_path, '-j', '0')
+    rc, out = _run([sys.executable, '-c', _KILL_DURING_SAVE] + cmd[1:])
+    assert rc == -signal.SIGKILL, out
+    names = sorted(os.listdir(tmp_path))
+    partial = [n for n in names if n.startswith('.checkpoint_0001.pth.tar.tmp.')]
+    assert 'checkpoint_0000.pth.tar' in names and 'checkpoint_0001.pth.tar' not in names and partial, names
+    with pytest.raises(UserError):
+        load_checkpoint(str(tmp_path / partial[0]))
+    assert load(tmp_path / 'checkpoint_0000.pth.tar')['epoch'] == 1
+
+    rc, out = _run(cmd + ['--resume', 'auto'])
+    assert rc == 0, out
+    assert "(epoch 1)" in out and 'Epoch: [0]' not in out
+    assert not any(n.startswith('.') for n in os.listdir(tmp_path)), 'partial file left behind'
+    assert_identical(load(uninterrupted / 'checkpoint_0002.pth.tar')['state_dict'],
+                     load(tmp_path / 'checkpoint_0002.pth.tar')['state_dict'])
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
+    """Disk full in the middle of a save: one-line UserError, the previous file is byte-identical, no
+    temporary file is left."""
+    path = tmp_path / 'checkpoint_0000.pth.tar'
+    save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, str(path))
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b'PK\x03\x04 partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(UserError, match='No space left on device'):
+        save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ['checkpoint_0000.pth.tar']
+
+
+def test_latest_checkpoint_takes_the_furthest_readable_one(tmp_path, capsys):
+    def put(name, **fields):
+        save_checkpoint({'state_dict': {}, **fields}, str(tmp_path / name))
+    put('checkpoint_0000.pth.tar', epoch=1)
+    put('checkpoint_0001.pth.tar', epoch=2)
+    put(LAST_CHECKPOINT, epoch=2, iter=3)
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / LAST_CHECKPOINT)   # mid-epoch 3 beats end of 2
+    put(LAST_CHECKPOINT, epoch=1, iter=3)                                        # stale: older than 0001
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint_0001.pth.tar')
+    (tmp_path / LAST_CHECKPOINT).write_bytes(b'garbage')                         # unreadable: skipped
+    data = (tmp_path / 'checkpoint_0001.pth.tar').read_bytes()
+    (tmp_path / 'checkpoint_0001.pth.tar').write_bytes(data[:len(data) // 2])    # truncated: skipped
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint_0000.pth.tar')
+    assert capsys.readouterr().out.count('warning: skipping') == 2
+    torch.save({'some': 'dict'}, tmp_path / 'checkpoint_0002.pth.tar')           # not a pretraining file
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint_0000.pth.tar')
+
+
+def test_thinning_keeps_the_newest_numbered_files_and_checkpoint_last(tmp_path):
+    for name in ['checkpoint_0000.pth.tar', 'checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar', LAST_CHECKPOINT,
+                 'model_best.pth.tar']:
+        (tmp_path / name).write_bytes(b'x')
+    thin_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar',
+                                            LAST_CHECKPOINT, 'model_best.pth.tar']
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    (tmp_path / f'.checkpoint_0003.pth.tar.tmp.{dead.pid}').write_bytes(b'partial')
+    (tmp_path / f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}').write_bytes(b'being written')
+    (tmp_path / 'notes.tmp.1').write_bytes(b'not ours')
+    remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}', 'notes.tmp.1']
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ('touch PWNED',))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'epoch': 1, 'payload': _RunsCode()}, path)
+    with pytest.raises(UserError, match='cannot read checkpoint'):
+        load_checkpoint(str(path))
+    assert not (tmp_path / 'PWNED').exists()
+
+
+def test_foreign_and_wrong_arch_checkpoints_are_one_line_errors(tiny_folder, tmp_path):
+    import torchvision
+    foreign = tmp_path / 'resnet18.pth'
+    torch.save(torchvision.models.resnet18().state_dict(), foreign)   # a torchvision state_dict
+    rc, out = _run(_command(tiny_folder, tmp_path / 'a', '--resume', str(foreign), epochs=1))
+    _assert_one_line_error(rc, out, 'not a MoCo pretraining checkpoint')
+
+    rc, out = _run(_command(tiny_folder, tmp_path / 'b', '-j', '0', epochs=1))
+    assert rc == 0, out
+    other_arch = _command(tiny_folder, tmp_path / 'c', '--resume', str(tmp_path / 'b' / 'checkpoint_0000.pth.tar'),
+                          epochs=1)
+    other_arch[other_arch.index('vit_tiny_patch4')] = 'vit_small_patch4'
+    rc, out = _run(other_arch)
+    _assert_one_line_error(rc, out, 'vit_tiny_patch4', 'vit_small_patch4')
+    other_optimizer = _command(tiny_folder, tmp_path / 'b', '--resume', 'auto', '--optimizer', 'adamw', epochs=2)
+    rc, out = _run(other_optimizer)
+    _assert_one_line_error(rc, out, 'optimizer state does not fit --optimizer adamw')
+
+
+# ---------------------------------------------------------------- bad images
+
+def _jpeg_bytes(mode='RGB', size=(12, 10), color=(200, 30, 60)):
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode != 'L' else 128).save(buf, 'JPEG')
+    return buf.getvalue()
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """One file of each awkward kind a real folder holds, in class folders."""
+    root = tmp_path / 'odd' / 'train'
+    (root / 'a').mkdir(parents=True)
+    (root / 'b').mkdir()
+    (root / 'a' / 'rgb.jpg').write_bytes(_jpeg_bytes())
+    (root / 'a' / 'cmyk.jpg').write_bytes(_jpeg_bytes('CMYK', color=(0, 255, 255, 0)))
+    (root / 'a' / 'gray.jpg').write_bytes(_jpeg_bytes('L'))
+    Image.new('RGBA', (9, 9), (10, 20, 30, 0)).save(root / 'a' / 'rgba.png')
+    pal = Image.new('P', (9, 9), 1)
+    pal.putpalette([0, 0, 0, 250, 5, 5] + [0] * 762)
+    pal.save(root / 'b' / 'palette.png', transparency=0)
+    Image.fromarray(np.full((9, 9), 32767, dtype=np.uint16)).save(root / 'b' / 'gray16.png')  # 32767/65535 of white
+    Image.new('RGB', (1, 1), (0, 255, 0)).save(root / 'b' / 'one_pixel.png')      # far smaller than the crop
+    (root / 'b' / 'notes.txt').write_text('not an image: ignored by extension')
+    return root
+
+
+def test_every_image_mode_becomes_rgb(odd_images):
+    expected = {'rgb.jpg': None, 'cmyk.jpg': None, 'gray.jpg': (128, 128, 128), 'rgba.png': (10, 20, 30),
+                'palette.png': (250, 5, 5), 'gray16.png': (127, 127, 127), 'one_pixel.png': (0, 255, 0)}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # e.g. PIL's "Palette images with Transparency" warning
+        for name, rgb in expected.items():
+            path = next(odd_images.rglob(name))
+            img = load_rgb(str(path))
+            assert img.mode == 'RGB', name
+            if rgb is not None:
+                assert img.getpixel((0, 0)) == rgb, name
+    cmyk = load_rgb(str(odd_images / 'a' / 'cmyk.jpg')).getpixel((0, 0))
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60, cmyk   # CMYK (0, 255, 255, 0) is red
+
+
+def test_odd_images_go_through_the_pretraining_views(odd_images):
+    ds = SafeImageFolder(str(odd_images), pretrain_transform(16, blur=True))
+    assert len(ds) == 7                                    # notes.txt is not an image
+    for i in range(len(ds)):
+        views, _, skipped = ds.load(i)
+        assert skipped == 0 and [v.shape for v in views] == [(3, 16, 16)] * 2
+
+
+def _broken_folder(root):
+    (root / 'c').mkdir(parents=True)
+    good = _jpeg_bytes()
+    (root / 'c' / '0_good.jpg').write_bytes(good)
+    (root / 'c' / '1_truncated.jpg').write_bytes(good[:len(good) // 2])
+    (root / 'c' / '2_text.jpg').write_text('<html>404 not found</html>')
+    (root / 'c' / '3_empty.jpg').write_bytes(b'')
+    (root / 'c' / '4_good.jpg').write_bytes(good)
+    return root
+
+
+def test_unreadable_images_are_replaced_reported_once_and_counted(tmp_path, capsys):
+    ds = SafeImageFolder(str(_broken_folder(tmp_path / 'train')), pretrain_transform(8))
+    got = [ds.load(i)[2] for i in range(len(ds))]
+    assert got == [0, 3, 2, 1, 0]      # a bad file is replaced by the next readable one
+    ds.load(1)
+    err = capsys.readouterr().err
+    for name in ('1_truncated.jpg', '2_text.jpg', '3_empty.jpg'):
+        assert err.count(name) == 1, err    # once per file and process
+    assert err.count('warning: skipping unreadable image') == 3
+
+
+def test_strict_data_makes_an_unreadable_image_an_error(tmp_path):
+    ds = SafeImageFolder(str(_broken_folder(tmp_path / 'train')), pretrain_transform(8), strict=True)
+    ds.load(0)
+    with pytest.raises(UserError, match='1_truncated.jpg'):
+        ds.load(1)
+
+
+def test_a_folder_of_broken_files_is_an_error(tmp_path):
+    (tmp_path / 'train' / 'c').mkdir(parents=True)
+    for i in range(60):
+        (tmp_path / 'train' / 'c' / f'{i}.jpg').write_bytes(b'junk')
+    ds = image_folder(str(tmp_path), 'train', None)
+    with pytest.raises(UserError, match='consecutive unreadable images'):
+        ds.load(0)
+
+
+def test_class_folders_without_images_are_an_error(tmp_path):
+    (tmp_path / 'train' / 'c').mkdir(parents=True)
+    (tmp_path / 'train' / 'c' / 'README.txt').write_text('no images here')
+    with pytest.raises(UserError, match='no images in'):
+        image_folder(str(tmp_path), 'train', None)
+
+
+def test_corrupt_jpeg_in_training_folder_does_not_stop_the_run(tiny_folder, tmp_path):
+    """Real run: a truncated and a fake JPEG among the training images are skipped, warned about and
+    counted in log.txt; with --strict-data the same folder is a one-line error."""
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_folder, data)
+    cls = sorted((data / 'train').iterdir())[0]
+    good = sorted(cls.iterdir())[0].read_bytes()
+    (cls / 'zz_truncated.jpg').write_bytes(good[:len(good) // 3])
+    (cls / 'zz_fake.jpg').write_text('this is text')
+    rc, out = _run(_command(data, tmp_path / 'run', '-j', '2', epochs=1))
+    assert rc == 0, out
+    assert 'zz_truncated.jpg' in out and 'zz_fake.jpg' in out
+    with open(tmp_path / 'run' / 'log.txt') as f:
+        record = [json.loads(line) for line in f][-1]
+    # the count is what the run saw: the bad files passed over when the 40 drawn of 42 were loaded
+    ds = image_folder(str(data), 'train', None)
+    expected = sum(ds.load(i)[2] for i, _ in EpochSampler(len(ds), 8, True, True, seed=5))
+    assert record['train_skipped_images'] == expected >= 1
+
+    rc, out = _run(_command(data, tmp_path / 'strict', '-j', '2', '--strict-data', epochs=1))
+    _assert_one_line_error(rc, out, 'unreadable image', 'zz_')
+
+
+# ---------------------------------------------------------------- data order and views
+
+def test_sampler_partitions_the_epoch_and_resumes_mid_epoch():
+    full = list(EpochSampler(21, 4, shuffle=True, drop_last=True, seed=7))
+    shards = [EpochSampler(21, 2, shuffle=True, drop_last=True, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    parts = [list(s) for s in shards]
+    assert sorted(i for p in parts for i, _ in p) == sorted(i for i, _ in full[:20])   # 20: drop_last
+    assert sorted(s for p in parts for _, s in p) == sorted(s for _, s in full[:20])   # same views per image
+    shards[0].set_epoch(0, skip_batches=2)
+    assert list(shards[0]) == parts[0][4:] and len(shards[0]) == 6
+    shards[0].set_epoch(1)
+    assert list(shards[0]) != parts[0]
+
+
+def test_views_do_not_depend_on_the_number_of_workers(tiny_folder):
+    ds = image_folder(tiny_folder, 'train', pretrain_transform(8))
+    batches = []
+    for workers in (0, 2):
+        loader = make_loader(ds, 8, workers, shuffle=True, drop_last=True, seed=1)
+        start_epoch(loader, 3, skip_batches=1)
+        batches.append(next(iter(loader)))
+    assert_identical(batches[0][0], batches[1][0])
+    assert_identical(batches[0][1], batches[1][1])
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+class _Scripted(torch.nn.Module):
+    """A one-parameter 'MoCo' whose loss is NaN at the listed iterations."""
+
+    def __init__(self, nan_at):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.nan_at, self.calls, self.finite_losses = set(nan_at), 0, []
+
+    def forward(self, x1, x2, m):
+        loss = self.w * x1.mean() * 0 + self.w ** 2
+        if self.calls in self.nan_at:
+            loss = loss * float('nan')
+        else:
+            self.finite_losses.append(loss.item())
+        self.calls += 1
+        return loss
+
+
+def _train(model, n_iters, max_nonfinite, tmp_path):
+    from types import SimpleNamespace
+    from moco.amp import Amp
+    x = torch.zeros(2, 3, 2, 2)
+    loader = [([x, x], torch.zeros(2), torch.zeros(2, dtype=torch.long))] * n_iters
+    args = SimpleNamespace(lr=0.1, warmup_epochs=0, epochs=1, moco_m=0.99, moco_m_cos=False, device=torch.device('cpu'),
+                           memory_format=torch.contiguous_format, print_freq=100, world_size=1, save_every_iters=0,
+                           max_nonfinite_steps=max_nonfinite, output_dir=str(tmp_path))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = []
+    orig_step = opt.step
+    opt.step = lambda *a, **k: (orig_step(*a, **k), history.append(model.calls - 1))
+    log = SimpleNamespace(scalars=lambda *a, **k: None)
+    stats, streak = train_one_epoch(model, loader, opt, Amp('fp32', torch.device('cpu')), 0, args, log, n_iters)
+    return stats, streak, history
+
+
+def test_nonfinite_steps_are_skipped(tmp_path):
+    model = _Scripted(nan_at=[1, 2, 4])
+    stats, streak, stepped = _train(model, 6, max_nonfinite=3, tmp_path=tmp_path)
+    assert stepped == [0, 3, 5] and streak == 0
+    assert stats['skipped_steps'] == 3 and torch.isfinite(model.w)
+    assert len(set(model.finite_losses)) == 3                               # the skipped steps changed nothing
+    assert abs(stats['loss'] - np.mean(model.finite_losses)) < 1e-6         # the average of finite losses only
+
+
+def test_k_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
+    model = _Scripted(nan_at=[2, 3, 4])
+    with pytest.raises(NonFiniteLoss, match='3 consecutive steps'):
+        _train(model, 6, max_nonfinite=3, tmp_path=tmp_path)
+    assert model.calls == 5 and torch.isfinite(model.w) and model.w.item() < 1
+
+
+def test_nonfinite_loss_in_a_real_run_stops_it_and_keeps_the_checkpoint(tiny_folder, tmp_path):
+    rc, out = _run(_command(tiny_folder, tmp_path, '-j', '0', '--optimizer', 'adamw', epochs=1))
+    assert rc == 0, out
+    good = (tmp_path / 'checkpoint_0000.pth.tar').read_bytes()
+    # the same run continued with an absurd lr: the weights overflow, every loss is NaN
+    rc, out = _run(_command(tiny_folder, tmp_path, '-j', '0', '--resume', 'auto', '--optimizer', 'adamw',
+                            '--lr', '1e36', '--warmup-epochs', '0', '--max-nonfinite-steps', '2'))
+    _assert_one_line_error(rc, out, '2 consecutive steps')
+    assert 'step skipped (1 in a row)' in out
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0000.pth.tar', 'log.txt', 'tensorboard']
+    assert (tmp_path / 'checkpoint_0000.pth.tar').read_bytes() == good
+
+
+# ---------------------------------------------------------------- distributed faults
+
+def _two_nodes(data, tmp_path, *extra):
+    url = f'tcp://127.0.0.1:{unassigned_port()}'
+    procs = [start(_command(data, tmp_path / f'node{r}', '-j', '0', '--epochs', '100', '-p', '1', *extra,
+                            '--world-size', '2', '--rank', str(r), '--dist-url', url)) for r in (0, 1)]
+    return procs
+
+
+def _wait_training(proc):
+    """Read the output until the first training line (the group is formed and training)."""
+    lines = []
+    deadline = time.time() + TIMEOUT
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('Epoch: [0]') or time.time() > deadline:
+            break
+    assert any(line.startswith('Epoch: [0]') for line in lines), ''.join(lines)
+    return ''.join(lines)
+
+
+@pytest.mark.parametrize('fault', ['kill', 'stop'])
+def test_a_dying_or_silent_process_ends_the_whole_job(tiny_folder, tmp_path, fault):
+    """Two 'nodes' by hand; rank 1 is killed (kill -9) or frozen (SIGSTOP): rank 0 exits non-zero with
+    one line, at once for a dead peer, after --dist-timeout for a silent one."""
+    rank0, rank1 = _two_nodes(tiny_folder, tmp_path, '--dist-timeout', '0.1')
+    try:
+        head = _wait_training(rank0)
+        os.kill(rank1.pid, signal.SIGKILL if fault == 'kill' else signal.SIGSTOP)
+        t0 = time.time()
+        rc, out = wait_output(rank0, timeout=120)
+        waited = time.time() - t0
+    finally:
+        kill_group(rank1)
+        rank1.communicate()
+    _assert_one_line_error(rc, head + out, 'died or became unreachable', code=1)
+    assert waited < (30 if fault == 'kill' else 60), waited
+
+
+def _training_children(pid):
+    """Child processes of pid that run main_moco.py (torchrun's workers)."""
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        children = [int(p) for p in f.read().split()]
+    found = []
+    for child in children:
+        try:
+            with open(f'/proc/{child}/cmdline', 'rb') as f:
+                if b'main_moco.py' in f.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return found
+
+
+def test_torchrun_job_ends_when_a_worker_dies(tiny_folder, tmp_path):
+    port = unassigned_port()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+           *_command(tiny_folder, tmp_path, '-j', '0', '--epochs', '100', '-p', '1')[1:]]
+    job = start(cmd)
+    try:
+        _wait_training(job)
+        workers = _training_children(job.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        t0 = time.time()
+        rc, out = wait_output(job, timeout=120)
+    finally:
+        kill_group(job)
+    assert rc != 0 and time.time() - t0 < 60, out
+
+
+def test_address_already_in_use_is_a_one_line_error(tiny_folder, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, out = _run(_command(tiny_folder, tmp_path, '-j', '0', '--multiprocessing-distributed',
+                                '--dist-url', f'tcp://127.0.0.1:{port}', epochs=1), timeout=120)
+    _assert_one_line_error(rc, out, 'already in use')
+
+
+def test_fatal_errors_are_one_line():
+    wrapped = UserError('Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
+                        'last):\n  File "x.py", line 1\nmoco.dist.UserError: unreadable image a.jpg: broken')
+    assert dist.fatal_error(wrapped) == (2, 'unreadable image a.jpg: broken')
+    gloo = RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: '
+                        'Connection reset by peer. This is typically caused by ...\nmore')
+    code, msg = dist.fatal_error(gloo)
+    assert code == 1 and '\n' not in msg and msg.count('Connection reset by peer') == 1 and 'pair.cc' not in msg
+    assert dist.fatal_error(RuntimeError('shape mismatch')) is None   # bugs keep their traceback
+    assert dist.fatal_error(ValueError('Connection reset by peer')) is None
+
+
+def test_run_folder_is_only_what_the_user_gave(tiny_folder, tmp_path):
+    """Everything a run writes is inside --output-dir, even when it is given with '..' in it."""
+    (tmp_path / 'cwd').mkdir()
+    out_dir = tmp_path / 'cwd' / '..' / 'runs' / 'r1'
+    cmd = _command(os.path.abspath(tiny_folder), out_dir, '-j', '0', epochs=1)
+    cmd[1] = os.path.join(ROOT, 'main_moco.py')
+    proc = subprocess.run(cmd, cwd=tmp_path / 'cwd', env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert os.listdir(tmp_path / 'cwd') == []
+    assert sorted(os.listdir(tmp_path)) == ['cwd', 'runs']
+    assert sorted(os.listdir(tmp_path / 'runs' / 'r1')) == ['checkpoint_0000.pth.tar', 'log.txt', 'tensorboard']
