@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MoCo v3 self-supervised pretraining (ResNet and ViT).
+"""MoCo v3 self-supervised pretraining (ResNet and ViT); also BYOL and Momentum² Teacher (--method).
 
 Launch modes (-b is always the TOTAL batch over all processes; --lr is the base lr for batch 256):
   CPU or one GPU, no process group:   python main_moco.py -a resnet50 DIR            [--gpu 0]
@@ -11,6 +11,7 @@ Without a GPU the same commands run on CPU processes with the gloo backend.
 DIR holds train/<class>/<image> (and val/ for the optional kNN monitor). See CONFIG.md for recipes.
 """
 import argparse
+import inspect
 import os
 import random
 
@@ -25,6 +26,7 @@ from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkp
 from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.knn import knn_accuracy
+from moco.methods import METHODS, apply_method_defaults
 from moco.metrics import RunLog
 from moco.models import BackboneFeatures, arch_names, build_moco, head_name, is_vit
 from moco.norm import convert_sync_batchnorm
@@ -36,12 +38,16 @@ def get_args_parser():
     parser.add_argument('data', metavar='DIR', help='dataset folder with train/ (and optionally val/)')
 
     g = parser.add_argument_group('model')
+    g.add_argument('--method', default='mocov3', choices=METHODS,
+                   help='mocov3 (default), byol (no negatives) or m2t (Momentum² Teacher: momentum BN in the '
+                        'teacher, no synchronised BN); --lr, --wd, --moco-m and --optimizer default to the '
+                        "method's recipe (CONFIG.md)")
     g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', choices=arch_names(),
                    help='model architecture: ' + ' | '.join(arch_names()[:8]) + ' | ... (default: resnet50)')
     g.add_argument('--moco-dim', default=256, type=int, help='feature dimension (default: 256)')
     g.add_argument('--moco-mlp-dim', default=4096, type=int, help='hidden dimension in MLPs (default: 4096)')
-    g.add_argument('--moco-m', default=0.99, type=float,
-                   help='moco momentum of updating momentum encoder (default: 0.99)')
+    g.add_argument('--moco-m', default=None, type=float,
+                   help='moco momentum of updating momentum encoder (default: 0.99; byol: its preset)')
     g.add_argument('--moco-m-cos', action='store_true',
                    help='gradually increase moco momentum to 1 with a half-cycle cosine schedule')
     g.add_argument('--moco-t', default=1.0, type=float, help='softmax temperature (default: 1.0)')
@@ -56,13 +62,14 @@ def get_args_parser():
                    help='manual epoch number (useful on restarts)')
     g.add_argument('-b', '--batch-size', default=4096, type=int, metavar='N',
                    help='mini-batch size (default: 4096), this is the total batch size of all processes')
-    g.add_argument('--lr', '--learning-rate', default=0.6, type=float, metavar='LR', dest='lr',
-                   help='initial (base) learning rate; the actual lr is base x batch / 256')
+    g.add_argument('--lr', '--learning-rate', default=None, type=float, metavar='LR', dest='lr',
+                   help='initial (base) learning rate; the actual lr is base x batch / 256 (default: 0.6; '
+                        'byol and m2t: their recipe)')
     g.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum of SGD solver')
-    g.add_argument('--wd', '--weight-decay', default=1e-6, type=float, metavar='W', dest='weight_decay',
-                   help='weight decay (default: 1e-6)')
-    g.add_argument('--optimizer', default='lars', type=str, choices=['lars', 'adamw'],
-                   help='optimizer used (default: lars; the paper uses adamw for ViTs)')
+    g.add_argument('--wd', '--weight-decay', default=None, type=float, metavar='W', dest='weight_decay',
+                   help='weight decay (default: 1e-6; byol and m2t: their recipe)')
+    g.add_argument('--optimizer', default=None, type=str, choices=['lars', 'adamw', 'sgd'],
+                   help='optimizer used (default: lars; the paper uses adamw for ViTs; m2t at batch <= 1024: sgd)')
     g.add_argument('--warmup-epochs', default=10, type=int, metavar='N', help='number of warmup epochs')
     g.add_argument('--channels-last', action='store_true',
                    help='channels_last memory format for convolutional models (same math; often faster)')
@@ -113,6 +120,7 @@ def check_args(args):
 
 def main_worker(args):
     check_args(args)
+    apply_method_defaults(args)
     device = dist.init_process(args)
     args.device = device
     if args.seed is not None:
@@ -125,11 +133,13 @@ def main_worker(args):
           f'{args.workers} data workers per process')
 
     model = build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, args.moco_t,
-                       image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1)
+                       image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1, method=args.method)
+    sync_bn, eval_encoder = model.sync_bn, model.eval_encoder
     n_total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'model: {n_total:,} parameters ({n_train:,} trainable)')
-    if args.distributed:
+    print(f'{args.method} model: {n_total:,} parameters ({n_train:,} trainable) | optimizer {args.optimizer} | '
+          f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | weight decay {args.weight_decay}')
+    if args.distributed and sync_bn:
         model = convert_sync_batchnorm(model, device)
     args.memory_format = torch.channels_last if args.channels_last and not is_vit(args.arch) else torch.contiguous_format
     model.to(device, memory_format=args.memory_format)
@@ -146,6 +156,9 @@ def main_worker(args):
         require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], resume)
         if ckpt.get('arch', args.arch) != args.arch:
             raise dist.UserError(f'{resume} was trained with -a {ckpt["arch"]}, not -a {args.arch}')
+        if ckpt.get('method', 'mocov3') != args.method:
+            raise dist.UserError(f'{resume} was trained with --method {ckpt.get("method", "mocov3")}, '
+                                 f'not --method {args.method}')
         load_model_state(model, ckpt['state_dict'], resume)
         try:
             optimizer.load_state_dict(ckpt['optimizer'])
@@ -161,7 +174,7 @@ def main_worker(args):
 
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None, **buffer_sync(sync_bn))
 
     train_set = image_folder(args.data, 'train',
                              pretrain_transform(args.image_size, args.crop_min, blur=not args.no_blur),
@@ -178,7 +191,7 @@ def main_worker(args):
     if args.knn_freq > 0:
         knn_sets = [image_folder(args.data, split, eval_transform(args.image_size), strict=args.strict_data)
                     for split in ('train', 'val')]
-        backbone = BackboneFeatures(unwrap(model).base_encoder, head_name(args.arch))
+        backbone = BackboneFeatures(getattr(unwrap(model), eval_encoder), head_name(args.arch))
         knn = lambda: knn_accuracy(backbone, *knn_sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
                                    batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
 
@@ -194,7 +207,7 @@ def main_worker(args):
         """SPEC 5's checkpoint (plus data_seed, knn_top1 and, mid-epoch, iter); rank 0 writes it."""
         if not dist.is_main_process():
             return
-        state = {'epoch': epochs_done, 'arch': args.arch, 'state_dict': ddp_state_dict(model),
+        state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'state_dict': ddp_state_dict(model),
                  'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
                  'data_seed': loader.sampler.seed}
         if knn_acc1 is not None:
@@ -223,6 +236,17 @@ def main_worker(args):
         run_log.epoch(record)
     run_log.close()
     dist.cleanup()
+
+
+def buffer_sync(sync_bn):
+    """DDP keyword arguments: without synchronised BN (Momentum² Teacher) the momentum-BN statistics stay
+    per process, as in the release under torch 1.5 (torch >= 1.10 would impose rank 0's on every step).
+    Newer torch names the switch ``forward_sync_buffers``."""
+    if sync_bn:
+        return {}
+    if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
+        return {'forward_sync_buffers': False}
+    return {'broadcast_buffers': False}
 
 
 def resolve_resume(args):

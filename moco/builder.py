@@ -15,12 +15,17 @@ exactly as in the authors' PyTorch release. Each view goes through each encoder 
 BatchNorm statistics are per view. Checkpoint keys: ``base_encoder.*``, ``momentum_encoder.*``,
 ``predictor.*``.
 
+BYOL and Momentum² Teacher are the same loop with a different loss and heads (see the end of this
+file): BYOL is MoCo v3 without negatives; Momentum² Teacher also normalises the teacher with momentum
+BatchNorm statistics instead of synchronised BatchNorm.
+
 References: facebookresearch/moco-v3 moco/builder.py (CC-BY-NC 4.0; re-written).
 """
 import torch
 import torch.nn as nn
 
-from moco.losses import infonce
+from moco.losses import infonce, regression_loss
+from moco.momentum_bn import convert_to_momentum_bn, set_alpha
 
 
 class MoCo(nn.Module):
@@ -30,6 +35,10 @@ class MoCo(nn.Module):
     dim: output dim of the projector/predictor (default 256); mlp_dim: hidden dim (default 4096);
     T: softmax temperature (default 1.0).
     """
+    mlp_bias = (False, False)   # bias of the (hidden, last) Linear layers of both MLP heads
+    last_bn = True              # the BN after the last Linear (projector always, predictor of ViTs)
+    sync_bn = True              # every BatchNorm is synchronised across processes
+    eval_encoder = 'base_encoder'  # what linear probing and the kNN monitor read
 
     def __init__(self, base_encoder, dim=256, mlp_dim=4096, T=1.0):
         super().__init__()
@@ -43,20 +52,27 @@ class MoCo(nn.Module):
         for param_b, param_m in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
             param_m.data.copy_(param_b.data)  # start as an exact copy
             param_m.requires_grad = False     # updated by the moving average, never by gradient
+        # the moving average pairs parameters by position: make sure they are the same tensors by name
+        names_b = [(n, p.shape) for n, p in self.base_encoder.named_parameters()]
+        assert names_b == [(n, p.shape) for n, p in self.momentum_encoder.named_parameters()]
 
     def _build_mlp(self, num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
-        """Linear layers without bias; BN + ReLU between them; after the last one a BN without
-        affine parameters when ``last_bn`` ("follow SimCLR's design ... we further removed gamma in BN")."""
+        """Linear layers (MoCo v3: without bias); BN + ReLU between them; after the last one a BN
+        without affine parameters when ``last_bn`` ("follow SimCLR's design ... we further removed gamma
+        in BN") and the method has one."""
+        bias_hidden, bias_last = self.mlp_bias
         mlp = []
         for layer in range(num_layers):
             dim1 = input_dim if layer == 0 else mlp_dim
             dim2 = output_dim if layer == num_layers - 1 else mlp_dim
-            mlp.append(nn.Linear(dim1, dim2, bias=False))
             if layer < num_layers - 1:
+                mlp.append(nn.Linear(dim1, dim2, bias=bias_hidden))
                 mlp.append(nn.BatchNorm1d(dim2))
                 mlp.append(nn.ReLU(inplace=True))
-            elif last_bn:
-                mlp.append(nn.BatchNorm1d(dim2, affine=False))
+            else:
+                mlp.append(nn.Linear(dim1, dim2, bias=bias_last))
+                if last_bn and self.last_bn:
+                    mlp.append(nn.BatchNorm1d(dim2, affine=False))
         return nn.Sequential(*mlp)
 
     def _build_projector_and_predictor_mlps(self, dim, mlp_dim):
@@ -77,6 +93,10 @@ class MoCo(nn.Module):
     def contrastive_loss(self, q, k):
         return infonce(q, k, self.T)
 
+    def pair_loss(self, q, k):
+        """The loss of queries of one view against keys of the other."""
+        return self.contrastive_loss(q, k)
+
     def forward(self, x1, x2, m):
         """x1, x2: two augmented views, (N, 3, H, W) each; m: momentum coefficient. Returns the loss."""
         q1 = self.predictor(self.base_encoder(x1))   # (N, dim) queries
@@ -87,7 +107,7 @@ class MoCo(nn.Module):
             k1 = self.momentum_encoder(x1)            # (N, dim) keys
             k2 = self.momentum_encoder(x2)
 
-        return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+        return self.pair_loss(q1, k2) + self.pair_loss(q2, k1)
 
 
 class MoCo_ResNet(MoCo):
@@ -113,3 +133,62 @@ class MoCo_ViT(MoCo):
         self.base_encoder.head = self._build_mlp(3, hidden_dim, mlp_dim, dim)
         self.momentum_encoder.head = self._build_mlp(3, hidden_dim, mlp_dim, dim)
         self.predictor = self._build_mlp(2, dim, mlp_dim, dim)
+
+
+# ---- BYOL and Momentum² Teacher: the same loop, other loss and heads ----
+
+class BYOL:
+    """BYOL (Grill et al. 2020), as in the official DeepMind code: MoCo v3's encoders, moving average
+    (parameters only, before the target pass), views and optimizer, but no negatives:
+
+        loss = mean_i [(2 - 2 cos(p1_i, z'2_i)) + (2 - 2 cos(p2_i, z'1_i))]     (about 4 at init)
+
+    Heads: Linear(bias) -> BN -> ReLU -> Linear(no bias), no BN at the end. BatchNorm is synchronised
+    and each view is forwarded on its own, as in MoCo v3 and the official BYOL.
+    """
+    mlp_bias = (True, False)
+    last_bn = False
+
+    def pair_loss(self, p, z):
+        return regression_loss(p, z)
+
+
+class MomentumSquaredTeacher:
+    """Momentum² Teacher (Li et al. 2021): BYOL's loop with per-process BatchNorm in the student and
+    momentum BatchNorm (``moco/momentum_bn.py``) in the teacher, so no BatchNorm is synchronised.
+    Every Linear has a bias; no BN after the last Linear. The teacher is what is evaluated.
+
+    ``forward(x1, x2, m, alpha)``: alpha is the momentum-BN coefficient of this step, from the global
+    step (``moco.momentum_bn.mbn_alpha``). The teacher's two passes update each momentum BN once.
+    """
+    mlp_bias = (True, True)
+    last_bn = False
+    sync_bn = False
+    eval_encoder = 'momentum_encoder'
+
+    def __init__(self, *args, mbn_faithful=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        convert_to_momentum_bn(self.momentum_encoder, faithful=mbn_faithful)
+
+    def pair_loss(self, q, k):
+        return regression_loss(q, k)
+
+    def forward(self, x1, x2, m, alpha=1.0):
+        set_alpha(self.momentum_encoder, alpha)
+        return super().forward(x1, x2, m)
+
+
+class BYOL_ResNet(BYOL, MoCo_ResNet):
+    pass
+
+
+class BYOL_ViT(BYOL, MoCo_ViT):
+    pass
+
+
+class M2T_ResNet(MomentumSquaredTeacher, MoCo_ResNet):
+    pass
+
+
+class M2T_ViT(MomentumSquaredTeacher, MoCo_ViT):
+    pass

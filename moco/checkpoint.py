@@ -179,24 +179,28 @@ def thin_checkpoints(folder, keep):
 
 # ---- backbone weights of a pretraining checkpoint (linear probe, DeiT conversion, fine-tuning) ----
 
-MOCO_ENCODER_PREFIX = DDP_PREFIX + 'base_encoder.'
+
+def evaluated_encoder(method):
+    """The encoder of a pretraining checkpoint that is evaluated: the online one, except for
+    Momentum² Teacher, whose teacher (the momentum encoder, with its momentum-BN statistics) is."""
+    return 'momentum_encoder' if method == 'm2t' else 'base_encoder'
 
 
-def load_encoder_from_moco(state_dict, head, path='checkpoint'):
-    """The backbone of a MoCo pretraining ``state_dict``: the ``module.base_encoder.*`` entries minus
+def load_encoder_from_moco(state_dict, head, path='checkpoint', encoder='base_encoder'):
+    """The backbone of a MoCo pretraining ``state_dict``: the ``module.<encoder>.*`` entries minus
     the projector that replaced the classifier (``head``: 'fc' or 'head'), prefix stripped.
 
-    The momentum encoder and the predictor are dropped. Works for files of this project and of the
+    The other encoder and the predictor are dropped. Works for files of this project and of the
     original release alike (same keys).
     """
-    skip = MOCO_ENCODER_PREFIX + head + '.'
-    encoder = {k[len(MOCO_ENCODER_PREFIX):]: v for k, v in state_dict.items()
-               if k.startswith(MOCO_ENCODER_PREFIX) and not k.startswith(skip)}
-    if not encoder:
+    prefix = f'{DDP_PREFIX}{encoder}.'
+    skip = prefix + head + '.'
+    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and not k.startswith(skip)}
+    if not weights:
         sample = ', '.join(sorted(map(str, state_dict))[:3]) or 'none'
-        raise UserError(f'{path} holds no {MOCO_ENCODER_PREFIX}* weights, so it is not a MoCo pretraining '
+        raise UserError(f'{path} holds no {prefix}* weights, so it is not a MoCo pretraining '
                         f'checkpoint (first keys: {sample})')
-    return encoder
+    return weights
 
 
 def read_pretrained_encoder(path, head, allow_deit=False):
@@ -211,7 +215,10 @@ def read_pretrained_encoder(path, head, allow_deit=False):
         skip = head + '.'
         return {k: v for k, v in ckpt['model'].items() if not k.startswith(skip)}, ckpt.get('arch')
     require_keys(ckpt, ['state_dict'], path)
-    return load_encoder_from_moco(ckpt['state_dict'], head, path), ckpt.get('arch')
+    encoder = evaluated_encoder(ckpt.get('method'))
+    if encoder != 'base_encoder':
+        print(f'=> {path} is a {ckpt["method"]} checkpoint: using its {encoder}')
+    return load_encoder_from_moco(ckpt['state_dict'], head, path, encoder), ckpt.get('arch')
 
 
 def load_backbone(model, encoder_state, head, path='checkpoint'):

@@ -4,6 +4,7 @@ import time
 
 from moco import dist, schedules
 from moco.dist import UserError
+from moco.momentum_bn import mbn_alpha
 from moco.metrics import MetricLogger, SmoothedValue
 
 
@@ -38,10 +39,13 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         schedules.set_lr(optimizer, lr)
         m = schedules.moco_momentum(t, args.moco_m, args.epochs) if args.moco_m_cos else args.moco_m
 
+        # Momentum² Teacher: the momentum-BN coefficient, from the global step like everything else
+        extra = (mbn_alpha(t / args.epochs),) if args.method == 'm2t' else ()
+
         x1 = images[0].to(device, non_blocking=True, memory_format=args.memory_format)
         x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
-            loss = model(x1, x2, m)
+            loss = model(x1, x2, m, *extra)
         if amp.backward_step(loss, optimizer):
             nonfinite_streak = 0
             logger.update(loss=loss.detach(), lr=lr, m=m)

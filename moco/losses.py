@@ -19,3 +19,14 @@ def infonce(q, k, T):
     N = logits.shape[0]
     labels = torch.arange(N, dtype=torch.long, device=q.device) + N * dist.rank()
     return F.cross_entropy(logits, labels) * (2 * T)
+
+
+def regression_loss(p, z):
+    """BYOL's loss of one direction: mean_i (2 - 2 cos(p_i, z_i)), in fp32 (between 0 and 4).
+
+    p: (N, C) predictions of this process; z: (N, C) targets (no gradient). No gathering: DDP's
+    gradient averaging makes it the global mean.
+    """
+    p = F.normalize(p.float(), dim=1)
+    z = F.normalize(z.float(), dim=1)
+    return (2 - 2 * (p * z).sum(dim=1)).mean()

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 import vits
-from moco.builder import MoCo_ResNet, MoCo_ViT
+from moco.builder import BYOL_ResNet, BYOL_ViT, M2T_ResNet, M2T_ViT, MoCo_ResNet, MoCo_ViT
 from moco.dist import UserError
 
 
@@ -48,27 +48,37 @@ def head_name(arch):
     return 'head' if is_vit(arch) else 'fc'
 
 
-def encoder_factory(arch, image_size=None, stop_grad_conv1=False, **kwargs):
-    """A callable ``f(num_classes=...)`` building a fresh encoder of this arch."""
+def encoder_factory(arch, image_size=None, stop_grad_conv1=False, zero_init_residual=True, **kwargs):
+    """A callable ``f(num_classes=...)`` building a fresh encoder of this arch (ResNets with the last BN
+    of each residual block at zero when ``zero_init_residual``, as MoCo v3 does)."""
     if is_vit(arch):
         if image_size is not None:
             kwargs['img_size'] = image_size
         return partial(vits.VIT_ARCHS[arch], stop_grad_conv1=stop_grad_conv1, **kwargs)
     if arch in CIFAR_ARCHS:
-        return partial(CIFAR_ARCHS[arch], zero_init_residual=True, **kwargs)
+        return partial(CIFAR_ARCHS[arch], zero_init_residual=zero_init_residual, **kwargs)
     if arch not in _torchvision_archs():
         raise UserError(f'unknown architecture {arch!r}; choose one of: {", ".join(arch_names())}')
     builder = tvm.get_model_builder(arch)
     if 'zero_init_residual' in inspect.signature(builder).parameters or arch.startswith(('resnet', 'resnext', 'wide')):
-        kwargs.setdefault('zero_init_residual', True)
+        kwargs.setdefault('zero_init_residual', zero_init_residual)
     return partial(builder, **kwargs)
 
 
-def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, image_size=None, stop_grad_conv1=False):
-    """The MoCo v3 model of the original ``main_moco.py`` for an arch name."""
-    factory = encoder_factory(arch, image_size=image_size, stop_grad_conv1=stop_grad_conv1)
-    cls = MoCo_ViT if is_vit(arch) else MoCo_ResNet
-    return cls(factory, dim, mlp_dim, T)
+MODEL_CLASSES = {  # method -> (ResNet class, ViT class)
+    'mocov3': (MoCo_ResNet, MoCo_ViT),
+    'byol': (BYOL_ResNet, BYOL_ViT),
+    'm2t': (M2T_ResNet, M2T_ViT),
+}
+
+
+def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, image_size=None, stop_grad_conv1=False, method='mocov3'):
+    """The model of ``method`` for an arch name; for mocov3 the one of the original ``main_moco.py``.
+    Only MoCo v3 zero-initialises the residual branches (BYOL and Momentum² Teacher do not)."""
+    factory = encoder_factory(arch, image_size=image_size, stop_grad_conv1=stop_grad_conv1,
+                              zero_init_residual=method == 'mocov3')
+    resnet_cls, vit_cls = MODEL_CLASSES[method]
+    return (vit_cls if is_vit(arch) else resnet_cls)(factory, dim, mlp_dim, T)
 
 
 class BackboneFeatures(nn.Module):

@@ -1,4 +1,4 @@
-"""Optimizers of the paper: LARS for ResNets, AdamW for ViTs."""
+"""Optimizers of the paper: LARS for ResNets, AdamW for ViTs (and plain SGD for Momentum² Teacher)."""
 import torch
 
 
@@ -47,7 +47,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name, model, lr, weight_decay, momentum=0.9):
-    """'lars' (SGD momentum + trust ratio) or 'adamw' (torch AdamW, weight decay on all tensors).
+    """'lars' (SGD momentum + trust ratio), 'adamw' (torch AdamW, weight decay on all tensors) or 'sgd'.
 
     All parameters are passed, frozen ones included (they have no gradient, so no update), exactly as
     the original does: parameter indices in the optimizer state then match original checkpoints.
@@ -57,4 +57,6 @@ def build_optimizer(name, model, lr, weight_decay, momentum=0.9):
         return LARS(params, lr, weight_decay=weight_decay, momentum=momentum)
     if name == 'adamw':
         return torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    if name == 'sgd':  # Momentum² Teacher at small batch: weight decay on every tensor, BN and biases included
+        return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f'unknown optimizer {name!r}')
