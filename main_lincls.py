@@ -15,7 +15,6 @@ main_moco.py or of the original release (e.g. vit-s-300ep.pth.tar). See CONFIG.m
 """
 import argparse
 import os
-import random
 
 import torch
 import torch.nn as nn
@@ -111,10 +110,6 @@ def load_pretrained(model, path, arch, head):
 
 def main_worker(args):
     device = dist.init_process(args)
-    args.device = device
-    if args.seed is not None:
-        random.seed(args.seed)
-        torch.manual_seed(args.seed)
 
     base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
 

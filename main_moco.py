@@ -13,7 +13,6 @@ DIR holds train/<class>/<image> (and val/ for the optional kNN monitor). See CON
 import argparse
 import inspect
 import os
-import random
 
 import torch
 
@@ -25,6 +24,7 @@ from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkp
                              save_checkpoint, thin_checkpoints, unwrap)
 from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
 from moco.engine_pretrain import train_one_epoch
+from moco.memory_data import InMemoryLoader
 from moco.knn import knn_accuracy
 from moco.methods import METHODS, apply_method_defaults
 from moco.metrics import RunLog
@@ -83,6 +83,10 @@ def get_args_parser():
                    help='number of data loading workers (default: 32), divided among the processes of a node')
     g.add_argument('--crop-min', default=0.08, type=float, help='minimum scale for random cropping (default: 0.08)')
     g.add_argument('--no-blur', action='store_true', help='no Gaussian blur in either view (small images)')
+    g.add_argument('--data-pipeline', default='reference', choices=['reference', 'memory'],
+                   help='reference: PIL/torchvision ops in loader workers, as the original (default); memory: '
+                        'decode DIR/train once into (GPU) memory and compute both views batch-wise on the '
+                        'device (small images such as CIFAR; same ops and ranges, moco/tensor_aug.py)')
     g.add_argument('--strict-data', action='store_true',
                    help='stop at the first unreadable image (default: skip it, warn once and count it in the log)')
 
@@ -122,10 +126,6 @@ def main_worker(args):
     check_args(args)
     apply_method_defaults(args)
     device = dist.init_process(args)
-    args.device = device
-    if args.seed is not None:
-        random.seed(args.seed)
-        torch.manual_seed(args.seed)
 
     base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
     print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
@@ -176,16 +176,21 @@ def main_worker(args):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None, **buffer_sync(sync_bn))
 
-    train_set = image_folder(args.data, 'train',
-                             pretrain_transform(args.image_size, args.crop_min, blur=not args.no_blur),
-                             strict=args.strict_data)
-    if len(train_set) < total_batch:
-        raise dist.UserError(f'{len(train_set)} training images are fewer than one batch of {total_batch}; '
-                             'lower -b')
-    loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
-                         seed=data_seed, pin_memory=device.type == 'cuda')
+    if args.data_pipeline == 'memory':
+        loader = InMemoryLoader(args.data, 'train', args.batch_size, device, args.image_size, args.crop_min,
+                                blur=not args.no_blur, seed=data_seed, workers=args.workers, strict=args.strict_data)
+        n_train = len(loader.images)
+    else:
+        train_set = image_folder(args.data, 'train',
+                                 pretrain_transform(args.image_size, args.crop_min, blur=not args.no_blur),
+                                 strict=args.strict_data)
+        loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
+                             seed=data_seed, pin_memory=device.type == 'cuda')
+        n_train = len(train_set)
+    if n_train < total_batch:
+        raise dist.UserError(f'{n_train} training images are fewer than one batch of {total_batch}; lower -b')
     iters_per_epoch = len(loader)
-    print(f'{len(train_set)} training images, {iters_per_epoch} iterations per epoch')
+    print(f'{n_train} training images, {iters_per_epoch} iterations per epoch ({args.data_pipeline} data pipeline)')
 
     knn = None
     if args.knn_freq > 0:

@@ -16,19 +16,21 @@ import time
 from moco import demo_data
 
 # The recipe of CONFIG.md's "embedded demo": a ResNet-18 at 32 px with the CIFAR recipe of
-# solo-learn (LARS, T 0.2, no blur, crop scale 0.08-1), shortened to fit a 2-core CPU.
+# solo-learn (LARS, T 0.2, no blur, crop scale 0.08-1), shortened to fit a 2-core CPU: 13 epochs of 11
+# steps. For so few steps a faster-moving target (momentum 0.9 -> 1 instead of 0.99 -> 1) and a higher
+# lr learn much more (kNN +13.5 points instead of +7.6 with 0.99/0.6, see README); long runs keep 0.99.
 DEMO_ARGS = ['-a', 'resnet18', '--image-size', '32', '--no-blur', '--crop-min', '0.08', '--channels-last',
-             '-b', '256', '--lr', '0.6', '--wd', '1e-6', '--optimizer', 'lars', '--warmup-epochs', '2',
-             '--moco-t', '0.2', '--moco-m', '0.99', '--moco-m-cos', '--moco-dim', '256', '--moco-mlp-dim', '1024',
+             '-b', '256', '--lr', '1.5', '--wd', '1e-6', '--optimizer', 'lars', '--warmup-epochs', '1',
+             '--moco-t', '0.2', '--moco-m', '0.9', '--moco-m-cos', '--moco-dim', '256', '--moco-mlp-dim', '1024',
              '--knn-k', '20', '--knn-t', '0.1', '-p', '4', '--seed', '0']
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description='MoCo v3 demo on the shipped CIFAR-10 subset (CPU friendly)')
-    p.add_argument('--epochs', default=10, type=int, help='pretraining epochs (default: 10)')
+    p.add_argument('--epochs', default=13, type=int, help='pretraining epochs (default: 13)')
     p.add_argument('--output-dir', default='output/demo', help='parent folder of this demo run')
     p.add_argument('-j', '--workers', default=2, type=int, help='data loading workers')
-    p.add_argument('--probe-epochs', default=5, type=int, help='linear-probe epochs (0 = skip)')
+    p.add_argument('--probe-epochs', default=5, type=int, help='linear-probe epochs (default: 5; 0 = skip)')
     return p
 
 

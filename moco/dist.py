@@ -12,6 +12,7 @@ world size 1 the gather is the identity.
 import builtins
 import datetime
 import os
+import random
 import sys
 
 import torch
@@ -163,9 +164,10 @@ def _spawned_worker(local_rank, procs_per_node, worker, args):
 
 
 def init_process(args):
-    """Inside a worker: choose the device, join the process group, silence non-zero ranks.
+    """Inside a worker: choose the device, join the process group, silence non-zero ranks, seed python
+    and torch from ``args.seed`` (when given).
 
-    Returns the torch.device of this process.
+    Returns the torch.device of this process (also set as ``args.device``).
     """
     if args.gpu is not None:
         torch.cuda.set_device(args.gpu)
@@ -189,6 +191,10 @@ def init_process(args):
             local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or max(1, args.world_size)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
     setup_for_distributed(rank() == 0)
+    args.device = device
+    if getattr(args, 'seed', None) is not None:
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
     return device
 
 

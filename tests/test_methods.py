@@ -318,3 +318,41 @@ def test_resume_continues_the_schedules_exactly(tiny_folder, tmp_path, method):
     cmd = _command(tiny_folder, tmp_path / 'cut', other, epochs=3) + ['--resume', 'auto']
     rc, out = wait_output(start(cmd))
     assert rc == 2 and 'Traceback' not in out and f'was trained with --method {method}' in out, out
+
+
+def _m2t_ddp_worker(rank, port, result_path):
+    import torch.distributed as tdist
+
+    from main_moco import buffer_sync
+    tdist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=2, rank=rank)
+    try:
+        torch.manual_seed(0)                       # the same initial model on both ranks
+        model = _small('m2t').train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **buffer_sync(model.sync_bn))
+        torch.manual_seed(100 + rank)              # different images on each rank
+        for step in range(2):
+            x = torch.randn(4, 3, 8, 8)
+            ddp(x, x.flip(3), 0.99, mbn_alpha(0.5)).backward()
+        teacher = model.momentum_encoder.bn1.running_mean.clone()
+        student = model.base_encoder.bn1.running_mean.clone()
+        gathered = [torch.empty_like(teacher) for _ in range(2)]
+        tdist.all_gather(gathered, teacher)
+        grads = [torch.empty_like(model.base_encoder.conv1.weight.grad) for _ in range(2)]
+        tdist.all_gather(grads, model.base_encoder.conv1.weight.grad)
+        if rank == 0:
+            torch.save({'teacher': gathered, 'grads': grads, 'student': student}, result_path)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_m2t_under_ddp_keeps_momentum_bn_statistics_per_process(tmp_path):
+    """Two gloo processes, different data: gradients are averaged (equal on both ranks), but each
+    rank keeps its own momentum-BN history (no buffer broadcast), as in the release under torch 1.5."""
+    import torch.multiprocessing as mp
+
+    from conftest import unassigned_port
+    path = tmp_path / 'result.pt'
+    mp.spawn(_m2t_ddp_worker, args=(unassigned_port(), str(path)), nprocs=2)
+    r = torch.load(path, weights_only=True)
+    assert torch.equal(r['grads'][0], r['grads'][1])
+    assert not torch.allclose(r['teacher'][0], r['teacher'][1])

@@ -152,4 +152,39 @@ def test_build_optimizer_lars():
     assert (group['lr'], group['weight_decay'], group['momentum'], group['trust_coefficient']) == (2.4, 1e-6, 0.9, 0.001)
     assert [id(p) for p in group['params']] == [id(p) for p in model.parameters()]
     with pytest.raises(ValueError):
-        build_optimizer('sgd', model, lr=0.1, weight_decay=0.)
+        build_optimizer('adam', model, lr=0.1, weight_decay=0.)
+    sgd = build_optimizer('sgd', model, lr=0.2, weight_decay=1e-4)   # Momentum² Teacher, small batch
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]['momentum'] == 0.9
+    assert sgd.param_groups[0]['weight_decay'] == 1e-4 and len(sgd.param_groups) == 1   # on every tensor
+
+
+def test_lars_foreach_step_is_bit_identical_to_the_loop():
+    """The multi-tensor step (default) against the original's per-tensor loop: three steps on a model
+    with conv, linear, BN and bias tensors, a frozen tensor and a zero weight, compared exactly."""
+    torch.manual_seed(0)
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 5), torch.nn.Linear(5, 3, bias=False))
+        with torch.no_grad():
+            m[4].weight.zero_()          # trust ratio 1 for a zero weight
+        m[1].bias.requires_grad_(False)  # no gradient: skipped
+        return m
+
+    runs = []
+    for foreach in (False, True):
+        net = model()
+        opt = LARS(net.parameters(), lr=0.3, weight_decay=1e-4, momentum=0.9, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(2, 3, 6, 6, generator=gen)).pow(2).sum().backward()
+            opt.step()
+        runs.append((net.state_dict(), opt.state_dict()))
+    (sd_loop, opt_loop), (sd_fe, opt_fe) = runs
+    for k in sd_loop:
+        assert torch.equal(sd_loop[k], sd_fe[k]), k
+    assert opt_loop['state'].keys() == opt_fe['state'].keys()
+    for i in opt_loop['state']:
+        assert torch.equal(opt_loop['state'][i]['mu'], opt_fe['state'][i]['mu']), i

@@ -16,7 +16,6 @@ batch / 512 as in DeiT):
 """
 import argparse
 import os
-import random
 import sys
 
 if __package__ in (None, ''):  # run as a file: import from the repository root, not from transfer/
@@ -149,9 +148,6 @@ def load_pretrained(model, path, arch):
 
 def main_worker(args):
     device = dist.init_process(args)
-    args.device = device
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
 
     base_lr, total_batch = args.lr, args.batch_size
     args.lr = args.lr * args.batch_size / 512  # DeiT's linear scaling rule

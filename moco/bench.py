@@ -1,0 +1,178 @@
+"""Training-step benchmark: our step against a straightforward reference-style step, in one run.
+
+    python -m moco.bench                         # GPU: vit_small 256, resnet50 256, vit_base 128, 224 px
+    python -m moco.bench --tiny                  # CPU-sized models and images (what CI runs)
+    python -m moco.bench --data DIR              # also end to end from DIR/train (JPEG files)
+
+reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
+    LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
+ours: bf16 autocast where supported (no GradScaler), channels_last for ResNets, multi-tensor LARS
+    (fused AdamW on CUDA), optionally ``--compile``.
+Both run the same model (MoCo v3 forward of both views through both encoders, backward, step) on
+synthetic input, and with ``--data`` from image files through the reference loader (and, for small
+images, our in-memory pipeline). Printed per row: img/s, model TFLOP/s (FLOPs of one step counted by
+torch's FlopCounterMode), the fraction of ``--peak-tflops``, peak GPU memory, and ours / reference.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from moco.amp import Amp
+from moco.models import build_moco, is_vit
+from moco.optim import LARS
+
+GPU_MODELS = (('vit_small', 256), ('resnet50', 256), ('vit_base', 128))
+TINY_MODELS = (('vit_tiny_patch4', 16), ('resnet18_cifar', 16))
+
+
+def step_flops(model, image_size, device, precision):
+    """FLOPs of one training step (forward of both views through both encoders, backward) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 3, image_size, image_size, device=device)
+    amp = Amp(precision, device)
+    with FlopCounterMode(display=False) as counter:
+        with amp.autocast():
+            loss = model(x, x, 0.99)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+class Runner:
+    """One configuration of the step: precision, memory format, optimizer implementation, compile."""
+
+    def __init__(self, name, arch, batch, image_size, device, ours, compile_model=False):
+        self.name, self.batch, self.image_size, self.device = name, batch, image_size, device
+        torch.manual_seed(0)
+        model = build_moco(arch, T=0.2, image_size=image_size if is_vit(arch) else None)
+        self.memory_format = torch.channels_last if ours and not is_vit(arch) else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format).train()
+        bf16_ok = device.type == 'cuda' and torch.cuda.is_bf16_supported()
+        self.amp = Amp(('bf16' if bf16_ok else 'fp32') if ours else 'auto', device)
+        params = list(self.model.parameters())
+        if is_vit(arch):
+            fused = ours and device.type == 'cuda'
+            self.optimizer = torch.optim.AdamW(params, 1e-4, weight_decay=0.1, foreach=ours and not fused,
+                                               fused=fused or None)
+        else:
+            self.optimizer = LARS(params, 0.1, weight_decay=1e-6, foreach=ours)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+
+    def step(self, x1, x2):
+        x1 = x1.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        x2 = x2.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        with self.amp.autocast():
+            loss = self.forward(x1, x2, 0.99)
+        self.amp.backward_step(loss, self.optimizer)
+
+    def timed(self, batches, warmup, steps):
+        """img/s over ``steps`` steps after ``warmup``, and peak GPU memory (GiB, or None)."""
+        sync = torch.cuda.synchronize if self.device.type == 'cuda' else (lambda: None)
+        it = iter(batches)
+        for _ in range(warmup):
+            self.step(*next(it))
+        sync()
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        tic = time.perf_counter()
+        for _ in range(steps):
+            self.step(*next(it))
+        sync()
+        seconds = time.perf_counter() - tic
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == 'cuda' else None
+        return self.batch * steps / seconds, peak
+
+
+def synthetic(batch, image_size, device):
+    x1 = torch.randn(batch, 3, image_size, image_size, device=device)
+    x2 = torch.randn(batch, 3, image_size, image_size, device=device)
+    while True:
+        yield x1, x2
+
+
+def from_files(data, batch, image_size, workers, device, pipeline):
+    """Endless batches of both views of DIR/train through a data pipeline."""
+    from moco.data import image_folder, make_loader, pretrain_transform, start_epoch
+    if pipeline == 'memory':
+        from moco.memory_data import InMemoryLoader
+        loader = InMemoryLoader(data, 'train', batch, device, image_size, blur=image_size > 64, seed=0,
+                                workers=workers)
+    else:
+        dataset = image_folder(data, 'train', pretrain_transform(image_size, blur=image_size > 64))
+        loader = make_loader(dataset, batch, workers, shuffle=True, drop_last=True, seed=0,
+                             pin_memory=device.type == 'cuda')
+    epoch = 0
+    while True:
+        start_epoch(loader, epoch)
+        for views, _, _ in loader:
+            yield views[0], views[1]
+        epoch += 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='MoCo v3 training-step benchmark (ours vs reference-style)')
+    p.add_argument('--tiny', action='store_true', help='CPU-sized models at 32 px (CI)')
+    p.add_argument('--models', nargs='+', default=None, metavar='ARCH:BATCH',
+                   help='e.g. vit_small:256 resnet50:256 (default: the issue\'s three, or two tiny ones)')
+    p.add_argument('--image-size', type=int, default=None, help='default 224, or 32 with --tiny')
+    p.add_argument('--steps', type=int, default=None, help='timed steps (default 30, or 3 with --tiny)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 10, or 1 with --tiny)')
+    p.add_argument('--data', default=None, help='also measure end to end from DIR/train')
+    p.add_argument('-j', '--workers', type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument('--compile', action='store_true', help='torch.compile our model')
+    p.add_argument('--peak-tflops', type=float, default=750., help='bf16 matmul ceiling of the GPU (H100: ~750)')
+    p.add_argument('--out', default=None, help='also write the rows as JSON here')
+    args = p.parse_args(argv)
+
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    models = [(m.split(':')[0], int(m.split(':')[1])) for m in args.models] if args.models else \
+        list(TINY_MODELS if args.tiny or device.type == 'cpu' else GPU_MODELS)
+    size = args.image_size or (32 if args.tiny or device.type == 'cpu' else 224)
+    steps = args.steps or (3 if args.tiny else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
+    print(f'device: {name} | torch {torch.__version__} | {size} px | {warmup} warm-up + {steps} timed steps')
+
+    rows = []
+    header = f'{"model":<16}{"batch":>6} {"input":<10}{"config":<11}{"img/s":>9}{"TFLOP/s":>9}{"of peak":>9}' \
+             f'{"peak GiB":>9}{"vs ref":>8}'
+    print(header)
+    for arch, batch in models:
+        inputs = [('synthetic', lambda: synthetic(batch, size, device))]
+        if args.data:
+            inputs.append(('files', lambda: from_files(args.data, batch, size, args.workers, device, 'reference')))
+        for input_name, make_batches in inputs:
+            ref_rate = None
+            for config in ('reference', 'ours'):
+                runner = Runner(config, arch, batch, size, device, ours=config == 'ours',
+                                compile_model=args.compile and config == 'ours')
+                flops = step_flops(runner.model, size, device, runner.amp.precision)
+                batches = make_batches()
+                if config == 'ours' and input_name == 'files' and size <= 64:
+                    batches = from_files(args.data, batch, size, args.workers, device, 'memory')
+                rate, peak = runner.timed(batches, warmup, steps)
+                tflops = rate * flops / 1e12
+                ref_rate = rate if config == 'reference' else ref_rate
+                row = dict(model=arch, batch=batch, input=input_name, config=config, precision=runner.amp.precision,
+                           images_per_s=rate, model_tflops=tflops, fraction_of_peak=tflops / args.peak_tflops,
+                           peak_gib=peak, vs_reference=rate / ref_rate, gflop_per_image_step=flops / 1e9)
+                rows.append(row)
+                print(f'{arch:<16}{batch:>6} {input_name:<10}{config:<11}{rate:>9.1f}{tflops:>9.3f}'
+                      f'{tflops / args.peak_tflops:>9.1%}{(f"{peak:.1f}" if peak else "-"):>9}'
+                      f'{rate / ref_rate:>7.2f}x', flush=True)
+                del runner
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump({'device': name, 'torch': torch.__version__, 'image_size': size, 'rows': rows}, f, indent=1)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
+    sys.exit(0)

@@ -1,0 +1,238 @@
+"""MoCo v3's two views, computed batch-wise on tensors (the GPU, or the CPU): the same ops, order,
+probabilities and ranges as the reference PIL path of ``moco/data.py`` (SPEC section 4), each sample
+with its own random parameters.
+
+    RandomResizedCrop(size, scale=(crop_min, 1))  -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, the four
+    adjustments in a random order per sample -> RandomGrayscale(0.2) -> GaussianBlur(sigma in [0.1, 2])
+    with p 1.0 / 0.1 -> Solarize(128) with p 0 / 0.2 -> HorizontalFlip(0.5) -> Normalize
+
+Parameters are drawn on the CPU from a torch.Generator (so a seeded run is repeatable and resumable)
+and the ops run where the images are. Each op equals torchvision's tensor op for the same parameters
+(tests/test_tensor_aug.py states the tolerances); against the PIL path the difference is PIL's
+rounding to 8 bits after every op, and for the blur PIL's box-filter approximation of a Gaussian.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moco.data import IMAGENET_MEAN, IMAGENET_STD
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
+
+
+# ---------------------------------------------------------------- parameters
+
+def sample_crops(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None):
+    """RandomResizedCrop.get_params for n samples at once: (top, left, h, w) int tensors.
+
+    Ten attempts per sample as torchvision makes them (area fraction uniform in ``scale``, log aspect
+    ratio uniform); the first that fits is kept, else the central crop with the ratio clamped.
+    """
+    area = height * width
+    target = area * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect)).long()
+    h = torch.round(torch.sqrt(target / aspect)).long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long))
+    w = w.gather(1, first[:, None])[:, 0]
+    h = h.gather(1, first[:, None])[:, 0]
+    # fallback: the central crop of the whole image with the ratio clamped into range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    found = ok.any(1)
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    u = torch.rand(n, 2, generator=generator)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).long().clamp(max=height - 1), (height - h) // 2)
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).long().clamp(max=width - 1), (width - w) // 2)
+    return top, left, h, w
+
+
+def sample_view_params(n, height, width, crop_min, blur_p, solarize_p, generator=None):
+    """Every random choice of one view for n images (CPU tensors)."""
+    def coin(p):
+        return torch.rand(n, generator=generator) < p
+    top, left, h, w = sample_crops(n, height, width, (crop_min, 1.), generator=generator)
+    return dict(
+        top=top, left=left, h=h, w=w,
+        jitter=coin(0.8),
+        order=torch.argsort(torch.rand(n, 4, generator=generator), dim=1),   # a random permutation each
+        brightness=torch.empty(n).uniform_(0.6, 1.4, generator=generator),
+        contrast=torch.empty(n).uniform_(0.6, 1.4, generator=generator),
+        saturation=torch.empty(n).uniform_(0.8, 1.2, generator=generator),
+        hue=torch.empty(n).uniform_(-0.1, 0.1, generator=generator),
+        gray=coin(0.2),
+        blur=coin(blur_p),
+        sigma=torch.empty(n).uniform_(0.1, 2.0, generator=generator),
+        solarize=coin(solarize_p),
+        flip=coin(0.5),
+    )
+
+
+# ---------------------------------------------------------------- ops (float images in [0, 1], (N, 3, H, W))
+
+def _axis_positions(start, length, size, sub, full, device):
+    """Source pixel coordinates (N, size * sub) of a resize of [start, start + length) to ``size``
+    pixels, ``sub`` points per output pixel; clamped to the crop as resizing the cropped image does.
+    Returned normalised for grid_sample(align_corners=True)."""
+    k = torch.arange(size * sub, device=device, dtype=torch.float32)
+    start, length = start.to(device, torch.float32)[:, None], length.to(device, torch.float32)[:, None]
+    pos = start + (k[None] + 0.5) * length / (size * sub) - 0.5
+    pos = torch.maximum(torch.minimum(pos, start + length - 1), start)
+    return pos / max(full - 1, 1) * 2 - 1
+
+
+def resized_crop(images, top, left, h, w, size, max_sub=4):
+    """Crop each image to its box and resize to size x size: bilinear (align_corners=False) as
+    torchvision's resize of the cropped image; when shrinking, the average of several bilinear points
+    per output pixel stands in for antialiasing."""
+    n, _, height, width = images.shape
+    sub = min(max_sub, max(1, math.ceil(max(int(h.max()), int(w.max())) / size)))
+    ys = _axis_positions(top, h, size, sub, height, images.device)          # (N, S*sub)
+    xs = _axis_positions(left, w, size, sub, width, images.device)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1).to(images.dtype)
+    out = F.grid_sample(images, grid, mode='bilinear', padding_mode='border', align_corners=True)
+    return F.avg_pool2d(out, sub) if sub > 1 else out
+
+
+def _per_sample(factor, images):
+    return factor.to(images.device, images.dtype).view(-1, 1, 1, 1)
+
+
+def grayscale(images):
+    r, g, b = images.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(images, factor):
+    return (images * _per_sample(factor, images)).clamp(0, 1)
+
+
+def adjust_contrast(images, factor):
+    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_sample(factor, images)
+    return (f * images + (1 - f) * mean).clamp(0, 1)
+
+
+def adjust_saturation(images, factor):
+    f = _per_sample(factor, images)
+    return (f * images + (1 - f) * grayscale(images)).clamp(0, 1)
+
+
+def _rgb_to_hsv(img):  # torchvision.transforms.v2.functional._color._rgb_to_hsv
+    r, g, b = img.unbind(1)
+    maxc, _ = img.max(dim=1)
+    minc, _ = img.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = ((maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor)
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = hr + hg + hb
+    h = torch.fmod((h / 6.0 + 1.0), 1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def _hsv_to_rgb(img):  # torchvision.transforms.v2.functional._color._hsv_to_rgb
+    h, s, v = img.unbind(1)
+    h6 = h * 6
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.to(dtype=torch.int32)
+    sxv = s * v
+    p = (v - sxv).clamp_(0.0, 1.0)
+    q = (v - sxv * f).clamp_(0.0, 1.0)
+    t = (v - sxv + sxv * f).clamp_(0.0, 1.0)
+    i.remainder_(6)
+    vpqt = torch.stack((v, p, q, t), dim=1)
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long,
+                          device=img.device)
+    idx = select[:, i]                                          # (3, N, H, W)
+    return vpqt.gather(1, idx.permute(1, 0, 2, 3))
+
+
+def adjust_hue(images, factor):
+    hsv = _rgb_to_hsv(images)
+    h = (hsv[:, 0] + _per_sample(factor, images)[:, 0]) % 1.0
+    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+def gaussian_blur(images, sigma):
+    """Per-sample Gaussian blur, kernel size 2 * ceil(3 * sigma_max) + 1, reflect padding."""
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    s = sigma.to(images.device, images.dtype)[:, None]
+    k = torch.exp(-0.5 * (x[None] / s) ** 2)
+    k = k / k.sum(1, keepdim=True)                              # (N, K)
+    n, c, hgt, wid = images.shape
+    out = F.pad(images, (radius, radius, radius, radius), mode='reflect').reshape(1, n * c, hgt + 2 * radius,
+                                                                                   wid + 2 * radius)
+    kc = k.repeat_interleave(c, dim=0)                          # one kernel per (sample, channel)
+    out = F.conv2d(out, kc[:, None, None, :], groups=n * c)     # horizontal
+    out = F.conv2d(out, kc[:, None, :, None], groups=n * c)     # vertical
+    return out.reshape(n, c, hgt, wid)
+
+
+def solarize(images):
+    """PIL's solarize at threshold 128: pixels >= 128/255 are inverted."""
+    return torch.where(images >= 128 / 255, 1 - images, images)
+
+
+def _where(mask, new, old):
+    return torch.where(mask.to(old.device).view(-1, 1, 1, 1), new, old)
+
+
+JITTER_OPS = (('brightness', adjust_brightness), ('contrast', adjust_contrast),
+              ('saturation', adjust_saturation), ('hue', adjust_hue))
+
+
+def color_jitter(images, p):
+    """torchvision ColorJitter with per-sample factors and order; samples with p['jitter'] false pass."""
+    for position in range(4):
+        for op_index, (name, op) in enumerate(JITTER_OPS):
+            mask = p['jitter'] & (p['order'][:, position] == op_index)
+            if mask.any():
+                images = _where(mask, op(images, p[name]), images)
+    return images
+
+
+def normalize(images):
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def view(images, size, p):
+    """One augmented, normalised view of a batch of float images in [0, 1] (N, 3, H, W)."""
+    x = resized_crop(images, p['top'], p['left'], p['h'], p['w'], size)
+    x = color_jitter(x, p)
+    if p['gray'].any():
+        x = _where(p['gray'], grayscale(x).expand_as(x), x)
+    if p['blur'].any():
+        x = _where(p['blur'], gaussian_blur(x, p['sigma']), x)
+    if p['solarize'].any():
+        x = _where(p['solarize'], solarize(x), x)
+    x = _where(p['flip'], x.flip(3), x)
+    return normalize(x)
+
+
+def two_views(images_uint8, size, crop_min=0.08, blur=True, generator=None):
+    """MoCo v3's two views of a uint8 batch (N, 3, H, W) on any device: view 1 blur p 1.0, view 2 blur
+    p 0.1 and solarize p 0.2 (``blur=False``: no blur in either)."""
+    x = images_uint8.float() / 255
+    n, _, h, w = x.shape
+    p1 = sample_view_params(n, h, w, crop_min, 1.0 if blur else 0., 0., generator)
+    p2 = sample_view_params(n, h, w, crop_min, 0.1 if blur else 0., 0.2, generator)
+    return [view(x, size, p1), view(x, size, p2)]
