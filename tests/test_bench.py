@@ -1,0 +1,25 @@
+"""python -m moco.bench runs on CPU (tiny sizes) and reports every column for both configurations."""
+import json
+
+from moco import bench
+
+
+def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    rows = bench.main(['--tiny', '--models', 'resnet18_cifar:8', 'vit_tiny_patch4:8', '--steps', '1',
+                       '--warmup', '0', '--image-size', '16', '--data', str(tiny_folder), '-j', '0',
+                       '--out', str(out)])
+    assert [(r['model'], r['input'], r['config']) for r in rows] == [
+        (m, i, c) for m in ('resnet18_cifar', 'vit_tiny_patch4') for i in ('synthetic', 'files')
+        for c in ('reference', 'ours')]
+    for r in rows:
+        assert r['images_per_s'] > 0 and r['model_tflops'] > 0 and r['gflop_per_image_step'] > 0
+        assert r['peak_gib'] is None                      # no GPU
+    ref = {(r['model'], r['input']): r for r in rows if r['config'] == 'reference'}
+    for r in rows:
+        assert abs(r['vs_reference'] - r['images_per_s'] / ref[r['model'], r['input']]['images_per_s']) < 1e-9
+    # the same model costs the same FLOPs in both configurations (fp32 on CPU)
+    assert len({round(r['gflop_per_image_step'], 6) for r in rows if r['model'] == 'resnet18_cifar'}) == 1
+    assert json.loads(out.read_text())['rows'] == rows
+    printed = capsys.readouterr().out
+    assert 'img/s' in printed and 'TFLOP/s' in printed and 'vs ref' in printed
