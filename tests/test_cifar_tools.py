@@ -1,5 +1,6 @@
 """CIFAR tooling of issue 7: data preparation (with a stand-in for the download), curves from logs,
 the shipped demo data, and the recipe commands for a few steps."""
+import hashlib
 import json
 import os
 import sys
@@ -80,8 +81,12 @@ def test_demo_data_is_present_and_well_formed(tmp_path):
             assert len(files) == per_class
         img = Image.open(os.path.join(root, split, classes[0], sorted(os.listdir(os.path.join(root, split, classes[0])))[0]))
         assert img.size == (32, 32) and img.mode == 'RGB'
-    train = {f for c in os.listdir(os.path.join(root, 'train')) for f in os.listdir(os.path.join(root, 'train', c))}
-    val = {f for c in os.listdir(os.path.join(root, 'val')) for f in os.listdir(os.path.join(root, 'val', c))}
+    def contents(split):
+        folder = os.path.join(root, split)
+        return {hashlib.sha1(open(os.path.join(folder, c, f), 'rb').read()).hexdigest()
+                for c in os.listdir(folder) for f in os.listdir(os.path.join(folder, c))}
+    train, val = contents('train'), contents('val')
+    assert len(train) == 3000 and len(val) == 1000             # no duplicated files
     assert not train & val                                     # held-out means held out
 
 

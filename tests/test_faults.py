@@ -397,7 +397,7 @@ def _train(model, n_iters, max_nonfinite, tmp_path):
     loader = [([x, x], torch.zeros(2), torch.zeros(2, dtype=torch.long))] * n_iters
     args = SimpleNamespace(lr=0.1, warmup_epochs=0, epochs=1, moco_m=0.99, moco_m_cos=False, device=torch.device('cpu'),
                            memory_format=torch.contiguous_format, print_freq=100, world_size=1, save_every_iters=0,
-                           max_nonfinite_steps=max_nonfinite, output_dir=str(tmp_path))
+                           max_nonfinite_steps=max_nonfinite, output_dir=str(tmp_path), method='mocov3')
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     history = []
     orig_step = opt.step
