@@ -49,7 +49,7 @@ def main(args):
 
     tic = time.time()
     moco_args = main_moco.get_args_parser().parse_args(
-        DEMO_ARGS + ['--epochs', str(args.epochs), '--knn-freq', str(max(1, args.epochs // 3)),
+        DEMO_ARGS + ['--epochs', str(args.epochs), '--knn-freq', str(args.epochs),  # at init and at the end
                      '-j', str(args.workers), '--output-dir', run_dir, data])
     main_moco.main(moco_args)
     pretrain_min = (time.time() - tic) / 60
