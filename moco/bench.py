@@ -45,8 +45,8 @@ def step_flops(model, image_size, device, precision):
 class Runner:
     """One configuration of the step: precision, memory format, optimizer implementation, compile."""
 
-    def __init__(self, name, arch, batch, image_size, device, ours, compile_model=False):
-        self.name, self.batch, self.image_size, self.device = name, batch, image_size, device
+    def __init__(self, arch, batch, image_size, device, ours, compile_model=False):
+        self.batch, self.device = batch, device
         torch.manual_seed(0)
         model = build_moco(arch, T=0.2, image_size=image_size if is_vit(arch) else None)
         self.memory_format = torch.channels_last if ours and not is_vit(arch) else torch.contiguous_format
@@ -142,18 +142,17 @@ def main(argv=None):
              f'{"peak GiB":>9}{"vs ref":>8}'
     print(header)
     for arch, batch in models:
-        inputs = [('synthetic', lambda: synthetic(batch, size, device))]
-        if args.data:
-            inputs.append(('files', lambda: from_files(args.data, batch, size, args.workers, device, 'reference')))
-        for input_name, make_batches in inputs:
+        for input_name in ('synthetic', 'files') if args.data else ('synthetic',):
             ref_rate = None
             for config in ('reference', 'ours'):
-                runner = Runner(config, arch, batch, size, device, ours=config == 'ours',
+                runner = Runner(arch, batch, size, device, ours=config == 'ours',
                                 compile_model=args.compile and config == 'ours')
                 flops = step_flops(runner.model, size, device, runner.amp.precision)
-                batches = make_batches()
-                if config == 'ours' and input_name == 'files' and size <= 64:
-                    batches = from_files(args.data, batch, size, args.workers, device, 'memory')
+                if input_name == 'synthetic':
+                    batches = synthetic(batch, size, device)
+                else:  # ours reads small images through the in-memory pipeline
+                    pipeline = 'memory' if config == 'ours' and size <= 64 else 'reference'
+                    batches = from_files(args.data, batch, size, args.workers, device, pipeline)
                 rate, peak = runner.timed(batches, warmup, steps)
                 tflops = rate * flops / 1e12
                 ref_rate = rate if config == 'reference' else ref_rate

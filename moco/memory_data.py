@@ -23,18 +23,26 @@ def decode_folder(root, split, workers=0, strict=False):
     dataset = image_folder(root, split, transforms.PILToTensor(), strict=strict)
     if len(dataset) > MAX_IMAGES:
         raise UserError(f'{len(dataset)} images are too many for --data-pipeline memory; use the reference pipeline')
+    # batches are stacked in the workers (one shared tensor each, not one per image)
     loader = torch.utils.data.DataLoader(_Indexed(dataset), batch_size=512, num_workers=workers,
-                                         collate_fn=_stack_same_size)
-    images, labels, skipped = [], [], 0
-    for x, y, s in loader:
-        images.append(x)
-        labels.append(y)
-        skipped += s
-    shapes = {tuple(x.shape[1:]) for x in images}
+                                         collate_fn=_stack_one_size)
+    batches = list(loader)
+    _check_one_size({tuple(x.shape[1:]) for x, _, _ in batches})
+    return (torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches]),
+            sum(s for _, _, s in batches))
+
+
+def _check_one_size(shapes):
     if len(shapes) > 1:
         raise UserError(f'--data-pipeline memory needs images of one size; found {sorted(shapes)[:3]} '
                         '(resize them once, or use the reference pipeline)')
-    return torch.cat(images), torch.cat(labels), skipped
+
+
+def _stack_one_size(items):
+    """collate of (image, label, skipped) items into (images, labels, skipped files)."""
+    _check_one_size({tuple(x.shape) for x, _, _ in items})
+    return (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items]),
+            sum(s for _, _, s in items))
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -46,15 +54,6 @@ class _Indexed(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.dataset.load(i)
-
-
-def _stack_same_size(batch):
-    shapes = {tuple(x.shape) for x, _, _ in batch}
-    if len(shapes) > 1:
-        raise UserError(f'--data-pipeline memory needs images of one size; found {sorted(shapes)[:3]} '
-                        '(resize them once, or use the reference pipeline)')
-    return (torch.stack([x for x, _, _ in batch]), torch.tensor([y for _, y, _ in batch]),
-            sum(s for _, _, s in batch))
 
 
 class InMemoryLoader:
@@ -71,7 +70,6 @@ class InMemoryLoader:
         self.batch_size, self.image_size, self.crop_min, self.blur = batch_size, image_size, crop_min, blur
         self.sampler = EpochSampler(len(images), batch_size, shuffle=True, drop_last=True, seed=shared_seed(seed),
                                     rank=dist.rank(), world_size=dist.world_size())
-        self.dataset = images  # len() for the log line, as a Dataset would give
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
