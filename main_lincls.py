@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from moco import dist
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (ddp_state_dict, load_backbone, load_checkpoint, load_model_state,
-                             read_pretrained_encoder, save_checkpoint)
+from moco.checkpoint import (ddp_state_dict, load_backbone, load_model_state,
+                             read_pretrained_encoder, resolve_resume, save_checkpoint)
 from moco.data import eval_transform, image_folder, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
 from moco.metrics import RunLog
@@ -128,9 +128,10 @@ def main_worker(args):
     amp = Amp(args.amp, device)
 
     best_acc1, best_epoch = None, None
-    resume = resolve_resume(args)
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    resume, ckpt = resolve_resume(args.resume, args.output_dir, os.path.isfile(path), lambda: (path, None),
+                                  'linear-probe', allow_existing=args.evaluate)
     if resume:
-        ckpt = load_checkpoint(resume)
         if not {'state_dict', 'epoch', 'optimizer', 'best_acc1'} <= set(ckpt):
             raise dist.UserError(f'{resume} is not a linear-probe checkpoint (it needs state_dict, epoch, '
                                  'optimizer and best_acc1); a pretraining checkpoint goes to --pretrained')
@@ -194,22 +195,6 @@ def main_worker(args):
               f'(epoch {best_epoch or "?"})')  # files of the original release do not record the epoch
     dist.cleanup()
     return {'acc1': acc1, 'best_acc1': best_acc1, 'best_epoch': best_epoch}
-
-
-def resolve_resume(args):
-    """The checkpoint to resume from, or None. Refuse to train a new probe over an old one's files."""
-    path = os.path.join(args.output_dir, CHECKPOINT)
-    if args.resume == 'auto':
-        if not os.path.isfile(path):
-            print(f'--resume auto: no {CHECKPOINT} in {args.output_dir}, starting from scratch')
-            return None
-        return path
-    if args.resume:
-        return args.resume
-    if os.path.isfile(path) and not args.evaluate:
-        raise dist.UserError(f'{args.output_dir} already holds a linear-probe run: pass --resume auto to '
-                             'continue it, or choose another --output-dir')
-    return None
 
 
 def main(args):

@@ -17,11 +17,10 @@ import os
 import torch
 
 from moco import dist
-from moco.amp import PRECISIONS, Amp
+from moco.amp import PRECISIONS, Amp, NonFiniteSteps
 from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
-                             load_checkpoint, load_model_state, pretrain_checkpoint_name, remove_file,
-                             remove_stale_temporaries, require_keys,
-                             save_checkpoint, thin_checkpoints, unwrap)
+                             load_model_state, pretrain_checkpoint_name, remove_file, remove_stale_temporaries,
+                             require_keys, resolve_resume, save_checkpoint, thin_checkpoints, unwrap)
 from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.memory_data import InMemoryLoader
@@ -135,9 +134,9 @@ def main_worker(args):
     model = build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, args.moco_t,
                        image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1, method=args.method)
     sync_bn, eval_encoder = model.sync_bn, model.eval_encoder
-    n_total = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'{args.method} model: {n_total:,} parameters ({n_train:,} trainable) | optimizer {args.optimizer} | '
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'{args.method} model: {n_params:,} parameters ({n_trainable:,} trainable) | optimizer {args.optimizer} | '
           f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | weight decay {args.weight_decay}')
     if args.distributed and sync_bn:
         model = convert_sync_batchnorm(model, device)
@@ -147,12 +146,13 @@ def main_worker(args):
     amp = Amp(args.amp, device)
     print(f'precision: {amp.precision}')
 
-    resume = resolve_resume(args)
+    has_run = os.path.isdir(args.output_dir) and any(map(is_pretrain_checkpoint_name, os.listdir(args.output_dir)))
+    resume, ckpt = resolve_resume(args.resume, args.output_dir, has_run, lambda: latest_checkpoint(args.output_dir),
+                                  'pretraining', allow_existing=args.start_epoch > 0)
     if dist.is_main_process():
         remove_stale_temporaries(args.output_dir)
     start_iter, data_seed = 0, args.seed
     if resume:
-        ckpt = load_checkpoint(resume)
         require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], resume)
         if ckpt.get('arch', args.arch) != args.arch:
             raise dist.UserError(f'{resume} was trained with -a {ckpt["arch"]}, not -a {args.arch}')
@@ -164,7 +164,7 @@ def main_worker(args):
             optimizer.load_state_dict(ckpt['optimizer'])
         except (KeyError, ValueError, RuntimeError) as e:
             raise dist.UserError(f'{resume}: its optimizer state does not fit --optimizer {args.optimizer} '
-                                 f'({type(e).__name__}: {str(e).splitlines()[0][:80]}); resume with the '
+                                 f'({type(e).__name__}: {dist.first_line(e, 80)}); resume with the '
                                  'optimizer the run was started with') from None
         amp.load_state_dict(ckpt.get('scaler'))
         args.start_epoch, start_iter = ckpt['epoch'], ckpt.get('iter', 0)
@@ -225,12 +225,11 @@ def main_worker(args):
             remove_file(os.path.join(args.output_dir, LAST_CHECKPOINT))  # older than the file just written
             thin_checkpoints(args.output_dir, args.keep_checkpoints)
 
-    nonfinite_streak = 0
+    nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
-        stats, nonfinite_streak = train_one_epoch(
-            model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=start_iter,
-            save_progress=save, nonfinite_streak=nonfinite_streak)
+        stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch,
+                                start_iter=start_iter, save_progress=save, nonfinite=nonfinite)
         start_iter = 0
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}}
         if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
@@ -252,23 +251,6 @@ def buffer_sync(sync_bn):
     if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
         return {'forward_sync_buffers': False}
     return {'broadcast_buffers': False}
-
-
-def resolve_resume(args):
-    """The checkpoint to resume from, or None. Refuse to train a new run over an old one's files."""
-    existing = os.path.isdir(args.output_dir) and any(
-        is_pretrain_checkpoint_name(f) for f in os.listdir(args.output_dir))
-    if args.resume == 'auto':
-        path = latest_checkpoint(args.output_dir) if existing else None
-        if path is None:
-            print(f'--resume auto: no checkpoint in {args.output_dir}, starting from scratch')
-        return path
-    if args.resume:
-        return args.resume
-    if existing and args.start_epoch == 0:
-        raise dist.UserError(f'{args.output_dir} already holds checkpoints of a run: pass --resume auto to '
-                             'continue it, or choose another --output-dir')
-    return None
 
 
 def main(args):

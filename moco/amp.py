@@ -19,6 +19,36 @@ def resolve_precision(name, device):
     return name
 
 
+class NonFiniteLoss(UserError):
+    """The loss stayed NaN/inf for too many consecutive steps."""
+
+
+class NonFiniteSteps:
+    """Bookkeeping of the steps ``Amp.backward_step`` skipped for a non-finite loss, shared by the
+    training loops: a warning for each, and ``limit`` in a row (the streak carries over epochs) stop the
+    run with a NonFiniteLoss, leaving the checkpoints on disk as they were."""
+
+    def __init__(self, limit, output_dir):
+        self.limit, self.output_dir = limit, output_dir
+        self.streak = self.skipped = 0
+
+    def record(self, finite, loss, epoch, iteration):
+        """Count one step; returns ``finite``."""
+        if finite:
+            self.streak = 0
+            return True
+        self.streak += 1
+        self.skipped += 1
+        print(f'warning: loss is {loss.item()} at epoch {epoch}, iteration {iteration}: step skipped '
+              f'({self.streak} in a row)', flush=True)
+        if self.streak >= self.limit:
+            raise NonFiniteLoss(
+                f'the loss was not finite for {self.streak} consecutive steps (epoch {epoch}, iteration '
+                f'{iteration}): stopping. The last good checkpoint is untouched in {self.output_dir}; try a '
+                'lower --lr, --amp fp32, or a higher --max-nonfinite-steps')
+        return False
+
+
 class Amp:
     """``with amp.autocast(): loss = ...``, then ``amp.backward_step(loss, optimizer)``."""
 

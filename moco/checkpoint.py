@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from moco.dist import UserError
+from moco.dist import UserError, first_line
 
 DDP_PREFIX = 'module.'
 
@@ -96,8 +96,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, not a torch file at all, ...
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f'cannot read checkpoint {path}: {first_line[:200]}') from None
+        raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} is not a checkpoint (a {type(ckpt).__name__}, not a dict)')
     return ckpt
@@ -122,33 +121,65 @@ def remove_file(path):
         pass
 
 
-def latest_checkpoint(folder):
-    """The readable pretraining checkpoint of ``folder`` that is furthest in training (by its
-    (epoch, iter) fields: a mid-epoch checkpoint_last.pth.tar beats the end of the previous epoch),
-    or None. Unreadable files are skipped with a warning.
+def _read_pretraining(path):
+    """(progress, checkpoint) of a readable pretraining checkpoint, progress being (epoch, iter); None,
+    with a warning, for a file that cannot be read or is not one."""
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError as e:
+        print(f'warning: skipping {e}')
+        return None
+    if 'state_dict' not in ckpt or 'epoch' not in ckpt:
+        print(f'warning: skipping {path}: not a pretraining checkpoint')
+        return None
+    return (ckpt['epoch'], ckpt.get('iter', 0)), ckpt
 
-    Numbered files are tried newest first and only until one reads, so a long run costs two loads.
+
+def latest_checkpoint(folder):
+    """``(path, checkpoint)`` of the readable pretraining checkpoint of ``folder`` that is furthest in
+    training (by its (epoch, iter) fields: a mid-epoch checkpoint_last.pth.tar beats the end of the
+    previous epoch), or ``(None, None)``. Unreadable files are skipped with a warning.
+
+    checkpoint_last is weighed against the newest readable numbered file only, so a long run costs two
+    reads, and the winner is returned loaded (it is not read again).
     """
+    found = []
+    last = os.path.join(folder, LAST_CHECKPOINT)
+    if os.path.exists(last) and (read := _read_pretraining(last)):
+        found.append((read[0], last, read[1]))
     numbered = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
-    candidates = [LAST_CHECKPOINT] if os.path.exists(os.path.join(folder, LAST_CHECKPOINT)) else []
-    best, best_progress, numbered_found = None, None, False
-    for name in candidates + [name for _, name in reversed(numbered)]:
-        if numbered_found:
-            break
+    for _, name in reversed(numbered):
         path = os.path.join(folder, name)
-        try:
-            ckpt = load_checkpoint(path)
-        except UserError as e:
-            print(f'warning: skipping {e}')
-            continue
-        if 'state_dict' not in ckpt or 'epoch' not in ckpt:
-            print(f'warning: skipping {path}: not a pretraining checkpoint')
-            continue
-        numbered_found = name != LAST_CHECKPOINT
-        progress = (ckpt['epoch'], ckpt.get('iter', 0))
-        if best is None or progress > best_progress:
-            best, best_progress = path, progress
-    return best
+        if read := _read_pretraining(path):
+            found.append((read[0], path, read[1]))
+            break
+    if not found:
+        return None, None
+    _, path, ckpt = max(found, key=lambda f: f[0])  # on a tie, checkpoint_last (listed first)
+    return path, ckpt
+
+
+def resolve_resume(resume, output_dir, has_run, find_latest, kind, allow_existing=False):
+    """What a script resumes from, the same rule for pretraining, probing and fine-tuning:
+    ``(path, loaded checkpoint)``, or ``(None, None)`` to start from scratch.
+
+    resume: the --resume flag. 'auto' takes ``find_latest()`` (a (path, checkpoint or None) pair, or
+    (None, None)) when ``has_run`` (output_dir holds files of a run); a path is loaded as it is. Without
+    --resume, an output_dir that holds a run is refused (a UserError) unless ``allow_existing``: a new
+    run never overwrites another's checkpoints.
+    """
+    if resume == 'auto':
+        path, ckpt = find_latest() if has_run else (None, None)
+        if path is None:
+            print(f'--resume auto: no {kind} checkpoint in {output_dir}, starting from scratch')
+            return None, None
+        return path, ckpt if ckpt is not None else load_checkpoint(path)
+    if resume:
+        return resume, load_checkpoint(resume)
+    if has_run and not allow_existing:
+        raise UserError(f'{output_dir} already holds a {kind} run: pass --resume auto to continue it, or choose '
+                        'another --output-dir')
+    return None, None
 
 
 def require_keys(ckpt, keys, path):

@@ -15,7 +15,7 @@ import torchvision.transforms as transforms
 from PIL import Image, ImageFilter, ImageOps
 
 from moco import dist
-from moco.dist import UserError
+from moco.dist import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,10 +108,10 @@ def load_rgb(path):
                 img = img.convert('RGBA')  # what PIL asks for; avoids its warning
             return img.convert('RGB')
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if first_line.startswith('cannot identify image file'):  # PIL repeats the file name
-            first_line = 'not an image PIL can read'
-        raise BadImage(f'{path}: {first_line[:160]}') from None
+        reason = first_line(e, 160)
+        if reason.startswith('cannot identify image file'):  # PIL repeats the file name
+            reason = 'not an image PIL can read'
+        raise BadImage(f'{path}: {reason}') from None
 
 
 # Consecutive unreadable files tolerated before a run gives up (a folder of mostly broken files is a
@@ -162,7 +162,7 @@ def image_folder(root, split, transform, strict=False):
     try:
         return SafeImageFolder(path, transform, strict=strict)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
-        raise UserError(f'no images in {path}: {str(e).splitlines()[0]}') from None
+        raise UserError(f'no images in {path}: {first_line(e, None)}') from None
 
 
 def sample_seed(seed, epoch, position):

@@ -24,6 +24,12 @@ class UserError(Exception):
     """A mistake in the command line, the data or a file: reported as one line, exit code 2."""
 
 
+def first_line(exc, limit=200):
+    """The first non-empty line of an exception's message (its type name if it has none), for one-line
+    errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def add_distributed_args(parser):
     g = parser.add_argument_group('distributed (same flags as the PyTorch ImageNet example)')
     g.add_argument('--world-size', default=-1, type=int,
@@ -123,8 +129,7 @@ def fatal_error(e):
         return 2, msg
     text = str(e)
     if isinstance(e, (RuntimeError, dist.DistError)) and any(p in text for p in _PEER_FAILURES):
-        detail = (text.strip().splitlines() or [''])[0]
-        detail = detail.split('] ', 1)[-1][:200]  # drop the source location gloo puts first
+        detail = first_line(e, limit=None).split('] ', 1)[-1][:200]  # drop the source location gloo puts first
         return 1, (f'another process of the job, or a data-loading worker, died or became unreachable '
                    f'({detail}); stopping. Checkpoints already written are intact: restart every process '
                    'with --resume auto')

@@ -3,25 +3,21 @@ import time
 
 
 from moco import dist, schedules
-from moco.dist import UserError
-from moco.momentum_bn import mbn_alpha
+from moco.amp import NonFiniteSteps
 from moco.metrics import MetricLogger, SmoothedValue
-
-
-class NonFiniteLoss(UserError):
-    """The loss stayed NaN/inf for too many consecutive steps."""
+from moco.momentum_bn import mbn_alpha
 
 
 def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=0,
-                    save_progress=None, nonfinite_streak=0):
+                    save_progress=None, nonfinite=None):
     """Per iteration: set lr (warmup + cosine) and the momentum coefficient, forward both views,
     backward, step.
 
     Starts at iteration ``start_iter`` of the epoch (a mid-epoch resume); ``save_progress(epoch, iters_done)``
     is called every ``args.save_every_iters`` iterations. A step whose loss is not finite is skipped;
-    ``args.max_nonfinite_steps`` of them in a row stop the run. Returns (averages, streak of non-finite
-    steps at the end). The only host syncs are the finiteness check of ``amp.backward_step`` and the
-    progress lines.
+    ``nonfinite`` (a NonFiniteSteps, kept across epochs by the caller) stops the run after
+    ``args.max_nonfinite_steps`` of them in a row. Returns the epoch's averages. The only host syncs are
+    the finiteness check of ``amp.backward_step`` and the progress lines.
     """
     model.train()
     logger = MetricLogger()
@@ -30,7 +26,9 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     device = args.device
     header = f'Epoch: [{epoch}]'
     tic = time.time()
-    skipped_images = skipped_steps = 0
+    if nonfinite is None:
+        nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
+    skipped_images, skipped_before = 0, nonfinite.skipped
 
     batches = logger.log_every(loader, args.print_freq, header, total=len(loader))
     for i, (images, _, skipped) in enumerate(batches, start=start_iter):
@@ -46,19 +44,8 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
             loss = model(x1, x2, m, *extra)
-        if amp.backward_step(loss, optimizer):
-            nonfinite_streak = 0
+        if nonfinite.record(amp.backward_step(loss, optimizer), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr, m=m)
-        else:
-            nonfinite_streak += 1
-            skipped_steps += 1
-            print(f'warning: loss is {loss.item()} at epoch {epoch}, iteration {i}: step skipped '
-                  f'({nonfinite_streak} in a row)', flush=True)
-            if nonfinite_streak >= args.max_nonfinite_steps:
-                raise NonFiniteLoss(
-                    f'the loss was not finite for {nonfinite_streak} consecutive steps (epoch {epoch}, '
-                    f'iteration {i}): stopping. The last good checkpoint is untouched in {args.output_dir}; '
-                    'try a lower --lr, --amp fp32, or a higher --max-nonfinite-steps')
         skipped_images += int(skipped.sum())  # a CPU tensor: no device sync
 
         step = epoch * iters_per_epoch + i
@@ -74,9 +61,10 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
             save_progress(epoch, i + 1)
 
     stats = logger.global_averages()
+    skipped_steps = nonfinite.skipped - skipped_before
     skipped_images = round(dist.all_reduce_mean(skipped_images) * dist.world_size())
     if skipped_images or skipped_steps:
         print(f'epoch {epoch}: {skipped_images} unreadable image(s) replaced, {skipped_steps} step(s) skipped '
               'for a non-finite loss', flush=True)
     stats.update(skipped_images=skipped_images, skipped_steps=skipped_steps)
-    return stats, nonfinite_streak
+    return stats

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from moco.dist import first_line
+
 DATASETS = {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100'}
 
 
@@ -35,7 +37,7 @@ def prepare(name, dest, cache=None, download=True):
         try:
             dataset = cls(cache, train=train, download=download)
         except (RuntimeError, OSError) as e:  # no network, a truncated archive, ...
-            raise SystemExit(f'error: cannot get {name} into {cache}: {str(e).splitlines()[0]}') from None
+            raise SystemExit(f'error: cannot get {name} into {cache}: {first_line(e, None)}') from None
         counts[split] = write_split(dataset, out)
     return counts
 

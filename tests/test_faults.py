@@ -23,7 +23,8 @@ from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint
 from moco.data import (EpochSampler, SafeImageFolder, image_folder, load_rgb, make_loader, pretrain_transform,
                        start_epoch)
 from moco.dist import UserError
-from moco.engine_pretrain import NonFiniteLoss, train_one_epoch
+from moco.amp import NonFiniteLoss, NonFiniteSteps
+from moco.engine_pretrain import train_one_epoch
 
 TIMEOUT = 300
 
@@ -162,16 +163,17 @@ def test_latest_checkpoint_takes_the_furthest_readable_one(tmp_path, capsys):
     put('checkpoint_0000.pth.tar', epoch=1)
     put('checkpoint_0001.pth.tar', epoch=2)
     put(LAST_CHECKPOINT, epoch=2, iter=3)
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / LAST_CHECKPOINT)   # mid-epoch 3 beats end of 2
+    path, ckpt = latest_checkpoint(str(tmp_path))
+    assert path == str(tmp_path / LAST_CHECKPOINT) and ckpt['iter'] == 3   # mid-epoch 3 beats end of 2
     put(LAST_CHECKPOINT, epoch=1, iter=3)                                        # stale: older than 0001
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint_0001.pth.tar')
+    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0001.pth.tar')
     (tmp_path / LAST_CHECKPOINT).write_bytes(b'garbage')                         # unreadable: skipped
     data = (tmp_path / 'checkpoint_0001.pth.tar').read_bytes()
     (tmp_path / 'checkpoint_0001.pth.tar').write_bytes(data[:len(data) // 2])    # truncated: skipped
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint_0000.pth.tar')
+    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
     assert capsys.readouterr().out.count('warning: skipping') == 2
     torch.save({'some': 'dict'}, tmp_path / 'checkpoint_0002.pth.tar')           # not a pretraining file
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint_0000.pth.tar')
+    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
 
 
 def test_thinning_keeps_the_newest_numbered_files_and_checkpoint_last(tmp_path):
@@ -392,6 +394,7 @@ class _Scripted(torch.nn.Module):
 
 def _train(model, n_iters, max_nonfinite, tmp_path):
     from types import SimpleNamespace
+
     from moco.amp import Amp
     x = torch.zeros(2, 3, 2, 2)
     loader = [([x, x], torch.zeros(2), torch.zeros(2, dtype=torch.long))] * n_iters
@@ -403,8 +406,10 @@ def _train(model, n_iters, max_nonfinite, tmp_path):
     orig_step = opt.step
     opt.step = lambda *a, **k: (orig_step(*a, **k), history.append(model.calls - 1))
     log = SimpleNamespace(scalars=lambda *a, **k: None)
-    stats, streak = train_one_epoch(model, loader, opt, Amp('fp32', torch.device('cpu')), 0, args, log, n_iters)
-    return stats, streak, history
+    nonfinite = NonFiniteSteps(max_nonfinite, str(tmp_path))
+    stats = train_one_epoch(model, loader, opt, Amp('fp32', torch.device('cpu')), 0, args, log, n_iters,
+                            nonfinite=nonfinite)
+    return stats, nonfinite.streak, history
 
 
 def test_nonfinite_steps_are_skipped(tmp_path):

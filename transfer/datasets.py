@@ -26,7 +26,7 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 
 from moco.data import IMAGENET_MEAN, IMAGENET_STD, image_folder
-from moco.dist import UserError
+from moco.dist import UserError, first_line
 
 DATA_SETS = ('imagenet', 'cifar10', 'cifar100', 'flowers', 'pets')
 
@@ -74,7 +74,7 @@ def build_dataset(name, root, train, transform, download=False):
         try:
             ds = cls(root, train=train, transform=transform, download=download)
         except RuntimeError as e:  # "Dataset not found or corrupted. You can use download=True ..."
-            raise UserError(f'{name} not found in {root}: {str(e).splitlines()[0]} (or use the layout '
+            raise UserError(f'{name} not found in {root}: {first_line(e, None)} (or use the layout '
                             f'{root}/train/<class>/*, {root}/val/<class>/*)') from None
         return ds, len(ds.classes)
     if name == 'flowers':

@@ -3,12 +3,10 @@ forward and loss under autocast, one scaled AdamW step per batch. Evaluation is
 ``moco.engine_lincls.evaluate``.
 References: facebookresearch/deit engine.py.
 """
-import math
-
 from moco.metrics import MetricLogger, SmoothedValue
 
 
-def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log):
+def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log, nonfinite):
     model.train()
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
@@ -22,12 +20,8 @@ def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, a
         with amp.autocast():
             outputs = model(samples)
             loss = criterion(outputs, targets)
-        amp.backward_step(loss, optimizer)
-
-        logger.update(loss=loss.detach(), lr=lr)
-        if i % args.print_freq == 0 or i == iters - 1:
-            loss_value = logger.meters['loss'].value
-            if not math.isfinite(loss_value) and amp.precision != 'fp16':
-                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, iteration {i}: stopping')
-            run_log.scalars(epoch * iters + i, train_loss=loss_value, lr=lr)
+        if nonfinite.record(amp.backward_step(loss, optimizer), loss, epoch, i):
+            logger.update(loss=loss.detach(), lr=lr)
+        if (i % args.print_freq == 0 or i == iters - 1) and 'loss' in logger.meters:
+            run_log.scalars(epoch * iters + i, train_loss=logger.meters['loss'].value, lr=lr)
     return logger.global_averages()

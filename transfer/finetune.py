@@ -31,9 +31,9 @@ from timm.scheduler import CosineLRScheduler  # noqa: E402
 
 import vits  # noqa: E402
 from moco import dist  # noqa: E402
-from moco.amp import PRECISIONS, Amp  # noqa: E402
-from moco.checkpoint import (load_backbone, load_checkpoint, load_model_state, read_pretrained_encoder,  # noqa: E402
-                             save_checkpoint, unwrap)
+from moco.amp import PRECISIONS, Amp, NonFiniteSteps  # noqa: E402
+from moco.checkpoint import (load_backbone, load_model_state, read_pretrained_encoder,  # noqa: E402
+                             resolve_resume, save_checkpoint, unwrap)
 from moco.data import make_loader, start_epoch  # noqa: E402
 from moco.engine_lincls import evaluate, sharded_eval_loader  # noqa: E402
 from moco.metrics import RunLog  # noqa: E402
@@ -81,6 +81,8 @@ def get_args_parser():
     g.add_argument('--smoothing', default=0.1, type=float, help='label smoothing (default: 0.1)')
     g.add_argument('--amp', default='auto', choices=PRECISIONS,
                    help='mixed precision: auto = fp16 with a GradScaler on CUDA (as DeiT), fp32 on CPU')
+    g.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
+                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10)')
 
     g = parser.add_argument_group('augmentation (DeiT defaults)')
     g.add_argument('--mixup', default=0.8, type=float, help='mixup alpha, on if > 0 (default: 0.8)')
@@ -181,9 +183,10 @@ def main_worker(args):
     amp = Amp(args.amp, device)
 
     max_accuracy = 0.
-    resume = resolve_resume(args)
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    resume, ckpt = resolve_resume(args.resume, args.output_dir, os.path.isfile(path), lambda: (path, None),
+                                  'fine-tuning', allow_existing=args.evaluate)
     if resume:
-        ckpt = load_checkpoint(resume)
         if not {'model', 'epoch', 'optimizer'} <= set(ckpt):
             raise dist.UserError(f'{resume} is not a fine-tuning checkpoint (it needs model, epoch and optimizer); '
                                  'pretrained weights go to --pretrained')
@@ -236,10 +239,12 @@ def main_worker(args):
         raise dist.UserError(f'{len(train_set)} training images give no full batch of {total_batch}; lower -b')
 
     run_log = RunLog(args.output_dir)
+    nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch(train_loader, epoch, args.seed)
         set_epoch_lr(scheduler, epoch)
-        train_stats = train_one_epoch(model, train_loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log)
+        train_stats = train_one_epoch(model, train_loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log,
+                                      nonfinite)
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()}}
         state = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
                  'epoch': epoch + 1, 'arch': args.arch, 'max_accuracy': max_accuracy}
@@ -258,18 +263,6 @@ def main_worker(args):
         run_log.epoch({**record, 'max_accuracy': max_accuracy})
     run_log.close()
     dist.cleanup()
-
-
-def resolve_resume(args):
-    path = os.path.join(args.output_dir, CHECKPOINT)
-    if args.resume == 'auto':
-        return path if os.path.isfile(path) else None
-    if args.resume:
-        return args.resume
-    if os.path.isfile(path) and not args.evaluate:
-        raise dist.UserError(f'{args.output_dir} already holds a fine-tuning run: pass --resume auto to continue '
-                             'it, or choose another --output-dir')
-    return None
 
 
 def main(args):
