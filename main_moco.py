@@ -16,18 +16,17 @@ import os
 
 import torch
 
-from moco import dist
+from moco import dist, pipelines
 from moco.amp import PRECISIONS, Amp, NonFiniteSteps
 from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
                              load_model_state, pretrain_checkpoint_name, remove_file, remove_stale_temporaries,
                              require_keys, resolve_resume, save_checkpoint, thin_checkpoints, unwrap)
-from moco.data import eval_transform, image_folder, make_loader, pretrain_transform, start_epoch
+from moco.data import eval_transform, image_folder, start_epoch
 from moco.engine_pretrain import train_one_epoch
-from moco.memory_data import InMemoryLoader
 from moco.knn import knn_accuracy
 from moco.methods import METHODS, apply_method_defaults
 from moco.metrics import RunLog
-from moco.models import BackboneFeatures, arch_names, build_moco, head_name, is_vit
+from moco.models import BackboneFeatures, arch_names, build_moco, compile_networks, head_name, is_vit
 from moco.norm import convert_sync_batchnorm
 from moco.optim import build_optimizer
 
@@ -70,22 +69,29 @@ def get_args_parser():
     g.add_argument('--optimizer', default=None, type=str, choices=['lars', 'adamw', 'sgd'],
                    help='optimizer used (default: lars; the paper uses adamw for ViTs; m2t at batch <= 1024: sgd)')
     g.add_argument('--warmup-epochs', default=10, type=int, metavar='N', help='number of warmup epochs')
-    g.add_argument('--channels-last', action='store_true',
-                   help='channels_last memory format for convolutional models (same math; often faster)')
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels_last memory format for convolutional models (same math, faster on GPUs; '
+                        'default: on with CUDA)')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the encoders and the predictor (same math; slow first steps, faster after)')
     g.add_argument('--amp', default='auto', choices=PRECISIONS,
-                   help='mixed precision: auto = fp16 with a GradScaler on CUDA (the original), fp32 on CPU')
+                   help='mixed precision: auto = bf16 on CUDA GPUs that have it, else fp16 with a GradScaler '
+                        "(the original's; --amp fp16), fp32 on CPU")
     g.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
-                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10)')
+                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10; '
+                        '0: no check, hence no host sync in the step, and a NaN reaches the weights)')
 
     g = parser.add_argument_group('data')
     g.add_argument('-j', '--workers', default=32, type=int, metavar='N',
                    help='number of data loading workers (default: 32), divided among the processes of a node')
     g.add_argument('--crop-min', default=0.08, type=float, help='minimum scale for random cropping (default: 0.08)')
     g.add_argument('--no-blur', action='store_true', help='no Gaussian blur in either view (small images)')
-    g.add_argument('--data-pipeline', default='reference', choices=['reference', 'memory'],
-                   help='reference: PIL/torchvision ops in loader workers, as the original (default); memory: '
-                        'decode DIR/train once into (GPU) memory and compute both views batch-wise on the '
-                        'device (small images such as CIFAR; same ops and ranges, moco/tensor_aug.py)')
+    g.add_argument('--data-pipeline', default='auto', choices=pipelines.PIPELINES,
+                   help='auto (default): gpu when CUDA is present, else reference | reference: PIL/torchvision '
+                        "ops in loader workers, the original's pixels | gpu: workers read JPEG files, the batch "
+                        'is decoded (nvJPEG) and both views made on the GPU | memory: decode DIR/train once into '
+                        '(GPU) memory, views made batch-wise on the device (small images such as CIFAR). gpu '
+                        'and memory: same ops, order and ranges as reference (moco/tensor_aug.py)')
     g.add_argument('--strict-data', action='store_true',
                    help='stop at the first unreadable image (default: skip it, warn once and count it in the log)')
 
@@ -113,10 +119,10 @@ def get_args_parser():
 
 
 def check_args(args):
-    for flag in ('batch_size', 'epochs', 'print_freq', 'max_nonfinite_steps'):
+    for flag in ('batch_size', 'epochs', 'print_freq'):
         if getattr(args, flag) <= 0:
             raise dist.UserError(f'--{flag.replace("_", "-")} must be positive')
-    for flag in ('workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs'):
+    for flag in ('workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs', 'max_nonfinite_steps'):
         if getattr(args, flag) < 0:
             raise dist.UserError(f'--{flag.replace("_", "-")} must not be negative')
 
@@ -140,6 +146,8 @@ def main_worker(args):
           f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | weight decay {args.weight_decay}')
     if args.distributed and sync_bn:
         model = convert_sync_batchnorm(model, device)
+    if args.channels_last is None:
+        args.channels_last = device.type == 'cuda'
     args.memory_format = torch.channels_last if args.channels_last and not is_vit(args.arch) else torch.contiguous_format
     model.to(device, memory_format=args.memory_format)
     optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum)
@@ -172,21 +180,16 @@ def main_worker(args):
         print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']}"
               + (f", iteration {start_iter})" if start_iter else ")"))
 
+    if args.compile:
+        compile_networks(model)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None, **buffer_sync(sync_bn))
 
-    if args.data_pipeline == 'memory':
-        loader = InMemoryLoader(args.data, 'train', args.batch_size, device, args.image_size, args.crop_min,
-                                blur=not args.no_blur, seed=data_seed, workers=args.workers, strict=args.strict_data)
-        n_train = len(loader.images)
-    else:
-        train_set = image_folder(args.data, 'train',
-                                 pretrain_transform(args.image_size, args.crop_min, blur=not args.no_blur),
-                                 strict=args.strict_data)
-        loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
-                             seed=data_seed, pin_memory=device.type == 'cuda')
-        n_train = len(train_set)
+    args.data_pipeline = pipelines.resolve(args.data_pipeline, device)
+    loader, n_train = pipelines.pretrain_loader(args.data_pipeline, args.data, args.batch_size, device,
+                                                args.image_size, args.crop_min, blur=not args.no_blur,
+                                                seed=data_seed, workers=args.workers, strict=args.strict_data)
     if n_train < total_batch:
         raise dist.UserError(f'{n_train} training images are fewer than one batch of {total_batch}; lower -b')
     iters_per_epoch = len(loader)

@@ -11,9 +11,12 @@ PRECISIONS = ('auto', 'fp16', 'bf16', 'fp32')
 
 
 def resolve_precision(name, device):
-    """'auto' is the original's fp16 on CUDA and fp32 on CPU."""
+    """'auto': bf16 on CUDA GPUs that have it (Ampere and newer: no GradScaler, no overflow), else the
+    original's fp16 with a GradScaler on CUDA; fp32 on CPU."""
     if name == 'auto':
-        return 'fp16' if device.type == 'cuda' else 'fp32'
+        if device.type != 'cuda':
+            return 'fp32'
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
     if name == 'fp16' and device.type != 'cuda':
         raise UserError('--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp fp32')
     return name
@@ -31,6 +34,11 @@ class NonFiniteSteps:
     def __init__(self, limit, output_dir):
         self.limit, self.output_dir = limit, output_dir
         self.streak = self.skipped = 0
+
+    @property
+    def check(self):
+        """Whether steps are checked at all (``limit`` 0: no check, no host sync)."""
+        return self.limit > 0
 
     def record(self, finite, loss, epoch, iteration):
         """Count one step; returns ``finite``."""
@@ -63,15 +71,16 @@ class Amp:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def backward_step(self, loss, optimizer):
+    def backward_step(self, loss, optimizer, check_finite=True):
         """Backward and step; returns False if the loss was not finite on some process, in which case
         no process takes the step (fp16: the GradScaler skips it and lowers its scale, as usual).
 
         Deciding needs the loss on the host: one sync per step, after the backward is queued (the
-        GradScaler of the original syncs once per step as well)."""
+        GradScaler of the original syncs once per step as well). ``check_finite=False``: no check and
+        no sync (bf16/fp32 then step whatever the loss, as the original would)."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        finite = dist.all_true(torch.isfinite(loss.detach()))
+        finite = dist.all_true(torch.isfinite(loss.detach())) if check_finite else True
         if finite or self.scaler.is_enabled():
             self.scaler.step(optimizer)
             self.scaler.update()

@@ -6,12 +6,14 @@
 
 reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
     LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
-ours: bf16 autocast where supported (no GradScaler), channels_last for ResNets, multi-tensor LARS
-    (fused AdamW on CUDA), optionally ``--compile``.
+ours: main_moco.py's defaults: bf16 autocast where supported (no GradScaler), channels_last for
+    ResNets, multi-tensor LARS (fused AdamW on CUDA), optionally ``--compile``; both keep the
+    non-finite-loss check of ``Amp.backward_step`` (one host sync per step).
 Both run the same model (MoCo v3 forward of both views through both encoders, backward, step) on
-synthetic input, and with ``--data`` from image files through the reference loader (and, for small
-images, our in-memory pipeline). Printed per row: img/s, model TFLOP/s (FLOPs of one step counted by
-torch's FlopCounterMode), the fraction of ``--peak-tflops``, peak GPU memory, and ours / reference.
+synthetic input, and with ``--data`` from image files: the reference loader (PIL in workers) against
+ours (the GPU pipeline of moco/gpu_data.py; for images of <= 64 px the in-memory one). Printed per
+row: img/s, model TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode), the fraction of
+``--peak-tflops``, peak GPU memory, and ours / reference.
 """
 import argparse
 import json
@@ -22,8 +24,8 @@ import time
 import torch
 
 from moco.amp import Amp
-from moco.models import build_moco, is_vit
-from moco.optim import LARS
+from moco.models import build_moco, compile_networks, is_vit
+from moco.optim import LARS, build_optimizer
 
 GPU_MODELS = (('vit_small', 256), ('resnet50', 256), ('vit_base', 128))
 TINY_MODELS = (('vit_tiny_patch4', 16), ('resnet18_cifar', 16))
@@ -51,22 +53,23 @@ class Runner:
         model = build_moco(arch, T=0.2, image_size=image_size if is_vit(arch) else None)
         self.memory_format = torch.channels_last if ours and not is_vit(arch) else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format).train()
-        bf16_ok = device.type == 'cuda' and torch.cuda.is_bf16_supported()
-        self.amp = Amp(('bf16' if bf16_ok else 'fp32') if ours else 'auto', device)
-        params = list(self.model.parameters())
-        if is_vit(arch):
-            fused = ours and device.type == 'cuda'
-            self.optimizer = torch.optim.AdamW(params, 1e-4, weight_decay=0.1, foreach=ours and not fused,
-                                               fused=fused or None)
+        # ours: main_moco.py's defaults on this device; reference: the original's choices
+        self.amp = Amp('auto' if ours else ('fp16' if device.type == 'cuda' else 'fp32'), device)
+        if ours:
+            self.optimizer = build_optimizer('adamw', self.model, 1e-4, 0.1) if is_vit(arch) else \
+                build_optimizer('lars', self.model, 0.1, 1e-6)
+        elif is_vit(arch):
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), 1e-4, weight_decay=0.1, foreach=False)
         else:
-            self.optimizer = LARS(params, 0.1, weight_decay=1e-6, foreach=ours)
-        self.forward = torch.compile(self.model) if compile_model else self.model
+            self.optimizer = LARS(self.model.parameters(), 0.1, weight_decay=1e-6, foreach=False)
+        if compile_model:
+            compile_networks(self.model)
 
     def step(self, x1, x2):
         x1 = x1.to(self.device, non_blocking=True, memory_format=self.memory_format)
         x2 = x2.to(self.device, non_blocking=True, memory_format=self.memory_format)
         with self.amp.autocast():
-            loss = self.forward(x1, x2, 0.99)
+            loss = self.model(x1, x2, 0.99)
         self.amp.backward_step(loss, self.optimizer)
 
     def timed(self, batches, warmup, steps):
@@ -96,15 +99,10 @@ def synthetic(batch, image_size, device):
 
 def from_files(data, batch, image_size, workers, device, pipeline):
     """Endless batches of both views of DIR/train through a data pipeline."""
-    from moco.data import image_folder, make_loader, pretrain_transform, start_epoch
-    if pipeline == 'memory':
-        from moco.memory_data import InMemoryLoader
-        loader = InMemoryLoader(data, 'train', batch, device, image_size, blur=image_size > 64, seed=0,
+    from moco.data import start_epoch
+    from moco.pipelines import pretrain_loader
+    loader, _ = pretrain_loader(pipeline, data, batch, device, image_size, blur=image_size > 64, seed=0,
                                 workers=workers)
-    else:
-        dataset = image_folder(data, 'train', pretrain_transform(image_size, blur=image_size > 64))
-        loader = make_loader(dataset, batch, workers, shuffle=True, drop_last=True, seed=0,
-                             pin_memory=device.type == 'cuda')
     epoch = 0
     while True:
         start_epoch(loader, epoch)
@@ -123,7 +121,7 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 10, or 1 with --tiny)')
     p.add_argument('--data', default=None, help='also measure end to end from DIR/train')
     p.add_argument('-j', '--workers', type=int, default=min(16, os.cpu_count() or 1))
-    p.add_argument('--compile', action='store_true', help='torch.compile our model')
+    p.add_argument('--compile', action='store_true', help='torch.compile our networks (as main_moco.py --compile)')
     p.add_argument('--peak-tflops', type=float, default=750., help='bf16 matmul ceiling of the GPU (H100: ~750)')
     p.add_argument('--out', default=None, help='also write the rows as JSON here')
     args = p.parse_args(argv)
@@ -150,8 +148,8 @@ def main(argv=None):
                 flops = step_flops(runner.model, size, device, runner.amp.precision)
                 if input_name == 'synthetic':
                     batches = synthetic(batch, size, device)
-                else:  # ours reads small images through the in-memory pipeline
-                    pipeline = 'memory' if config == 'ours' and size <= 64 else 'reference'
+                else:  # ours: small images through the in-memory pipeline, large ones through the GPU one
+                    pipeline = ('memory' if size <= 64 else 'gpu') if config == 'ours' else 'reference'
                     batches = from_files(args.data, batch, size, args.workers, device, pipeline)
                 rate, peak = runner.timed(batches, warmup, steps)
                 tflops = rate * flops / 1e12

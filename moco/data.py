@@ -3,6 +3,7 @@
 This is the reference PIL/torchvision path: the same ops, order and parameters as the original
 release, so its randomness and pixels are the original's.
 """
+import io
 import os
 import random
 import sys
@@ -93,11 +94,12 @@ class BadImage(Exception):
     """An image file that cannot be decoded (truncated, corrupt, not an image)."""
 
 
-def load_rgb(path):
+def load_rgb(path, data=None):
     """PIL RGB image of any file PIL reads: CMYK and YCbCr JPEGs, grayscale, 16-bit grayscale PNGs,
-    palette images (with transparency), RGBA. Raises BadImage if the file cannot be decoded."""
+    palette images (with transparency), RGBA. Raises BadImage if the file cannot be decoded.
+    ``data``: the file's bytes, already read (``path`` then only names it in messages)."""
     try:
-        with open(path, 'rb') as f:
+        with (open(path, 'rb') if data is None else io.BytesIO(data)) as f:
             img = Image.open(f)
             img.load()  # decode now: a truncated file fails here, not later inside a transform
             if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):  # 16/32-bit gray: scale, don't clip
@@ -131,17 +133,21 @@ class SafeImageFolder(datasets.ImageFolder):
         self.strict = strict
         self._reported = set()
 
+    def report_bad(self, path, error):
+        """A one-line error with ``strict``; else a warning, once per file and process."""
+        if self.strict:
+            raise UserError(f'unreadable image {error} (without --strict-data it would be skipped)')
+        if path not in self._reported:
+            self._reported.add(path)
+            print(f'warning: skipping unreadable image {error}', file=sys.stderr, flush=True)
+
     def load(self, index):
         for skipped in range(min(MAX_CONSECUTIVE_BAD, len(self.samples))):
             path, target = self.samples[(index + skipped) % len(self.samples)]
             try:
                 sample = self.loader(path)
             except BadImage as e:
-                if self.strict:
-                    raise UserError(f'unreadable image {e} (without --strict-data it would be skipped)') from None
-                if path not in self._reported:
-                    self._reported.add(path)
-                    print(f'warning: skipping unreadable image {e}', file=sys.stderr, flush=True)
+                self.report_bad(path, e)
                 continue
             if self.transform is not None:
                 sample = self.transform(sample)

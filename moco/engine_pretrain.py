@@ -17,7 +17,8 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     is called every ``args.save_every_iters`` iterations. A step whose loss is not finite is skipped;
     ``nonfinite`` (a NonFiniteSteps, kept across epochs by the caller) stops the run after
     ``args.max_nonfinite_steps`` of them in a row. Returns the epoch's averages. The only host syncs are
-    the finiteness check of ``amp.backward_step`` and the progress lines.
+    the finiteness check of ``amp.backward_step`` (none with ``--max-nonfinite-steps 0``) and the
+    progress lines.
     """
     model.train()
     logger = MetricLogger()
@@ -44,7 +45,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
             loss = model(x1, x2, m, *extra)
-        if nonfinite.record(amp.backward_step(loss, optimizer), loss, epoch, i):
+        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr, m=m)
         skipped_images += int(skipped.sum())  # a CPU tensor: no device sync
 

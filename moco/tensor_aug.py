@@ -26,33 +26,33 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
 def sample_crops(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None):
     """RandomResizedCrop.get_params for n samples at once: (top, left, h, w) int tensors.
 
+    ``height`` and ``width``: ints (one size for all), or (n,) int tensors (each image its own size).
     Ten attempts per sample as torchvision makes them (area fraction uniform in ``scale``, log aspect
     ratio uniform); the first that fits is kept, else the central crop with the ratio clamped.
     """
-    area = height * width
+    height = torch.as_tensor(height, dtype=torch.long).expand(n)
+    width = torch.as_tensor(width, dtype=torch.long).expand(n)
+    area = (height * width)[:, None]
     target = area * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=generator)
     log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target * aspect)).long()
     h = torch.round(torch.sqrt(target / aspect)).long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long))
     w = w.gather(1, first[:, None])[:, 0]
     h = h.gather(1, first[:, None])[:, 0]
     # fallback: the central crop of the whole image with the ratio clamped into range
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
+    in_ratio = width.double() / height.double()
+    too_tall, too_wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(too_wide, torch.round(height.double() * max(ratio)).long(), width)
+    fh = torch.where(too_tall, torch.round(width.double() / min(ratio)).long(), height)
     found = ok.any(1)
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
     u = torch.rand(n, 2, generator=generator)
-    top = torch.where(found, (u[:, 0] * (height - h + 1)).long().clamp(max=height - 1), (height - h) // 2)
-    left = torch.where(found, (u[:, 1] * (width - w + 1)).long().clamp(max=width - 1), (width - w) // 2)
+    top = torch.where(found, torch.minimum((u[:, 0] * (height - h + 1)).long(), height - 1), (height - h) // 2)
+    left = torch.where(found, torch.minimum((u[:, 1] * (width - w + 1)).long(), width - 1), (width - w) // 2)
     return top, left, h, w
 
 
@@ -216,7 +216,11 @@ def normalize(images):
 
 def view(images, size, p):
     """One augmented, normalised view of a batch of float images in [0, 1] (N, 3, H, W)."""
-    x = resized_crop(images, p['top'], p['left'], p['h'], p['w'], size)
+    return after_crop(resized_crop(images, p['top'], p['left'], p['h'], p['w'], size), p)
+
+
+def after_crop(x, p):
+    """Every op of a view after the random resized crop, on the crops (N, 3, size, size) in [0, 1]."""
     x = color_jitter(x, p)
     if p['gray'].any():
         x = _where(p['gray'], grayscale(x).expand_as(x), x)

@@ -1,3 +1,4 @@
+import io
 import os
 import random
 import signal
@@ -5,8 +6,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -119,3 +122,40 @@ def assert_identical(a, b, where=''):
         assert a == b, where
 
 
+# ---------------------------------------------------------------- awkward image files
+
+def jpeg_bytes(mode='RGB', size=(12, 10), color=(200, 30, 60)):
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode != 'L' else 128).save(buf, 'JPEG')
+    return buf.getvalue()
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """One file of each awkward kind a real folder holds, in class folders."""
+    root = tmp_path / 'odd' / 'train'
+    (root / 'a').mkdir(parents=True)
+    (root / 'b').mkdir()
+    (root / 'a' / 'rgb.jpg').write_bytes(jpeg_bytes())
+    (root / 'a' / 'cmyk.jpg').write_bytes(jpeg_bytes('CMYK', color=(0, 255, 255, 0)))
+    (root / 'a' / 'gray.jpg').write_bytes(jpeg_bytes('L'))
+    Image.new('RGBA', (9, 9), (10, 20, 30, 0)).save(root / 'a' / 'rgba.png')
+    pal = Image.new('P', (9, 9), 1)
+    pal.putpalette([0, 0, 0, 250, 5, 5] + [0] * 762)
+    pal.save(root / 'b' / 'palette.png', transparency=0)
+    Image.fromarray(np.full((9, 9), 32767, dtype=np.uint16)).save(root / 'b' / 'gray16.png')  # 32767/65535 of white
+    Image.new('RGB', (1, 1), (0, 255, 0)).save(root / 'b' / 'one_pixel.png')      # far smaller than the crop
+    (root / 'b' / 'notes.txt').write_text('not an image: ignored by extension')
+    return root
+
+
+def broken_folder(root):
+    """Two good JPEGs around a truncated JPEG, a text file and an empty file, in root/c/."""
+    (root / 'c').mkdir(parents=True)
+    good = jpeg_bytes()
+    (root / 'c' / '0_good.jpg').write_bytes(good)
+    (root / 'c' / '1_truncated.jpg').write_bytes(good[:len(good) // 2])
+    (root / 'c' / '2_text.jpg').write_text('<html>404 not found</html>')
+    (root / 'c' / '3_empty.jpg').write_bytes(b'')
+    (root / 'c' / '4_good.jpg').write_bytes(good)
+    return root

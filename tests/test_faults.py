@@ -1,7 +1,6 @@
 """Fault injection: kills, failed saves, bad images, non-finite losses, dying or silent processes, busy
 ports, foreign and malicious checkpoints. Each test names the fault it injects; the closing note of
 issue 5 has the table. Everything runs on CPU with tiny models (ViT-Tiny/4 at 8 px)."""
-import io
 import json
 import os
 import signal
@@ -14,9 +13,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT, assert_identical, cli_env, kill_group, load, start, unassigned_port, wait_output
+from conftest import (ROOT, assert_identical, broken_folder, cli_env, kill_group, load, start, unassigned_port,
+                      wait_output)
 from moco import dist
 from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                              save_checkpoint, thin_checkpoints)
@@ -230,31 +229,6 @@ def test_foreign_and_wrong_arch_checkpoints_are_one_line_errors(tiny_folder, tmp
 
 # ---------------------------------------------------------------- bad images
 
-def _jpeg_bytes(mode='RGB', size=(12, 10), color=(200, 30, 60)):
-    buf = io.BytesIO()
-    Image.new(mode, size, color if mode != 'L' else 128).save(buf, 'JPEG')
-    return buf.getvalue()
-
-
-@pytest.fixture
-def odd_images(tmp_path):
-    """One file of each awkward kind a real folder holds, in class folders."""
-    root = tmp_path / 'odd' / 'train'
-    (root / 'a').mkdir(parents=True)
-    (root / 'b').mkdir()
-    (root / 'a' / 'rgb.jpg').write_bytes(_jpeg_bytes())
-    (root / 'a' / 'cmyk.jpg').write_bytes(_jpeg_bytes('CMYK', color=(0, 255, 255, 0)))
-    (root / 'a' / 'gray.jpg').write_bytes(_jpeg_bytes('L'))
-    Image.new('RGBA', (9, 9), (10, 20, 30, 0)).save(root / 'a' / 'rgba.png')
-    pal = Image.new('P', (9, 9), 1)
-    pal.putpalette([0, 0, 0, 250, 5, 5] + [0] * 762)
-    pal.save(root / 'b' / 'palette.png', transparency=0)
-    Image.fromarray(np.full((9, 9), 32767, dtype=np.uint16)).save(root / 'b' / 'gray16.png')  # 32767/65535 of white
-    Image.new('RGB', (1, 1), (0, 255, 0)).save(root / 'b' / 'one_pixel.png')      # far smaller than the crop
-    (root / 'b' / 'notes.txt').write_text('not an image: ignored by extension')
-    return root
-
-
 def test_every_image_mode_becomes_rgb(odd_images):
     expected = {'rgb.jpg': None, 'cmyk.jpg': None, 'gray.jpg': (128, 128, 128), 'rgba.png': (10, 20, 30),
                 'palette.png': (250, 5, 5), 'gray16.png': (127, 127, 127), 'one_pixel.png': (0, 255, 0)}
@@ -278,19 +252,8 @@ def test_odd_images_go_through_the_pretraining_views(odd_images):
         assert skipped == 0 and [v.shape for v in views] == [(3, 16, 16)] * 2
 
 
-def _broken_folder(root):
-    (root / 'c').mkdir(parents=True)
-    good = _jpeg_bytes()
-    (root / 'c' / '0_good.jpg').write_bytes(good)
-    (root / 'c' / '1_truncated.jpg').write_bytes(good[:len(good) // 2])
-    (root / 'c' / '2_text.jpg').write_text('<html>404 not found</html>')
-    (root / 'c' / '3_empty.jpg').write_bytes(b'')
-    (root / 'c' / '4_good.jpg').write_bytes(good)
-    return root
-
-
 def test_unreadable_images_are_replaced_reported_once_and_counted(tmp_path, capsys):
-    ds = SafeImageFolder(str(_broken_folder(tmp_path / 'train')), pretrain_transform(8))
+    ds = SafeImageFolder(str(broken_folder(tmp_path / 'train')), pretrain_transform(8))
     got = [ds.load(i)[2] for i in range(len(ds))]
     assert got == [0, 3, 2, 1, 0]      # a bad file is replaced by the next readable one
     ds.load(1)
@@ -301,7 +264,7 @@ def test_unreadable_images_are_replaced_reported_once_and_counted(tmp_path, caps
 
 
 def test_strict_data_makes_an_unreadable_image_an_error(tmp_path):
-    ds = SafeImageFolder(str(_broken_folder(tmp_path / 'train')), pretrain_transform(8), strict=True)
+    ds = SafeImageFolder(str(broken_folder(tmp_path / 'train')), pretrain_transform(8), strict=True)
     ds.load(0)
     with pytest.raises(UserError, match='1_truncated.jpg'):
         ds.load(1)

@@ -20,7 +20,7 @@ def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, a
         with amp.autocast():
             outputs = model(samples)
             loss = criterion(outputs, targets)
-        if nonfinite.record(amp.backward_step(loss, optimizer), loss, epoch, i):
+        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr)
         if (i % args.print_freq == 0 or i == iters - 1) and 'loss' in logger.meters:
             run_log.scalars(epoch * iters + i, train_loss=logger.meters['loss'].value, lr=lr)

@@ -82,7 +82,8 @@ def get_args_parser():
     g.add_argument('--amp', default='auto', choices=PRECISIONS,
                    help='mixed precision: auto = fp16 with a GradScaler on CUDA (as DeiT), fp32 on CPU')
     g.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
-                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10)')
+                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10; '
+                        '0: no check, hence no host sync in the step, and a NaN reaches the weights)')
 
     g = parser.add_argument_group('augmentation (DeiT defaults)')
     g.add_argument('--mixup', default=0.8, type=float, help='mixup alpha, on if > 0 (default: 0.8)')

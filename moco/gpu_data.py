@@ -1,0 +1,265 @@
+"""The GPU data path for full-size JPEG folders such as ImageNet (``--data-pipeline gpu``).
+
+Loader workers only read files: a JPEG's bytes travel to the training process as they are, and the
+batch is decoded there at once on the GPU (``torchvision.io.decode_jpeg`` on CUDA, nvJPEG). Both
+views are then made on the device: each image's random resized crop is resized on its own (images
+differ in size; bilinear with antialiasing, torchvision's tensor op), and the crops of the batch go
+through the rest of the view together (``moco.tensor_aug``: colour jitter, grayscale, blur,
+solarize, flip, normalise; same order, probabilities and ranges as the reference PIL path).
+
+What the GPU decoder should not or cannot take goes the CPU way, with the reference path's own
+decoder (PIL, ``moco.data.load_rgb``): files that are not JPEGs, CMYK/YCCK JPEGs (decoded by the
+workers), and any JPEG the GPU decoder rejects (decoded in the training process). An image nobody
+can decode is reported once and replaced by the next readable image of its batch, as the reference
+path replaces it by the next readable file (``--strict-data``: a one-line error instead).
+
+On CUDA the batches are made one or two ahead in a thread on their own CUDA stream, so that decoding
+and augmenting overlap the training step (and the step's one host sync, the non-finite-loss check).
+Without CUDA the same code runs on the CPU, the workers decoding (what the tests exercise).
+Order and randomness are the in-memory pipeline's: the order is ``EpochSampler``'s (a function of
+seed and epoch, resumable mid-epoch) and each batch's view parameters come from its first sample
+seed, so a seeded run is repeatable for any number of workers.
+"""
+import queue
+import threading
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.functional import pil_to_tensor
+
+from moco import dist, tensor_aug
+from moco.data import MAX_CONSECUTIVE_BAD, BadImage, EpochSampler, image_folder, load_rgb, shared_seed
+from moco.dist import UserError
+
+JPEG_START = b'\xff\xd8'
+_SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame (not DHT, JPG, DAC)
+
+
+def jpeg_components(data):
+    """Colour components of a JPEG from its frame header (1 gray, 3 YCbCr, 4 CMYK/YCCK), or None when the
+    bytes are not a JPEG whose header can be read."""
+    if data[:2] != JPEG_START:
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:              # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in _SOF_MARKERS:    # length (2) precision (1) height (2) width (2) components (1)
+            return data[i + 9] if i + 9 < len(data) else None
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+    return None
+
+
+def _bytes_tensor(data):
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class EncodedFiles(torch.utils.data.Dataset):
+    """Item ``(index, seed)`` of an EpochSampler -> ``(payload, target, index)``: the payload is a JPEG's
+    bytes (1-d uint8) for the GPU, else the image decoded here on the CPU (3-d uint8, C x H x W), or a
+    BadImage when nothing can read it. ``decode_all``: decode every file here (no GPU)."""
+
+    def __init__(self, samples, decode_all=False):
+        self.samples, self.decode_all = samples, decode_all
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, seed = key
+        path, target = self.samples[index]
+        try:
+            with open(path, 'rb') as f:
+                data = f.read()
+            if not self.decode_all and jpeg_components(data) in (1, 3):
+                return _bytes_tensor(data), target, index, seed
+            return pil_to_tensor(load_rgb(path, data)), target, index, seed
+        except OSError as e:
+            return BadImage(f'{path}: {e.strerror or e}'), target, index, seed
+        except BadImage as e:
+            return e, target, index, seed
+
+
+def decode_on_device(payloads, paths, device):
+    """Decode a batch's payloads (see EncodedFiles) on ``device``: uint8 images (3, H, W) or BadImage."""
+    images = [p.to(device, non_blocking=True) if isinstance(p, torch.Tensor) and p.dim() == 3 else p
+              for p in payloads]
+    jpegs = [i for i, p in enumerate(payloads) if isinstance(p, torch.Tensor) and p.dim() == 1]
+    if not jpegs:
+        return images
+    try:  # one batched call: nvJPEG decodes the batch together
+        decoded = decode_jpeg([payloads[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # some file of the batch is rejected: decode one by one
+        decoded = [None] * len(jpegs)
+    for i, image in zip(jpegs, decoded):
+        if image is None:
+            image = _decode_one(payloads[i], paths[i], device)
+        images[i] = image
+    return images
+
+
+def _decode_one(data, path, device):
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:  # the reference path's decoder reads some files libjpeg/nvJPEG refuse
+        return pil_to_tensor(load_rgb(path, data.numpy().tobytes())).to(device)
+    except BadImage as e:
+        return e
+
+
+def resized_crops(images, top, left, h, w, size):
+    """Each uint8 image (3, H_i, W_i) cropped to its box and resized to size x size: float in [0, 1]
+    (N, 3, size, size). Bilinear with antialiasing, as torchvision's tensor resized_crop."""
+    boxes = torch.stack([top, left, h, w], 1).tolist()   # one host copy for the whole batch
+    out = torch.empty(len(images), 3, size, size, device=images[0].device)
+    for i, (image, (t, le, hh, ww)) in enumerate(zip(images, boxes)):
+        crop = image[None, :, t:t + hh, le:le + ww].float()
+        out[i] = F.interpolate(crop, size=(size, size), mode='bilinear', align_corners=False, antialias=True)[0]
+    return out.div_(255)
+
+
+def two_views_of_list(images, size, crop_min=0.08, blur=True, generator=None):
+    """``tensor_aug.two_views`` for a list of uint8 images of different sizes on one device."""
+    n = len(images)
+    heights = torch.tensor([im.shape[1] for im in images])
+    widths = torch.tensor([im.shape[2] for im in images])
+    views = []
+    for blur_p, solarize_p in ((1.0 if blur else 0., 0.), (0.1 if blur else 0., 0.2)):
+        p = tensor_aug.sample_view_params(n, heights, widths, crop_min, blur_p, solarize_p, generator)
+        views.append(tensor_aug.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], size), p))
+    return views
+
+
+class GpuJpegLoader:
+    """Iterable over ``([view1, view2], targets, skipped)`` batches like the reference loader, with
+    ``.sampler`` an EpochSampler (so ``start_epoch`` and checkpoints work unchanged).
+
+    ``decode_in_workers`` (default: without CUDA) decodes every file in the workers on the CPU;
+    ``prefetch`` (default: with CUDA) makes ``prefetch`` batches ahead in a thread.
+    """
+
+    def __init__(self, root, split, batch_size, device, image_size, crop_min=0.08, blur=True, seed=None,
+                 workers=0, strict=False, decode_in_workers=None, prefetch=None):
+        self.folder = image_folder(root, split, None, strict=strict)
+        self.device, self.batch_size = device, batch_size
+        self.image_size, self.crop_min, self.blur = image_size, crop_min, blur
+        if decode_in_workers is None:
+            decode_in_workers = device.type != 'cuda'
+        self.prefetch = (2 if device.type == 'cuda' else 0) if prefetch is None else prefetch
+        self.sampler = EpochSampler(len(self.folder), batch_size, shuffle=True, drop_last=True,
+                                    seed=shared_seed(seed), rank=dist.rank(), world_size=dist.world_size())
+        self.files = torch.utils.data.DataLoader(
+            EncodedFiles(self.folder.samples, decode_all=decode_in_workers), batch_size=batch_size,
+            sampler=self.sampler, num_workers=workers, collate_fn=list, drop_last=True,
+            pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __iter__(self):
+        if self.prefetch:
+            return ahead_in_thread(self._batches(), self.device, self.prefetch)
+        return self._batches()
+
+    def _batches(self):
+        for items in self.files:
+            payloads, targets, indices, seeds = zip(*items)
+            paths = [self.folder.samples[i][0] for i in indices]
+            images = decode_on_device(payloads, paths, self.device)
+            images, targets, skipped = self._replace_unreadable(images, list(targets), paths)
+            generator = torch.Generator().manual_seed(seeds[0])
+            views = two_views_of_list(images, self.image_size, self.crop_min, self.blur, generator)
+            yield views, torch.tensor(targets).to(self.device, non_blocking=True), skipped
+
+    def _replace_unreadable(self, images, targets, paths):
+        """An unreadable image (and its label) is replaced by the next readable one of the batch."""
+        bad = [isinstance(im, BadImage) for im in images]
+        skipped = torch.zeros(len(images), dtype=torch.long)
+        if not any(bad):
+            return images, targets, skipped
+        for path, image in zip(paths, images):
+            if isinstance(image, BadImage):
+                self.folder.report_bad(path, image)
+        if all(bad):
+            raise UserError(f'a whole batch of {len(images)} unreadable images in {self.folder.root}: '
+                            'is this an image folder?')
+        n = len(images)
+        for i in range(n):
+            for s in range(min(n, MAX_CONSECUTIVE_BAD)):
+                if not bad[(i + s) % n]:
+                    images[i], targets[i], skipped[i] = images[(i + s) % n], targets[(i + s) % n], s
+                    break
+            else:
+                raise UserError(f'{MAX_CONSECUTIVE_BAD} consecutive unreadable images in {self.folder.root}: '
+                                'is this an image folder?')
+        return images, targets, skipped
+
+
+_END = object()
+
+
+def ahead_in_thread(batches, device, depth):
+    """Iterate ``batches`` (a generator of ``(views, targets, skipped)``) ``depth`` items ahead in a
+    thread; on CUDA the thread works on its own stream, and each batch is handed over with an event the
+    consumer's stream waits for. Errors of the thread are raised in the consumer."""
+    cuda = device.type == 'cuda'
+    stream = torch.cuda.Stream(device) if cuda else None
+    handoff = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            if cuda and device.index is not None:
+                torch.cuda.set_device(device)   # a new thread starts on GPU 0
+            with torch.cuda.stream(stream) if cuda else nullcontext():
+                for batch in batches:
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not put((batch, event)):
+                        return
+        except BaseException as e:  # noqa: B036 (handed to the consumer, which raises it)
+            put((e, None))
+            return
+        put((_END, None))
+
+    thread = threading.Thread(target=work, name='gpu-data', daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, event = handoff.get()
+            if batch is _END:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            if cuda:
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(event)
+                views, targets, _ = batch
+                for x in (*views, targets):   # made on the thread's stream, used and freed on this one
+                    x.record_stream(consumer)
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+

@@ -1,0 +1,178 @@
+"""The GPU data pipeline (moco/gpu_data.py), run on the CPU: the same code decodes and augments on a GPU.
+
+Decoding: torchvision's JPEG decoder gives PIL's pixels exactly (both libjpeg-turbo), and every file
+it refuses takes PIL's path. Crops: equal to torchvision's tensor resized_crop (1e-5); against PIL's
+resize of the reference path the difference is PIL's 8-bit rounding (at most 1/255 after rounding
+ours). The ops after the crop are tensor_aug's, tested in test_tensor_aug.py."""
+import io
+import sys
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from conftest import broken_folder, jpeg_bytes, start, wait_output
+from moco import tensor_aug as ta
+from moco.data import BadImage, load_rgb, start_epoch
+from moco.dist import UserError
+from moco.gpu_data import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, resized_crops
+from moco.pipelines import pretrain_loader, resolve
+
+CPU = torch.device('cpu')
+
+
+def test_jpeg_components_reads_the_frame_header():
+    assert jpeg_components(jpeg_bytes()) == 3
+    assert jpeg_components(jpeg_bytes('L')) == 1
+    assert jpeg_components(jpeg_bytes('CMYK', color=(0, 255, 255, 0))) == 4
+    buf = io.BytesIO()
+    Image.new('RGB', (20, 20), (1, 2, 3)).save(buf, 'JPEG', progressive=True)
+    assert jpeg_components(buf.getvalue()) == 3
+    buf = io.BytesIO()
+    Image.new('RGB', (4, 4)).save(buf, 'PNG')
+    for not_a_jpeg in (buf.getvalue(), b'', b'\xff\xd8', b'\xff\xd8\x00\x00 garbage', b'<html>'):
+        assert jpeg_components(not_a_jpeg) is None
+
+
+@pytest.mark.parametrize('decode_all', [False, True], ids=['jpeg-bytes-to-device', 'decoded-in-workers'])
+def test_every_file_decodes_to_the_reference_pixels(odd_images, tmp_path, decode_all):
+    """Both routes (bytes decoded in the training process, or everything decoded in the workers) give
+    exactly the reference path's RGB pixels; unreadable files come back as BadImage."""
+    samples = [(str(p), 0) for p in sorted(odd_images.rglob('*')) if p.suffix in ('.jpg', '.png')]
+    samples += [(str(p), 1) for p in sorted(broken_folder(tmp_path / 'broken').rglob('*.jpg'))]
+    files = EncodedFiles(samples, decode_all=decode_all)
+    payloads = [files[(i, 0)][0] for i in range(len(samples))]
+    kinds = {path.rsplit('/', 1)[1]: (p.dim() if torch.is_tensor(p) else 'bad') for (path, _), p in
+             zip(samples, payloads)}
+    if not decode_all:  # only RGB and gray JPEG bytes travel to the device; CMYK and PNG are decoded on the CPU
+        assert kinds['rgb.jpg'] == kinds['gray.jpg'] == kinds['0_good.jpg'] == kinds['1_truncated.jpg'] == 1
+        assert kinds['cmyk.jpg'] == kinds['rgba.png'] == kinds['gray16.png'] == 3
+    assert kinds['2_text.jpg'] == kinds['3_empty.jpg'] == 'bad'
+    images = decode_on_device(payloads, [p for p, _ in samples], CPU)
+    for (path, _), image in zip(samples, images):
+        try:
+            expected = TF.pil_to_tensor(load_rgb(path))
+        except BadImage:
+            assert isinstance(image, BadImage) and path in str(image), path
+            continue
+        assert image.dtype == torch.uint8 and torch.equal(image, expected), path
+
+
+def test_resized_crops_equal_torchvision_and_round_to_pil():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+              for h, w in ((40, 60), (17, 13), (100, 80), (24, 24))]
+    top, left = torch.tensor([3, 0, 10, 0]), torch.tensor([5, 2, 0, 0])
+    h, w = torch.tensor([30, 17, 90, 24]), torch.tensor([50, 9, 70, 24])
+    ours = resized_crops(images, top, left, h, w, 20)           # shrinks, stretches and keeps sizes
+    assert ours.shape == (4, 3, 20, 20) and ours.dtype == torch.float32
+    for k, image in enumerate(images):
+        box = int(top[k]), int(left[k]), int(h[k]), int(w[k])
+        ref = TF.resized_crop(image.float(), *box, [20, 20], antialias=True) / 255
+        assert torch.allclose(ours[k], ref, atol=1e-5), k
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy()).crop((box[1], box[0], box[1] + box[3], box[0] + box[2]))
+        pil = TF.pil_to_tensor(pil.resize((20, 20), Image.BILINEAR)).float()
+        assert (torch.round(ours[k] * 255) - pil).abs().max() <= 1, k
+
+
+def test_crops_of_images_of_different_sizes():
+    """Per-image sizes: every box inside its own image; with one size, the scalar call's boxes exactly."""
+    g = torch.Generator().manual_seed(1)
+    heights = torch.randint(1, 500, (3000,), generator=g)
+    widths = torch.randint(1, 500, (3000,), generator=g)
+    top, left, h, w = ta.sample_crops(3000, heights, widths, (0.08, 1.), generator=g)
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= heights).all() and (left + w <= widths).all()
+    same = ta.sample_crops(50, torch.full((50,), 37), torch.full((50,), 90), (0.08, 1.),
+                           generator=torch.Generator().manual_seed(2))
+    scalar = ta.sample_crops(50, 37, 90, (0.08, 1.), generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(a, b) for a, b in zip(same, scalar))
+
+
+def _epoch(loader, epoch, skip_batches=0):
+    start_epoch(loader, epoch, skip_batches=skip_batches)
+    return list(loader)
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (va, ya, sa), (vb, yb, sb) in zip(a, b):
+        assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1]) and torch.equal(ya, yb) and torch.equal(sa, sb)
+
+
+def test_gpu_loader_is_deterministic_and_resumes_mid_epoch(tiny_folder):
+    def loader(**kw):
+        return GpuJpegLoader(tiny_folder, 'train', 8, CPU, 16, seed=5, **kw)
+    full = _epoch(loader(), 1)
+    assert len(full) == 5
+    views, targets, skipped = full[0]
+    assert [v.shape for v in views] == [(8, 3, 16, 16)] * 2 and targets.shape == (8,) and skipped.sum() == 0
+    assert not torch.equal(views[0], views[1])
+    # neither the number of workers nor where the JPEGs are decoded changes a pixel
+    _assert_same_batches(full, _epoch(loader(workers=2), 1))
+    _assert_same_batches(full, _epoch(loader(decode_in_workers=False), 1))
+    _assert_same_batches(full[3:], _epoch(loader(), 1, skip_batches=3))
+    _assert_same_batches(full, _epoch(loader(prefetch=2), 1))         # made ahead in a thread (CUDA's default)
+    other = _epoch(loader(), 2)
+    assert not torch.equal(other[0][0][0], full[0][0][0])
+    # the labels follow the images: the sampler's order of the folder's targets
+    order = [i for i, _ in loader().sampler]
+    assert torch.cat([t for _, t, _ in _epoch(loader(), 0)]).tolist() == \
+        [loader().folder.targets[i] for i in order[:40]]
+
+
+def test_gpu_loader_views_match_the_reference_statistics(tiny_folder):
+    """Per-channel mean and std of many views close to the PIL pipeline's (test_tensor_aug's bounds)."""
+    ours, ref = [[], []], [[], []]
+    gpu, _ = pretrain_loader('gpu', tiny_folder, 40, CPU, 16, blur=True, seed=0)
+    reference, _ = pretrain_loader('reference', tiny_folder, 40, CPU, 16, blur=True, seed=0)
+    for epoch in range(20):
+        for (views, _, _), (ref_views, _, _) in zip(_epoch(gpu, epoch), _epoch(reference, epoch)):
+            for v in (0, 1):
+                ours[v].append(views[v])
+                ref[v].append(ref_views[v])
+    for v in (0, 1):
+        o, r = torch.cat(ours[v]), torch.cat(ref[v])
+        assert torch.allclose(o.mean(dim=(0, 2, 3)), r.mean(dim=(0, 2, 3)), atol=0.1), v
+        assert torch.allclose(o.std(dim=(0, 2, 3)), r.std(dim=(0, 2, 3)), rtol=0.08), v
+
+
+def test_unreadable_files_are_replaced_within_the_batch(tmp_path, capsys):
+    root = tmp_path / 'data'
+    broken_folder(root / 'train')
+    loader = GpuJpegLoader(str(root), 'train', 5, CPU, 8, seed=0, decode_in_workers=False)
+    for epoch in range(3):
+        views, targets, skipped = _epoch(loader, epoch)[0]
+        assert views[0].shape == (5, 3, 8, 8) and torch.isfinite(views[0]).all()
+        assert sorted(skipped.tolist()).count(0) == 2 and skipped.sum() > 0   # the two good files are kept
+    err = capsys.readouterr().err
+    for name in ('1_truncated.jpg', '2_text.jpg', '3_empty.jpg'):
+        assert err.count(name) == 1, err        # reported once per file and process
+    strict = GpuJpegLoader(str(root), 'train', 5, CPU, 8, seed=0, strict=True)
+    with pytest.raises(UserError, match='unreadable image .*without --strict-data'):
+        _epoch(strict, 0)
+
+
+def test_a_batch_of_only_unreadable_files_is_a_user_error(tmp_path):
+    (tmp_path / 'train' / 'c').mkdir(parents=True)
+    for i in range(4):
+        (tmp_path / 'train' / 'c' / f'{i}.jpg').write_text('not a jpeg')
+    for prefetch in (0, 1):     # also raised in the consumer when the batch is made in a thread
+        with pytest.raises(UserError, match='unreadable images'):
+            _epoch(GpuJpegLoader(str(tmp_path), 'train', 4, CPU, 8, seed=0, prefetch=prefetch), 0)
+
+
+def test_auto_picks_gpu_only_with_cuda():
+    assert resolve('auto', torch.device('cuda', 0)) == 'gpu'
+    assert resolve('auto', CPU) == 'reference'
+    assert resolve('memory', torch.device('cuda', 0)) == 'memory'
+
+
+def test_pretraining_with_the_gpu_pipeline(tiny_folder, tmp_path):
+    cmd = [sys.executable, 'main_moco.py', str(tiny_folder), '-a', 'resnet18_cifar', '--image-size', '16',
+           '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '1', '-j', '1', '-p', '100',
+           '--data-pipeline', 'gpu', '--seed', '1', '--output-dir', str(tmp_path)]
+    rc, out = wait_output(start(cmd))
+    assert rc == 0, out
+    assert '(gpu data pipeline)' in out and (tmp_path / 'checkpoint_0000.pth.tar').exists()
