@@ -68,6 +68,8 @@ def get_args_parser():
                    help='weight decay (default: 1e-6; byol and m2t: their recipe)')
     g.add_argument('--optimizer', default=None, type=str, choices=['lars', 'adamw', 'sgd'],
                    help='optimizer used (default: lars; the paper uses adamw for ViTs; m2t at batch <= 1024: sgd)')
+    g.add_argument('--lars-trust', default=0.001, type=float, metavar='ETA',
+                   help='trust coefficient of LARS (default: 0.001, as MoCo v3; solo-learn\'s CIFAR recipes: 0.02)')
     g.add_argument('--warmup-epochs', default=10, type=int, metavar='N', help='number of warmup epochs')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
                    help='channels_last memory format for convolutional models (same math, faster on GPUs; '
@@ -150,7 +152,7 @@ def main_worker(args):
         args.channels_last = device.type == 'cuda'
     args.memory_format = torch.channels_last if args.channels_last and not is_vit(args.arch) else torch.contiguous_format
     model.to(device, memory_format=args.memory_format)
-    optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum)
+    optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum, args.lars_trust)
     amp = Amp(args.amp, device)
     print(f'precision: {amp.precision}')
 

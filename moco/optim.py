@@ -73,7 +73,7 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_add_(params, mus, alpha=-g['lr'])
 
 
-def build_optimizer(name, model, lr, weight_decay, momentum=0.9):
+def build_optimizer(name, model, lr, weight_decay, momentum=0.9, lars_trust=0.001):
     """'lars' (SGD momentum + trust ratio), 'adamw' (torch AdamW, weight decay on all tensors) or 'sgd'.
 
     All parameters are passed, frozen ones included (they have no gradient, so no update), exactly as
@@ -81,7 +81,7 @@ def build_optimizer(name, model, lr, weight_decay, momentum=0.9):
     """
     params = list(model.parameters())
     if name == 'lars':
-        return LARS(params, lr, weight_decay=weight_decay, momentum=momentum)
+        return LARS(params, lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=lars_trust)
     if name == 'adamw':  # one fused kernel on CUDA (same update up to rounding), multi-tensor on CPU
         fused = all(p.is_cuda for p in params) or None
         return torch.optim.AdamW(params, lr, weight_decay=weight_decay, fused=fused)

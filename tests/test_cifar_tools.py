@@ -108,6 +108,11 @@ def test_cifar_recipes_run_a_few_steps(tiny_folder, tmp_path, recipe):
     arch = {'vit': ['-a', 'vit_tiny_patch4', '--optimizer', 'adamw', '--lr', '1.5e-4', '--wd', '0.1',
                     '--stop-grad-conv1', '--moco-t', '0.2', '--moco-m-cos']}.get(
         recipe, ['-a', 'resnet18_cifar', '--channels-last', '--method', recipe])
+    if recipe == 'mocov3':   # CONFIG.md's solo-learn variant
+        arch += ['--lars-trust', '0.02', '--lr', '0.3']
     rc, out = wait_output(start([sys.executable, 'main_moco.py', *arch, *common, str(tiny_folder)]))
     assert rc == 0, out
     assert 'kNN top-1 after epoch 1' in out and os.path.exists(tmp_path / 'checkpoint_0000.pth.tar')
+    if recipe == 'mocov3':
+        groups = torch.load(tmp_path / 'checkpoint_0000.pth.tar', weights_only=True)['optimizer']['param_groups']
+        assert groups[0]['trust_coefficient'] == 0.02
