@@ -185,8 +185,10 @@ def main_worker(args):
     if args.compile:
         compile_networks(model)
     if args.distributed:
+        # gradients live in DDP's all-reduce buckets (no second copy); buckets overlap the backward
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None, **buffer_sync(sync_bn))
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None, gradient_as_bucket_view=True,
+            **buffer_sync(sync_bn))
 
     args.data_pipeline = pipelines.resolve(args.data_pipeline, device)
     loader, n_train = pipelines.pretrain_loader(args.data_pipeline, args.data, args.batch_size, device,
