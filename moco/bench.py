@@ -136,7 +136,7 @@ def main(argv=None):
     print(f'device: {name} | torch {torch.__version__} | {size} px | {warmup} warm-up + {steps} timed steps')
 
     rows = []
-    header = f'{"model":<16}{"batch":>6} {"input":<10}{"config":<11}{"img/s":>9}{"TFLOP/s":>9}{"of peak":>9}' \
+    header = f'{"model":<16}{"batch":>6} {"input":<17}{"config":<11}{"img/s":>9}{"TFLOP/s":>9}{"of peak":>9}' \
              f'{"peak GiB":>9}{"vs ref":>8}'
     print(header)
     for arch, batch in models:
@@ -146,6 +146,7 @@ def main(argv=None):
                 runner = Runner(arch, batch, size, device, ours=config == 'ours',
                                 compile_model=args.compile and config == 'ours')
                 flops = step_flops(runner.model, size, device, runner.amp.precision)
+                pipeline = None
                 if input_name == 'synthetic':
                     batches = synthetic(batch, size, device)
                 else:  # ours: small images through the in-memory pipeline, large ones through the GPU one
@@ -154,11 +155,13 @@ def main(argv=None):
                 rate, peak = runner.timed(batches, warmup, steps)
                 tflops = rate * flops / 1e12
                 ref_rate = rate if config == 'reference' else ref_rate
-                row = dict(model=arch, batch=batch, input=input_name, config=config, precision=runner.amp.precision,
+                row = dict(model=arch, batch=batch, input=input_name, pipeline=pipeline, config=config,
+                           precision=runner.amp.precision,
                            images_per_s=rate, model_tflops=tflops, fraction_of_peak=tflops / args.peak_tflops,
                            peak_gib=peak, vs_reference=rate / ref_rate, gflop_per_image_step=flops / 1e9)
                 rows.append(row)
-                print(f'{arch:<16}{batch:>6} {input_name:<10}{config:<11}{rate:>9.1f}{tflops:>9.3f}'
+                source = input_name if pipeline is None else f'{input_name}/{pipeline}'
+                print(f'{arch:<16}{batch:>6} {source:<17}{config:<11}{rate:>9.1f}{tflops:>9.3f}'
                       f'{tflops / args.peak_tflops:>9.1%}{(f"{peak:.1f}" if peak else "-"):>9}'
                       f'{rate / ref_rate:>7.2f}x', flush=True)
                 del runner

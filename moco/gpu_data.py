@@ -95,6 +95,11 @@ def decode_on_device(payloads, paths, device):
     jpegs = [i for i, p in enumerate(payloads) if isinstance(p, torch.Tensor) and p.dim() == 1]
     if not jpegs:
         return images
+    if device.type == 'cuda':
+        # torchvision's CUDA decoder writes its output from a private stream that does not wait for the
+        # current one (pytorch/vision PR 9606), into memory this stream may have freed with work still
+        # queued on it: let that work finish first (in the data thread, this stalls nothing else)
+        torch.cuda.current_stream(device).synchronize()
     try:  # one batched call: nvJPEG decodes the batch together
         decoded = decode_jpeg([payloads[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # some file of the batch is rejected: decode one by one

@@ -23,3 +23,13 @@ def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):
     assert json.loads(out.read_text())['rows'] == rows
     printed = capsys.readouterr().out
     assert 'img/s' in printed and 'TFLOP/s' in printed and 'vs ref' in printed
+
+
+def test_bench_from_files_through_the_gpu_pipeline(tiny_folder, capsys):
+    """Above 64 px our configuration reads the files through the GPU pipeline (here on the CPU)."""
+    rows = bench.main(['--tiny', '--models', 'resnet18_cifar:2', '--steps', '1', '--warmup', '0',
+                       '--image-size', '68', '--data', str(tiny_folder), '-j', '0'])
+    files = {r['config']: r for r in rows if r['input'] == 'files'}
+    assert files['ours']['pipeline'] == 'gpu' and files['reference']['pipeline'] == 'reference'
+    assert files['ours']['images_per_s'] > 0
+    assert 'files/gpu' in capsys.readouterr().out
