@@ -24,6 +24,7 @@ from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkp
 from moco.data import eval_transform, image_folder, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.knn import knn_accuracy
+from moco.memory_data import knn_sets_in_memory
 from moco.methods import METHODS, apply_method_defaults
 from moco.metrics import RunLog
 from moco.models import BackboneFeatures, arch_names, build_moco, compile_networks, head_name, is_vit
@@ -201,8 +202,12 @@ def main_worker(args):
 
     knn = None
     if args.knn_freq > 0:
-        knn_sets = [image_folder(args.data, split, eval_transform(args.image_size), strict=args.strict_data)
-                    for split in ('train', 'val')]
+        knn_sets = None
+        if args.data_pipeline == 'memory':  # the decoded images, without PIL at every evaluation
+            knn_sets = knn_sets_in_memory(loader, args.data, args.image_size, args.workers, args.strict_data)
+        if knn_sets is None:
+            knn_sets = [image_folder(args.data, split, eval_transform(args.image_size), strict=args.strict_data)
+                        for split in ('train', 'val')]
         backbone = BackboneFeatures(getattr(unwrap(model), eval_encoder), head_name(args.arch))
         knn = lambda: knn_accuracy(backbone, *knn_sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
                                    batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)

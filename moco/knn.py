@@ -31,8 +31,11 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=0, amp=N
     per_rank = (n + ws - 1) // ws
     indices = list(range(rk, n, ws))
     indices += indices[:1] * (per_rank - len(indices))   # pad so every rank gathers the same size
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
+    if hasattr(dataset, 'batches'):  # already decoded on the device (memory_data.DecodedImages)
+        loader = dataset.batches(indices, batch_size)
+    else:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                             num_workers=workers, shuffle=False)
     feats, labels = [], []
     for images, target in loader:
         with (amp.autocast() if amp is not None else torch.autocast('cpu', enabled=False)):

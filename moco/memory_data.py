@@ -83,3 +83,37 @@ class InMemoryLoader:
             generator = torch.Generator().manual_seed(chunk[0][1])
             views = tensor_aug.two_views(self.images[index], self.image_size, self.crop_min, self.blur, generator)
             yield views, self.targets[index], no_skips
+
+
+class DecodedImages:
+    """A decoded folder as the kNN monitor reads it: uint8 images (N, 3, S, S) on the device, whose eval
+    view is the image normalised (``eval_transform`` at S px is the identity before ToTensor)."""
+
+    def __init__(self, images, targets):
+        self.images, self.targets = images, targets
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, indices, batch_size):
+        for start in range(0, len(indices), batch_size):
+            index = torch.tensor(indices[start:start + batch_size], device=self.images.device)
+            yield tensor_aug.normalize(self.images[index].float() / 255), self.targets[index]
+
+
+def knn_sets_in_memory(loader, root, image_size, workers=0, strict=False):
+    """(train, val) DecodedImages for the kNN monitor of a run on the memory pipeline: the training images
+    it already holds and root/val decoded once; None when the images are not image_size square (then the
+    monitor resizes them through the reference eval transform)."""
+    if tuple(loader.images.shape[2:]) != (image_size, image_size):
+        return None
+    try:
+        val_images, val_targets, skipped = decode_folder(root, 'val', workers, strict)
+    except UserError:  # no val/, or images of several sizes: the reference path says what is wrong
+        return None
+    if tuple(val_images.shape[2:]) != (image_size, image_size):
+        return None
+    if skipped:
+        print(f'{skipped} unreadable image(s) replaced while decoding {root}/val')
+    device = loader.images.device
+    return DecodedImages(loader.images, loader.targets), DecodedImages(val_images.to(device), val_targets.to(device))

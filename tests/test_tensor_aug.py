@@ -154,9 +154,30 @@ def test_memory_pipeline_refuses_mixed_sizes(tmp_path):
 
 
 def test_pretraining_with_the_memory_pipeline(tiny_folder, tmp_path):
-    cmd = [sys.executable, 'main_moco.py', str(tiny_folder), '-a', 'resnet18_cifar', '--image-size', '16',
+    cmd = [sys.executable, 'main_moco.py', str(tiny_folder), '-a', 'resnet18_cifar', '--image-size', '32',
            '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '1', '-j', '0', '-p', '100',
-           '--data-pipeline', 'memory', '--no-blur', '--seed', '1', '--output-dir', str(tmp_path)]
+           '--data-pipeline', 'memory', '--no-blur', '--seed', '1', '--output-dir', str(tmp_path),
+           '--knn-freq', '1', '--knn-k', '5']   # 32 px: the kNN monitor reads the decoded images
     rc, out = wait_output(start(cmd))
     assert rc == 0, out
     assert '(memory data pipeline)' in out and os.path.exists(tmp_path / 'checkpoint_0000.pth.tar')
+    assert 'kNN top-1 at initialisation' in out and 'kNN top-1 after epoch 1' in out
+
+
+def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folder):
+    """The memory pipeline's kNN monitor (no PIL at each evaluation) gives the reference path's
+    features bit for bit when the images have the crop size (CIFAR at 32 px), else falls back."""
+    from moco.data import eval_transform, image_folder
+    from moco.knn import extract_features
+    from moco.memory_data import knn_sets_in_memory
+    from moco.models import BackboneFeatures, build_moco
+    loader = InMemoryLoader(tiny_folder, 'train', 8, torch.device('cpu'), 32, seed=0)
+    in_memory = knn_sets_in_memory(loader, tiny_folder, 32)
+    reference = [image_folder(tiny_folder, split, eval_transform(32)) for split in ('train', 'val')]
+    torch.manual_seed(0)
+    backbone = BackboneFeatures(build_moco('resnet18_cifar', 16, 32).base_encoder).eval()
+    for ours, ref in zip(in_memory, reference):
+        f_ours, y_ours = extract_features(backbone, ours, torch.device('cpu'), batch_size=16)
+        f_ref, y_ref = extract_features(backbone, ref, torch.device('cpu'), batch_size=16)
+        assert torch.equal(y_ours, y_ref) and torch.equal(f_ours, f_ref)
+    assert knn_sets_in_memory(loader, tiny_folder, 24) is None        # another crop size: the eval transform
