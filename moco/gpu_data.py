@@ -184,7 +184,7 @@ class GpuJpegLoader:
             images, targets, skipped = self._replace_unreadable(images, list(targets), paths)
             generator = torch.Generator().manual_seed(seeds[0])
             views = two_views_of_list(images, self.image_size, self.crop_min, self.blur, generator)
-            yield views, torch.tensor(targets).to(self.device, non_blocking=True), skipped
+            yield views, tensor_aug.to_device_async(torch.tensor(targets), self.device), skipped
 
     def _replace_unreadable(self, images, targets, paths):
         """An unreadable image (and its label) is replaced by the next readable one of the batch."""

@@ -79,7 +79,7 @@ class InMemoryLoader:
         no_skips = torch.zeros(self.batch_size, dtype=torch.long)
         for b in range(len(self)):
             chunk = pairs[b * self.batch_size:(b + 1) * self.batch_size]
-            index = torch.tensor([i for i, _ in chunk], device=self.images.device)
+            index = tensor_aug.to_device_async(torch.tensor([i for i, _ in chunk]), self.images.device)
             generator = torch.Generator().manual_seed(chunk[0][1])
             views = tensor_aug.two_views(self.images[index], self.image_size, self.crop_min, self.blur, generator)
             yield views, self.targets[index], no_skips
@@ -97,7 +97,7 @@ class DecodedImages:
 
     def batches(self, indices, batch_size):
         for start in range(0, len(indices), batch_size):
-            index = torch.tensor(indices[start:start + batch_size], device=self.images.device)
+            index = tensor_aug.to_device_async(torch.tensor(indices[start:start + batch_size]), self.images.device)
             yield tensor_aug.normalize(self.images[index].float() / 255), self.targets[index]
 
 

@@ -7,7 +7,9 @@ with its own random parameters.
     with p 1.0 / 0.1 -> Solarize(128) with p 0 / 0.2 -> HorizontalFlip(0.5) -> Normalize
 
 Parameters are drawn on the CPU from a torch.Generator (so a seeded run is repeatable and resumable)
-and the ops run where the images are. Each op equals torchvision's tensor op for the same parameters
+and the ops run where the images are. The decisions (which ops run at all, kernel sizes) are read from
+the CPU copy; the arithmetic uses a device copy sent in one transfer (``params_to``), so making a view
+never waits for the GPU. Each op equals torchvision's tensor op for the same parameters
 (tests/test_tensor_aug.py states the tolerances); against the PIL path the difference is PIL's
 rounding to 8 bits after every op, and for the blur PIL's box-filter approximation of a Gaussian.
 """
@@ -90,12 +92,18 @@ def _axis_positions(start, length, size, sub, full, device):
     return pos / max(full - 1, 1) * 2 - 1
 
 
-def resized_crop(images, top, left, h, w, size, max_sub=4):
+def crop_subsamples(h, w, size, max_sub=4):
+    """Bilinear points per output pixel and axis of ``resized_crop`` for boxes h x w (CPU tensors)."""
+    return min(max_sub, max(1, math.ceil(max(int(h.max()), int(w.max())) / size)))
+
+
+def resized_crop(images, top, left, h, w, size, sub=None):
     """Crop each image to its box and resize to size x size: bilinear (align_corners=False) as
-    torchvision's resize of the cropped image; when shrinking, the average of several bilinear points
-    per output pixel stands in for antialiasing."""
+    torchvision's resize of the cropped image; when shrinking, the average of ``sub`` x ``sub``
+    bilinear points per output pixel stands in for antialiasing (default: ``crop_subsamples``)."""
     n, _, height, width = images.shape
-    sub = min(max_sub, max(1, math.ceil(max(int(h.max()), int(w.max())) / size)))
+    if sub is None:
+        sub = crop_subsamples(h, w, size)
     ys = _axis_positions(top, h, size, sub, height, images.device)          # (N, S*sub)
     xs = _axis_positions(left, w, size, sub, width, images.device)
     grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1).to(images.dtype)
@@ -157,8 +165,7 @@ def _hsv_to_rgb(img):  # torchvision.transforms.v2.functional._color._hsv_to_rgb
     t = (v - sxv + sxv * f).clamp_(0.0, 1.0)
     i.remainder_(6)
     vpqt = torch.stack((v, p, q, t), dim=1)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long,
-                          device=img.device)
+    select = _constant(_HSV_SELECT, img.device, torch.long)
     idx = select[:, i]                                          # (3, N, H, W)
     return vpqt.gather(1, idx.permute(1, 0, 2, 3))
 
@@ -169,9 +176,15 @@ def adjust_hue(images, factor):
     return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
 
 
-def gaussian_blur(images, sigma):
-    """Per-sample Gaussian blur, kernel size 2 * ceil(3 * sigma_max) + 1, reflect padding."""
-    radius = max(1, math.ceil(3 * float(sigma.max())))
+def blur_radius(sigma):
+    """Kernel radius ceil(3 * sigma_max) of ``gaussian_blur`` (sigma: a CPU tensor)."""
+    return max(1, math.ceil(3 * float(sigma.max())))
+
+
+def gaussian_blur(images, sigma, radius=None):
+    """Per-sample Gaussian blur, kernel size 2 * radius + 1 (default: ``blur_radius``), reflect padding."""
+    if radius is None:
+        radius = blur_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     s = sigma.to(images.device, images.dtype)[:, None]
     k = torch.exp(-0.5 * (x[None] / s) ** 2)
@@ -194,41 +207,89 @@ def _where(mask, new, old):
     return torch.where(mask.to(old.device).view(-1, 1, 1, 1), new, old)
 
 
+_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+_constants = {}
+
+
+def _constant(values, device, dtype):
+    """A small constant tensor, sent to each device once (not once per batch)."""
+    key = (values, str(device), dtype)
+    if key not in _constants:
+        _constants[key] = torch.tensor(values, dtype=dtype).to(device)
+    return _constants[key]
+
+
+def params_to(p, device):
+    """The view parameters ``p`` (CPU tensors, one row per sample) on ``device``, sent in one transfer
+    (pinned, asynchronous) instead of one per tensor."""
+    if device.type == 'cpu':
+        return p
+    return _unpack(p, to_device_async(_pack(p), device))
+
+
+def to_device_async(cpu_tensor, device):
+    """Copy a CPU tensor to the device without waiting for the device (a plain ``.to('cuda')`` of
+    pageable memory waits for the stream's queued work)."""
+    if device.type != 'cuda':
+        return cpu_tensor.to(device)
+    return cpu_tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _pack(p):
+    """All parameters as the columns of one float64 tensor (it holds the ints and float32s exactly)."""
+    return torch.cat([v.reshape(len(v), -1).to(torch.float64) for v in p.values()], 1)
+
+
+def _unpack(p, packed):
+    out, col = {}, 0
+    for k, v in p.items():
+        width = v[0].numel() if v.dim() > 1 else 1
+        out[k] = packed[:, col:col + width].reshape(v.shape).to(v.dtype)
+        col += width
+    return out
+
+
 JITTER_OPS = (('brightness', adjust_brightness), ('contrast', adjust_contrast),
               ('saturation', adjust_saturation), ('hue', adjust_hue))
 
 
-def color_jitter(images, p):
-    """torchvision ColorJitter with per-sample factors and order; samples with p['jitter'] false pass."""
+def color_jitter(images, p, d=None):
+    """torchvision ColorJitter with per-sample factors and order; samples with p['jitter'] false pass.
+    ``d``: ``p`` on the images' device (decisions are read from ``p``, the arithmetic uses ``d``)."""
+    d = p if d is None else d
     for position in range(4):
         for op_index, (name, op) in enumerate(JITTER_OPS):
-            mask = p['jitter'] & (p['order'][:, position] == op_index)
-            if mask.any():
-                images = _where(mask, op(images, p[name]), images)
+            if (p['jitter'] & (p['order'][:, position] == op_index)).any():
+                mask = d['jitter'] & (d['order'][:, position] == op_index)
+                images = _where(mask, op(images, d[name]), images)
     return images
 
 
 def normalize(images):
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    mean = _constant(IMAGENET_MEAN, images.device, images.dtype).view(1, 3, 1, 1)
+    std = _constant(IMAGENET_STD, images.device, images.dtype).view(1, 3, 1, 1)
     return (images - mean) / std
 
 
 def view(images, size, p):
     """One augmented, normalised view of a batch of float images in [0, 1] (N, 3, H, W)."""
-    return after_crop(resized_crop(images, p['top'], p['left'], p['h'], p['w'], size), p)
+    d = params_to(p, images.device)
+    x = resized_crop(images, d['top'], d['left'], d['h'], d['w'], size, sub=crop_subsamples(p['h'], p['w'], size))
+    return after_crop(x, p, d)
 
 
-def after_crop(x, p):
-    """Every op of a view after the random resized crop, on the crops (N, 3, size, size) in [0, 1]."""
-    x = color_jitter(x, p)
+def after_crop(x, p, d=None):
+    """Every op of a view after the random resized crop, on the crops (N, 3, size, size) in [0, 1].
+    ``d``: ``p`` on the device (default: sent now)."""
+    d = params_to(p, x.device) if d is None else d
+    x = color_jitter(x, p, d)
     if p['gray'].any():
-        x = _where(p['gray'], grayscale(x).expand_as(x), x)
+        x = _where(d['gray'], grayscale(x).expand_as(x), x)
     if p['blur'].any():
-        x = _where(p['blur'], gaussian_blur(x, p['sigma']), x)
+        x = _where(d['blur'], gaussian_blur(x, d['sigma'], blur_radius(p['sigma'])), x)
     if p['solarize'].any():
-        x = _where(p['solarize'], solarize(x), x)
-    x = _where(p['flip'], x.flip(3), x)
+        x = _where(d['solarize'], solarize(x), x)
+    x = _where(d['flip'], x.flip(3), x)
     return normalize(x)
 
 

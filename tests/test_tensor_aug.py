@@ -181,3 +181,13 @@ def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folde
         f_ref, y_ref = extract_features(backbone, ref, torch.device('cpu'), batch_size=16)
         assert torch.equal(y_ours, y_ref) and torch.equal(f_ours, f_ref)
     assert knn_sets_in_memory(loader, tiny_folder, 24) is None        # another crop size: the eval transform
+
+
+def test_view_parameters_survive_the_one_transfer_packing():
+    """params_to sends all parameters in one float64 tensor on CUDA: every value and dtype comes back."""
+    p = ta.sample_view_params(50, torch.randint(5, 300, (50,)), torch.randint(5, 300, (50,)), 0.08, 0.5, 0.2,
+                              torch.Generator().manual_seed(0))
+    back = ta._unpack(p, ta._pack(p))
+    assert back.keys() == p.keys()
+    for k in p:
+        assert back[k].dtype == p[k].dtype and torch.equal(back[k], p[k]), k
