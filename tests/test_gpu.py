@@ -1,0 +1,110 @@
+"""CUDA-only checks of the fast path: each compares the GPU code against its CPU twin, which the rest
+of the suite tests exactly. Skipped without a GPU (CI has none); run them where one is:
+``python -m pytest -q tests/test_gpu.py``.
+
+Tolerances: nvJPEG's IDCT is not libjpeg's, so decoded pixels may differ by a few 8-bit levels
+(mean below 1 level); views from the GPU pipeline then differ from the CPU pipeline's by that much
+after normalisation; float ops on the GPU differ from the CPU's by rounding only (1e-4)."""
+import sys
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from conftest import start, wait_output
+from moco.amp import Amp
+from moco.data import load_rgb, start_epoch
+from moco.gpu_data import EncodedFiles, GpuJpegLoader, decode_on_device
+from moco.memory_data import InMemoryLoader
+from moco.models import build_moco, compile_networks
+from moco.optim import build_optimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+CUDA = torch.device('cuda', 0)
+CPU = torch.device('cpu')
+
+
+def _epoch(loader, epoch=0):
+    start_epoch(loader, epoch)
+    return [(tuple(v.cpu() for v in views), targets.cpu(), skipped) for views, targets, skipped in loader]
+
+
+def test_nvjpeg_decodes_close_to_pil(tiny_folder):
+    samples = EncodedFiles([(p, y) for p, y in _samples(tiny_folder)])
+    payloads = [samples[(i, 0)][0] for i in range(len(samples))]
+    assert all(p.dim() == 1 for p in payloads)                       # all JPEG bytes, to the GPU
+    images = decode_on_device(payloads, [p for p, _ in _samples(tiny_folder)], CUDA)
+    for (path, _), image in zip(_samples(tiny_folder), images):
+        assert image.device.type == 'cuda'
+        diff = (image.cpu().int() - TF.pil_to_tensor(load_rgb(path)).int()).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 16, path
+
+
+def _samples(root):
+    from moco.data import image_folder
+    return image_folder(root, 'train', None).samples
+
+
+def test_gpu_pipeline_on_cuda_matches_the_cpu_pipeline(tiny_folder):
+    """Same seed: the same images, labels and random parameters; pixels within nvJPEG's rounding."""
+    gpu = _epoch(GpuJpegLoader(tiny_folder, 'train', 8, CUDA, 32, seed=3, workers=2))   # thread + side stream
+    cpu = _epoch(GpuJpegLoader(tiny_folder, 'train', 8, CPU, 32, seed=3))
+    assert len(gpu) == len(cpu) == 5
+    for (vg, yg, sg), (vc, yc, sc) in zip(gpu, cpu):
+        assert torch.equal(yg, yc) and torch.equal(sg, sc)
+        for a, b in zip(vg, vc):
+            assert (a - b).abs().mean() < 0.05, (a - b).abs().mean()
+
+
+def test_memory_pipeline_on_cuda_matches_cpu(tiny_folder):
+    gpu = _epoch(InMemoryLoader(tiny_folder, 'train', 8, CUDA, 16, seed=1))
+    cpu = _epoch(InMemoryLoader(tiny_folder, 'train', 8, CPU, 16, seed=1))
+    for (vg, yg, _), (vc, yc, _) in zip(gpu, cpu):
+        assert torch.equal(yg, yc)
+        for a, b in zip(vg, vc):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_default_precision_and_fused_adamw_on_cuda():
+    assert Amp('auto', CUDA).precision == ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')
+    torch.manual_seed(0)
+    model = build_moco('vit_tiny_patch4', 16, 32, image_size=16).to(CUDA)
+    fused = build_optimizer('adamw', model, 1e-3, 0.1)
+    assert fused.defaults['fused']
+    reference = torch.optim.AdamW([p.detach().clone().requires_grad_(p.requires_grad) for p in model.parameters()],
+                                  1e-3, weight_decay=0.1, foreach=False)
+    for p, q in zip(model.parameters(), reference.param_groups[0]['params']):
+        if p.requires_grad:
+            p.grad = q.grad = torch.randn_like(p)
+    fused.step()
+    reference.step()
+    for p, q in zip(model.parameters(), reference.param_groups[0]['params']):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_compiled_bf16_step_is_close_to_eager_on_cuda():
+    torch.manual_seed(0)
+    eager = build_moco('resnet18_cifar', 16, 32, T=0.2).to(CUDA, memory_format=torch.channels_last)
+    compiled = compile_networks(build_moco('resnet18_cifar', 16, 32, T=0.2).to(CUDA, memory_format=torch.channels_last))
+    compiled.load_state_dict(eager.state_dict())
+    x1, x2 = (torch.randn(16, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    amp = Amp('auto', CUDA)
+    losses = []
+    for model in (eager, compiled):
+        with amp.autocast():
+            losses.append(model(x1, x2, 0.99).float())
+    assert torch.allclose(losses[0], losses[1], rtol=2e-2)
+
+
+def test_pretraining_on_one_gpu_with_the_defaults(tiny_folder, tmp_path):
+    """--gpu 0 with default flags: the GPU data pipeline, bf16, channels_last; and the original's step."""
+    base = [sys.executable, 'main_moco.py', str(tiny_folder), '-a', 'resnet18_cifar', '--image-size', '32',
+            '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '1', '-j', '2', '-p', '1',
+            '--gpu', '0', '--knn-freq', '1', '--knn-k', '5']
+    rc, out = wait_output(start(base + ['--output-dir', str(tmp_path / 'fast')]))
+    assert rc == 0, out
+    assert '(gpu data pipeline)' in out and 'precision: bf16' in out and 'kNN top-1 after epoch 1' in out
+    rc, out = wait_output(start(base + ['--amp', 'fp16', '--no-channels-last', '--data-pipeline', 'reference',
+                                        '--output-dir', str(tmp_path / 'original')]))
+    assert rc == 0, out
+    assert '(reference data pipeline)' in out and 'precision: fp16' in out
