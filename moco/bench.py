@@ -3,6 +3,7 @@
     python -m moco.bench                         # GPU: vit_small 256, resnet50 256, vit_base 128, 224 px
     python -m moco.bench --tiny                  # CPU-sized models and images (what CI runs)
     python -m moco.bench --data DIR              # also end to end from DIR/train (JPEG files)
+    python -m moco.bench --fullsize-jpegs DIR    # ... from ImageNet-sized JPEGs made from the demo data
 
 reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
     LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
@@ -24,6 +25,7 @@ import time
 import torch
 
 from moco.amp import Amp
+from moco.dist import UserError
 from moco.models import build_moco, compile_networks, is_vit
 from moco.optim import LARS, build_optimizer
 
@@ -98,17 +100,53 @@ def synthetic(batch, image_size, device):
 
 
 def from_files(data, batch, image_size, workers, device, pipeline):
-    """Endless batches of both views of DIR/train through a data pipeline."""
-    from moco.data import start_epoch
+    """Endless batches of both views of DIR/train through a data pipeline (made now: errors raise here)."""
     from moco.pipelines import pretrain_loader
     loader, _ = pretrain_loader(pipeline, data, batch, device, image_size, blur=image_size > 64, seed=0,
                                 workers=workers)
+    return _endless(loader)
+
+
+def _endless(loader):
+    from moco.data import start_epoch
     epoch = 0
     while True:
         start_epoch(loader, epoch)
         for views, _, _ in loader:
             yield views[0], views[1]
         epoch += 1
+
+
+def make_fullsize_jpegs(dest, n=2048, seed=0):
+    """dest/train: an ImageNet-like JPEG folder for end-to-end timing where ImageNet is not at hand. The
+    shipped CIFAR-10 demo images, upscaled to ImageNet's usual sizes (sides 300-500 px), with noise so
+    that they are not unusually cheap to decode (JPEG quality 90, about 65 kB each; ImageNet's average
+    is about 110 kB)."""
+    import glob
+    import random
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from moco import demo_data
+    if os.path.isdir(os.path.join(dest, 'train')):
+        return dest
+    rng = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = sorted(glob.glob(os.path.join(demo_data.extract(tmp), 'train', '*', '*')))
+        rng.shuffle(files)   # all classes, mixed
+        for i in range(n):
+            path = files[i % len(files)]
+            folder = os.path.join(dest + '.partial', 'train', os.path.basename(os.path.dirname(path)))
+            os.makedirs(folder, exist_ok=True)
+            size = (rng.randint(300, 500), rng.randint(300, 500))
+            img = np.asarray(Image.open(path).convert('RGB').resize(size, Image.BICUBIC), dtype=np.float32)
+            img = np.clip(img + noise.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
+    os.replace(dest + '.partial', dest)   # complete or absent
+    return dest
 
 
 def main(argv=None):
@@ -120,12 +158,17 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=None, help='timed steps (default 30, or 3 with --tiny)')
     p.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 10, or 1 with --tiny)')
     p.add_argument('--data', default=None, help='also measure end to end from DIR/train')
+    p.add_argument('--fullsize-jpegs', default=None, metavar='DIR',
+                   help='make DIR/train (2,048 ImageNet-sized JPEGs from the shipped demo images) unless it '
+                        'exists, and measure end to end from it (when no --data)')
     p.add_argument('-j', '--workers', type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument('--compile', action='store_true', help='torch.compile our networks (as main_moco.py --compile)')
     p.add_argument('--peak-tflops', type=float, default=750., help='bf16 matmul ceiling of the GPU (H100: ~750)')
     p.add_argument('--out', default=None, help='also write the rows as JSON here')
     args = p.parse_args(argv)
 
+    if args.fullsize_jpegs and not args.data:
+        args.data = make_fullsize_jpegs(args.fullsize_jpegs)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     models = [(m.split(':')[0], int(m.split(':')[1])) for m in args.models] if args.models else \
         list(TINY_MODELS if args.tiny or device.type == 'cpu' else GPU_MODELS)
@@ -149,9 +192,13 @@ def main(argv=None):
                 pipeline = None
                 if input_name == 'synthetic':
                     batches = synthetic(batch, size, device)
-                else:  # ours: small images through the in-memory pipeline, large ones through the GPU one
+                else:  # ours: small images of one size through the in-memory pipeline, others the GPU one
                     pipeline = ('memory' if size <= 64 else 'gpu') if config == 'ours' else 'reference'
-                    batches = from_files(args.data, batch, size, args.workers, device, pipeline)
+                    try:
+                        batches = from_files(args.data, batch, size, args.workers, device, pipeline)
+                    except UserError:   # images of several sizes
+                        pipeline = 'gpu'
+                        batches = from_files(args.data, batch, size, args.workers, device, pipeline)
                 rate, peak = runner.timed(batches, warmup, steps)
                 tflops = rate * flops / 1e12
                 ref_rate = rate if config == 'reference' else ref_rate

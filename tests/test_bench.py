@@ -33,3 +33,16 @@ def test_bench_from_files_through_the_gpu_pipeline(tiny_folder, capsys):
     assert files['ours']['pipeline'] == 'gpu' and files['reference']['pipeline'] == 'reference'
     assert files['ours']['images_per_s'] > 0
     assert 'files/gpu' in capsys.readouterr().out
+
+
+def test_fullsize_jpegs_are_made_once(tmp_path):
+    from PIL import Image
+    root = bench.make_fullsize_jpegs(str(tmp_path / 'fs'), n=12)
+    files = sorted((tmp_path / 'fs' / 'train').rglob('*.jpg'))
+    assert len(files) == 12 and len({f.parent for f in files}) > 1
+    for f in files:
+        w, h = Image.open(f).size
+        assert 300 <= w <= 500 and 300 <= h <= 500
+    stamp = files[0].stat().st_mtime_ns
+    assert bench.make_fullsize_jpegs(root, n=12) == root and files[0].stat().st_mtime_ns == stamp
+    assert not (tmp_path / 'fs.partial').exists()
