@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from moco import demo_data
+from moco import demo_data, plot
 
 # The recipe of CONFIG.md's "embedded demo": a ResNet-18 at 32 px with the CIFAR recipe of
 # solo-learn (LARS, T 0.2, no blur, crop scale 0.08-1), shortened to fit a 2-core CPU: 13 epochs of 11
@@ -74,6 +74,9 @@ def main(args):
         if isinstance(result, dict) and 'acc1' in result:
             lines.append(f'  linear probe ({args.probe_epochs} epochs, frozen features): top-1 {result["acc1"]:.1f}% '
                          f'(best {result.get("best_acc1", result["acc1"]):.1f}%)')
+    curves = plot.plot([run_dir], os.path.join(run_dir, 'curves.png'), labels=['MoCo v3, ResNet-18'],
+                       title='demo: 3,000 CIFAR-10 images, CPU')
+    lines.append(f'  loss and kNN curves: {curves}')
     print('\n'.join(lines))
     print(f'\ntotal time {(time.time() - tic) / 60:.1f} min; TensorBoard: tensorboard --logdir {run_dir}')
 
