@@ -1,7 +1,11 @@
 """python -m moco.bench runs on CPU (tiny sizes) and reports every column for both configurations."""
 import json
 
+import pytest
+import torch
+
 from moco import bench
+from moco.dist import UserError
 
 
 def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):
@@ -25,16 +29,6 @@ def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):
     assert 'img/s' in printed and 'TFLOP/s' in printed and 'vs ref' in printed
 
 
-def test_bench_from_files_through_the_gpu_pipeline(tiny_folder, capsys):
-    """Above 64 px our configuration reads the files through the GPU pipeline (here on the CPU)."""
-    rows = bench.main(['--tiny', '--models', 'resnet18_cifar:2', '--steps', '1', '--warmup', '0',
-                       '--image-size', '68', '--data', str(tiny_folder), '-j', '0'])
-    files = {r['config']: r for r in rows if r['input'] == 'files'}
-    assert files['ours']['pipeline'] == 'gpu' and files['reference']['pipeline'] == 'reference'
-    assert files['ours']['images_per_s'] > 0
-    assert 'files/gpu' in capsys.readouterr().out
-
-
 def test_fullsize_jpegs_are_made_once(tmp_path):
     from PIL import Image
     root = bench.make_fullsize_jpegs(str(tmp_path / 'fs'), n=12)
@@ -46,3 +40,8 @@ def test_fullsize_jpegs_are_made_once(tmp_path):
     stamp = files[0].stat().st_mtime_ns
     assert bench.make_fullsize_jpegs(root, n=12) == root and files[0].stat().st_mtime_ns == stamp
     assert not (tmp_path / 'fs.partial').exists()
+    # images of several sizes: not for the in-memory pipeline; the GPU one (here on the CPU) reads them
+    with pytest.raises(UserError, match='one size'):
+        bench.from_files(root, 4, 64, 0, torch.device('cpu'), 'memory')
+    x1, x2 = next(bench.from_files(root, 4, 64, 0, torch.device('cpu'), 'gpu'))
+    assert x1.shape == x2.shape == (4, 3, 64, 64) and not torch.equal(x1, x2)

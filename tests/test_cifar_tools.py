@@ -101,8 +101,10 @@ def test_knn_on_a_problem_with_a_known_answer():
 
 @pytest.mark.parametrize('recipe', ['mocov3', 'byol', 'm2t', 'vit'])
 def test_cifar_recipes_run_a_few_steps(tiny_folder, tmp_path, recipe):
-    """The CONFIG.md CIFAR-10 commands, shrunk (batch, widths, epochs) to a few CPU steps."""
-    common = ['--image-size', '32', '--no-blur', '-b', '16', '--epochs', '1', '--warmup-epochs', '0', '-j', '0',
+    """The CONFIG.md CIFAR-10 commands, shrunk (batch, widths, epochs) to a few CPU steps, with the
+    in-memory pipeline as there."""
+    common = ['--image-size', '32', '--no-blur', '--data-pipeline', 'memory', '-b', '16', '--epochs', '1',
+              '--warmup-epochs', '0', '-j', '0',
               '--moco-dim', '16', '--moco-mlp-dim', '32', '--knn-freq', '1', '--knn-k', '5', '-p', '100',
               '--output-dir', str(tmp_path)]
     arch = {'vit': ['-a', 'vit_tiny_patch4', '--optimizer', 'adamw', '--lr', '1.5e-4', '--wd', '0.1',
@@ -113,6 +115,7 @@ def test_cifar_recipes_run_a_few_steps(tiny_folder, tmp_path, recipe):
     rc, out = wait_output(start([sys.executable, 'main_moco.py', *arch, *common, str(tiny_folder)]))
     assert rc == 0, out
     assert 'kNN top-1 after epoch 1' in out and os.path.exists(tmp_path / 'checkpoint_0000.pth.tar')
+    assert '(memory data pipeline)' in out     # and its kNN monitor reads the decoded images
     if recipe == 'mocov3':
         groups = torch.load(tmp_path / 'checkpoint_0000.pth.tar', weights_only=True)['optimizer']['param_groups']
         assert groups[0]['trust_coefficient'] == 0.02

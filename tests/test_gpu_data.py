@@ -5,14 +5,13 @@ it refuses takes PIL's path. Crops: equal to torchvision's tensor resized_crop (
 resize of the reference path the difference is PIL's 8-bit rounding (at most 1/255 after rounding
 ours). The ops after the crop are tensor_aug's, tested in test_tensor_aug.py."""
 import io
-import sys
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from conftest import broken_folder, jpeg_bytes, start, wait_output
+from conftest import broken_folder, jpeg_bytes
 from moco import tensor_aug as ta
 from moco.data import BadImage, load_rgb, start_epoch
 from moco.dist import UserError
@@ -167,12 +166,3 @@ def test_auto_picks_gpu_only_with_cuda():
     assert resolve('auto', torch.device('cuda', 0)) == 'gpu'
     assert resolve('auto', CPU) == 'reference'
     assert resolve('memory', torch.device('cuda', 0)) == 'memory'
-
-
-def test_pretraining_with_the_gpu_pipeline(tiny_folder, tmp_path):
-    cmd = [sys.executable, 'main_moco.py', str(tiny_folder), '-a', 'resnet18_cifar', '--image-size', '16',
-           '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '1', '-j', '1', '-p', '100',
-           '--data-pipeline', 'gpu', '--seed', '1', '--output-dir', str(tmp_path)]
-    rc, out = wait_output(start(cmd))
-    assert rc == 0, out
-    assert '(gpu data pipeline)' in out and (tmp_path / 'checkpoint_0000.pth.tar').exists()

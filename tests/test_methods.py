@@ -290,17 +290,17 @@ def test_momentum_bn_layers_are_the_only_difference_from_torchvision():
 def _command(data, out_dir, method, epochs=2):
     return [sys.executable, 'main_moco.py', str(data), '--method', method, '-a', 'resnet18_cifar', '--image-size', '8',
             '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', str(epochs), '--warmup-epochs', '1',
-            '-j', '0', '-p', '100', '--seed', '2', '--output-dir', str(out_dir)]
+            '-j', '0', '-p', '100', '--seed', '2', '--data-pipeline', 'gpu', '--output-dir', str(out_dir)]
 
 
 @pytest.mark.parametrize('method', ['byol', 'm2t'])
 def test_resume_continues_the_schedules_exactly(tiny_folder, tmp_path, method):
     """A 2-epoch run, and the same run resumed from its epoch-1 checkpoint, end identical: the target
     momentum and (m2t) the momentum-BN alpha come from the global step, and the momentum-BN statistics
-    are in the checkpoint."""
+    are in the checkpoint. (Read through the GPU data pipeline, run on the CPU: its views resume too.)"""
     rc, out = wait_output(start(_command(tiny_folder, tmp_path / 'full', method)))
     assert rc == 0, out
-    assert f'{method} model:' in out and '(cosine to 1)' in out
+    assert f'{method} model:' in out and '(cosine to 1)' in out and '(gpu data pipeline)' in out
     os.makedirs(tmp_path / 'cut')
     shutil.copy(tmp_path / 'full' / 'checkpoint_0000.pth.tar', tmp_path / 'cut')
     rc, out = wait_output(start(_command(tiny_folder, tmp_path / 'cut', method) + ['--resume', 'auto']))

@@ -7,14 +7,12 @@ antialiasing filter: mean absolute difference below 0.02, max below 0.15. The PI
 reference pipeline differs further by PIL's 8-bit rounding after each op (not tested here)."""
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from conftest import start, wait_output
 from moco import tensor_aug as ta
 from moco.data import EpochSampler, start_epoch
 from moco.dist import UserError
@@ -151,17 +149,6 @@ def test_memory_pipeline_refuses_mixed_sizes(tmp_path):
         Image.new('RGB', (size, size)).save(tmp_path / 'train' / 'c' / f'{i}.png')
     with pytest.raises(UserError, match='one size'):
         InMemoryLoader(str(tmp_path), 'train', 2, torch.device('cpu'), 8)
-
-
-def test_pretraining_with_the_memory_pipeline(tiny_folder, tmp_path):
-    cmd = [sys.executable, 'main_moco.py', str(tiny_folder), '-a', 'resnet18_cifar', '--image-size', '32',
-           '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '1', '-j', '0', '-p', '100',
-           '--data-pipeline', 'memory', '--no-blur', '--seed', '1', '--output-dir', str(tmp_path),
-           '--knn-freq', '1', '--knn-k', '5']   # 32 px: the kNN monitor reads the decoded images
-    rc, out = wait_output(start(cmd))
-    assert rc == 0, out
-    assert '(memory data pipeline)' in out and os.path.exists(tmp_path / 'checkpoint_0000.pth.tar')
-    assert 'kNN top-1 at initialisation' in out and 'kNN top-1 after epoch 1' in out
 
 
 def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folder):

@@ -80,7 +80,8 @@ def get_args_parser():
     g.add_argument('--warmup-epochs', default=5, type=int, help='epochs of linear warmup (default: 5)')
     g.add_argument('--smoothing', default=0.1, type=float, help='label smoothing (default: 0.1)')
     g.add_argument('--amp', default='auto', choices=PRECISIONS,
-                   help='mixed precision: auto = fp16 with a GradScaler on CUDA (as DeiT), fp32 on CPU')
+                   help='mixed precision: auto = bf16 on CUDA GPUs that have it, else fp16 with a GradScaler '
+                        '(as DeiT; --amp fp16), fp32 on CPU')
     g.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
                    help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10; '
                         '0: no check, hence no host sync in the step, and a NaN reaches the weights)')
