@@ -102,19 +102,25 @@ def decode_on_device(payloads, paths, device):
         torch.cuda.current_stream(device).synchronize()
     try:  # one batched call: nvJPEG decodes the batch together
         decoded = decode_jpeg([payloads[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:  # some file of the batch is rejected: decode one by one
+    except (RuntimeError, ValueError):  # some file of the batch is rejected: decode one by one
         decoded = [None] * len(jpegs)
     for i, image in zip(jpegs, decoded):
-        if image is None:
+        if not _is_rgb(image):
             image = _decode_one(payloads[i], paths[i], device)
         images[i] = image
     return images
 
 
+def _is_rgb(image):
+    return image is not None and image.dim() == 3 and image.shape[0] == 3   # shapes only: no sync
+
+
 def _decode_one(data, path, device):
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+        image = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        if _is_rgb(image):
+            return image
+    except (RuntimeError, ValueError):
         pass
     try:  # the reference path's decoder reads some files libjpeg/nvJPEG refuse
         return pil_to_tensor(load_rgb(path, data.numpy().tobytes())).to(device)

@@ -166,3 +166,20 @@ def test_auto_picks_gpu_only_with_cuda():
     assert resolve('auto', torch.device('cuda', 0)) == 'gpu'
     assert resolve('auto', CPU) == 'reference'
     assert resolve('memory', torch.device('cuda', 0)) == 'memory'
+
+
+def test_a_decoder_answer_that_is_not_rgb_takes_the_pil_path(tiny_folder, monkeypatch):
+    """Should the batched decoder hand back a one-channel image (or raise), the file is decoded again."""
+    import moco.gpu_data as gd
+    samples = GpuJpegLoader(tiny_folder, 'train', 4, CPU, 8).folder.samples[:3]
+    payloads = [EncodedFiles(samples)[(i, 0)][0] for i in range(3)]
+    real = gd.decode_jpeg
+
+    def gray_batch(data, mode, device):
+        if isinstance(data, list):
+            return [real(d, mode=mode)[:1] for d in data]      # one channel: wrong
+        raise RuntimeError('nvjpeg says no')
+    monkeypatch.setattr(gd, 'decode_jpeg', gray_batch)
+    images = decode_on_device(payloads, [p for p, _ in samples], CPU)
+    for (path, _), image in zip(samples, images):
+        assert torch.equal(image, TF.pil_to_tensor(load_rgb(path)))
