@@ -61,8 +61,11 @@ class InMemoryLoader:
     ``.sampler`` an EpochSampler (so ``start_epoch`` and checkpoints work unchanged)."""
 
     def __init__(self, root, split, batch_size, device, image_size, crop_min=0.08, blur=True, seed=None,
-                 workers=0, strict=False):
+                 workers=0, strict=False, prefetch=None):
         images, self.targets, skipped = decode_folder(root, split, workers, strict)
+        # on CUDA, views are made 2 batches ahead in a thread (gpu_data.ahead_in_thread), so that the
+        # step's host sync does not leave the GPU idle while the next views are launched
+        self.prefetch = (2 if torch.device(device).type == 'cuda' else 0) if prefetch is None else prefetch
         if skipped:
             print(f'{skipped} unreadable image(s) replaced while decoding {root}/{split}')
         self.images = images.to(device)
@@ -75,6 +78,12 @@ class InMemoryLoader:
         return len(self.sampler) // self.batch_size
 
     def __iter__(self):
+        if self.prefetch:
+            from moco.gpu_data import ahead_in_thread
+            return ahead_in_thread(self._batches(), self.images.device, self.prefetch)
+        return self._batches()
+
+    def _batches(self):
         pairs = list(self.sampler)
         no_skips = torch.zeros(self.batch_size, dtype=torch.long)
         for b in range(len(self)):

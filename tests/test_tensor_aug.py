@@ -141,6 +141,12 @@ def test_memory_loader_order_resume_and_determinism(tiny_folder):
     assert len(resumed) == 2
     for (va, ta_, _), (vb, tb, _) in zip(full[3:], resumed):
         assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1]) and torch.equal(ta_, tb)
+    ahead = InMemoryLoader(tiny_folder, 'train', 8, torch.device('cpu'), 16, seed=3, prefetch=2)  # CUDA's way
+    start_epoch(ahead, 2)
+    made_ahead = list(ahead)
+    assert len(made_ahead) == len(full)
+    for (va, ta_, _), (vb, tb, _) in zip(full, made_ahead):
+        assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1]) and torch.equal(ta_, tb)
 
 
 def test_memory_pipeline_refuses_mixed_sizes(tmp_path):
