@@ -13,7 +13,7 @@ workers), and any JPEG the GPU decoder rejects (decoded in the training process)
 can decode is reported once and replaced by the next readable image of its batch, as the reference
 path replaces it by the next readable file (``--strict-data``: a one-line error instead).
 
-On CUDA the batches are made one or two ahead in a thread on their own CUDA stream, so that decoding
+On CUDA the batches are made two ahead in a thread on their own CUDA stream, so that decoding
 and augmenting overlap the training step (and the step's one host sync, the non-finite-loss check).
 Without CUDA the same code runs on the CPU, the workers decoding (what the tests exercise).
 Order and randomness are the in-memory pipeline's: the order is ``EpochSampler``'s (a function of
