@@ -313,11 +313,10 @@ def test_resume_continues_the_schedules_exactly(tiny_folder, tmp_path, method):
         key = 'module.momentum_encoder.bn1.running_mean'
         assert not torch.equal(load(tmp_path / 'full' / 'checkpoint_0000.pth.tar')['state_dict'][key], a['state_dict'][key])
 
-    # resuming with another --method is a one-line error
-    other = 'mocov3' if method == 'byol' else 'byol'
-    cmd = _command(tiny_folder, tmp_path / 'cut', other, epochs=3) + ['--resume', 'auto']
-    rc, out = wait_output(start(cmd))
-    assert rc == 2 and 'Traceback' not in out and f'was trained with --method {method}' in out, out
+    if method == 'byol':  # resuming with another --method is a one-line error (once is enough)
+        cmd = _command(tiny_folder, tmp_path / 'cut', 'mocov3', epochs=3) + ['--resume', 'auto']
+        rc, out = wait_output(start(cmd))
+        assert rc == 2 and 'Traceback' not in out and 'was trained with --method byol' in out, out
 
 
 def _m2t_ddp_worker(rank, port, result_path):
