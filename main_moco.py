@@ -17,7 +17,7 @@ import os
 import torch
 
 from moco import dist, pipelines
-from moco.amp import PRECISIONS, Amp, NonFiniteSteps
+from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
 from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
                              load_model_state, pretrain_checkpoint_name, remove_file, remove_stale_temporaries,
                              require_keys, resolve_resume, save_checkpoint, thin_checkpoints, unwrap)
@@ -77,12 +77,7 @@ def get_args_parser():
                         'default: on with CUDA)')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the encoders and the predictor (same math; slow first steps, faster after)')
-    g.add_argument('--amp', default='auto', choices=PRECISIONS,
-                   help='mixed precision: auto = bf16 on CUDA GPUs that have it, else fp16 with a GradScaler '
-                        "(the original's; --amp fp16), fp32 on CPU")
-    g.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
-                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10; '
-                        '0: no check, hence no host sync in the step, and a NaN reaches the weights)')
+    add_training_precision_args(g, reference="the original's")
 
     g = parser.add_argument_group('data')
     g.add_argument('-j', '--workers', default=32, type=int, metavar='N',

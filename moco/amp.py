@@ -10,6 +10,17 @@ from moco.dist import UserError
 PRECISIONS = ('auto', 'fp16', 'bf16', 'fp32')
 
 
+def add_training_precision_args(group, reference):
+    """``--amp`` and ``--max-nonfinite-steps`` of the training scripts; ``reference`` names whose
+    precision fp16 is (e.g. "the original's")."""
+    group.add_argument('--amp', default='auto', choices=PRECISIONS,
+                       help='mixed precision: auto = bf16 on CUDA GPUs that have it, else fp16 with a GradScaler '
+                            f'({reference}; --amp fp16), fp32 on CPU')
+    group.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
+                       help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: '
+                            '10; 0: no check, hence no host sync in the step, and a NaN reaches the weights)')
+
+
 def resolve_precision(name, device):
     """'auto': bf16 on CUDA GPUs that have it (Ampere and newer: no GradScaler, no overflow), else the
     original's fp16 with a GradScaler on CUDA; fp32 on CPU."""

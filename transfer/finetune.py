@@ -31,7 +31,7 @@ from timm.scheduler import CosineLRScheduler  # noqa: E402
 
 import vits  # noqa: E402
 from moco import dist  # noqa: E402
-from moco.amp import PRECISIONS, Amp, NonFiniteSteps  # noqa: E402
+from moco.amp import Amp, NonFiniteSteps, add_training_precision_args  # noqa: E402
 from moco.checkpoint import (load_backbone, load_model_state, read_pretrained_encoder,  # noqa: E402
                              resolve_resume, save_checkpoint, unwrap)
 from moco.data import make_loader, start_epoch  # noqa: E402
@@ -79,12 +79,7 @@ def get_args_parser():
     g.add_argument('--warmup-lr', default=1e-6, type=float, help='lr at the start of warmup (default: 1e-6)')
     g.add_argument('--warmup-epochs', default=5, type=int, help='epochs of linear warmup (default: 5)')
     g.add_argument('--smoothing', default=0.1, type=float, help='label smoothing (default: 0.1)')
-    g.add_argument('--amp', default='auto', choices=PRECISIONS,
-                   help='mixed precision: auto = bf16 on CUDA GPUs that have it, else fp16 with a GradScaler '
-                        '(as DeiT; --amp fp16), fp32 on CPU')
-    g.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
-                   help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: 10; '
-                        '0: no check, hence no host sync in the step, and a NaN reaches the weights)')
+    add_training_precision_args(g, reference='as DeiT')
 
     g = parser.add_argument_group('augmentation (DeiT defaults)')
     g.add_argument('--mixup', default=0.8, type=float, help='mixup alpha, on if > 0 (default: 0.8)')
