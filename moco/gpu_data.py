@@ -63,9 +63,9 @@ def _bytes_tensor(data):
 
 
 class EncodedFiles(torch.utils.data.Dataset):
-    """Item ``(index, seed)`` of an EpochSampler -> ``(payload, target, index)``: the payload is a JPEG's
-    bytes (1-d uint8) for the GPU, else the image decoded here on the CPU (3-d uint8, C x H x W), or a
-    BadImage when nothing can read it. ``decode_all``: decode every file here (no GPU)."""
+    """Item ``(index, seed)`` of an EpochSampler -> ``(payload, target, index, seed)``: the payload is a
+    JPEG's bytes (1-d uint8) for the GPU, else the image decoded here on the CPU (3-d uint8, C x H x W),
+    or a BadImage when nothing can read it. ``decode_all``: decode every file here (no GPU)."""
 
     def __init__(self, samples, decode_all=False):
         self.samples, self.decode_all = samples, decode_all
@@ -141,14 +141,10 @@ def resized_crops(images, top, left, h, w, size):
 
 def two_views_of_list(images, size, crop_min=0.08, blur=True, generator=None):
     """``tensor_aug.two_views`` for a list of uint8 images of different sizes on one device."""
-    n = len(images)
     heights = torch.tensor([im.shape[1] for im in images])
     widths = torch.tensor([im.shape[2] for im in images])
-    views = []
-    for blur_p, solarize_p in ((1.0 if blur else 0., 0.), (0.1 if blur else 0., 0.2)):
-        p = tensor_aug.sample_view_params(n, heights, widths, crop_min, blur_p, solarize_p, generator)
-        views.append(tensor_aug.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], size), p))
-    return views
+    return [tensor_aug.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], size), p)
+            for p in tensor_aug.sample_two_views(len(images), heights, widths, crop_min, blur, generator)]
 
 
 class GpuJpegLoader:

@@ -293,11 +293,15 @@ def after_crop(x, p, d=None):
     return normalize(x)
 
 
+def sample_two_views(n, height, width, crop_min=0.08, blur=True, generator=None):
+    """The parameters of MoCo v3's two views (``sample_view_params`` of each): view 1 blur p 1.0, view 2
+    blur p 0.1 and solarize p 0.2 (``blur=False``: no blur in either). Sizes as ``sample_crops``."""
+    return [sample_view_params(n, height, width, crop_min, 1.0 if blur else 0., 0., generator),
+            sample_view_params(n, height, width, crop_min, 0.1 if blur else 0., 0.2, generator)]
+
+
 def two_views(images_uint8, size, crop_min=0.08, blur=True, generator=None):
-    """MoCo v3's two views of a uint8 batch (N, 3, H, W) on any device: view 1 blur p 1.0, view 2 blur
-    p 0.1 and solarize p 0.2 (``blur=False``: no blur in either)."""
+    """MoCo v3's two views of a uint8 batch (N, 3, H, W) on any device."""
     x = images_uint8.float() / 255
     n, _, h, w = x.shape
-    p1 = sample_view_params(n, h, w, crop_min, 1.0 if blur else 0., 0., generator)
-    p2 = sample_view_params(n, h, w, crop_min, 0.1 if blur else 0., 0.2, generator)
-    return [view(x, size, p1), view(x, size, p2)]
+    return [view(x, size, p) for p in sample_two_views(n, h, w, crop_min, blur, generator)]
