@@ -254,14 +254,18 @@ def shared_seed(seed=None):
     return int(value.item())
 
 
+def epoch_sampler(n, batch_size, shuffle, drop_last, seed=None):
+    """This process's EpochSampler over n items (a shared random seed when ``seed`` is None)."""
+    return EpochSampler(n, batch_size, shuffle, drop_last, shared_seed(seed), dist.rank(), dist.world_size())
+
+
 def make_loader(dataset, batch_size, workers, shuffle, drop_last, seed=None, pin_memory=False):
     """DataLoader over this process's share of ``dataset`` yielding ``(samples, targets, skipped)``.
 
     Call ``start_epoch`` before each epoch. Order and augmentations are a function of (seed, epoch)
     only (a shared random seed when None: ``loader.sampler.seed``, saved in checkpoints).
     """
-    sampler = EpochSampler(len(dataset), batch_size, shuffle, drop_last, shared_seed(seed),
-                           dist.rank(), dist.world_size())
+    sampler = epoch_sampler(len(dataset), batch_size, shuffle, drop_last, seed)
     return torch.utils.data.DataLoader(EpochDataset(dataset), batch_size=batch_size, sampler=sampler,
                                        num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
                                        persistent_workers=False)

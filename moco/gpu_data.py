@@ -13,24 +13,21 @@ workers), and any JPEG the GPU decoder rejects (decoded in the training process)
 can decode is reported once and replaced by the next readable image of its batch, as the reference
 path replaces it by the next readable file (``--strict-data``: a one-line error instead).
 
-On CUDA the batches are made two ahead in a thread on their own CUDA stream, so that decoding
-and augmenting overlap the training step (and the step's one host sync, the non-finite-loss check).
+On CUDA the batches are made two ahead in a thread on their own CUDA stream (moco/device_loader.py),
+so that decoding and augmenting overlap the training step and its one host sync.
 Without CUDA the same code runs on the CPU, the workers decoding (what the tests exercise).
 Order and randomness are the in-memory pipeline's: the order is ``EpochSampler``'s (a function of
 seed and epoch, resumable mid-epoch) and each batch's view parameters come from its first sample
 seed, so a seeded run is repeatable for any number of workers.
 """
-import queue
-import threading
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from moco import dist, tensor_aug
-from moco.data import MAX_CONSECUTIVE_BAD, BadImage, EpochSampler, image_folder, load_rgb, shared_seed
+from moco import tensor_aug
+from moco.data import MAX_CONSECUTIVE_BAD, BadImage, image_folder, load_rgb
+from moco.device_loader import DeviceLoader
 from moco.dist import UserError
 
 JPEG_START = b'\xff\xd8'
@@ -147,36 +144,21 @@ def two_views_of_list(images, size, crop_min=0.08, blur=True, generator=None):
             for p in tensor_aug.sample_two_views(len(images), heights, widths, crop_min, blur, generator)]
 
 
-class GpuJpegLoader:
-    """Iterable over ``([view1, view2], targets, skipped)`` batches like the reference loader, with
-    ``.sampler`` an EpochSampler (so ``start_epoch`` and checkpoints work unchanged).
-
-    ``decode_in_workers`` (default: without CUDA) decodes every file in the workers on the CPU;
-    ``prefetch`` (default: with CUDA) makes ``prefetch`` batches ahead in a thread.
-    """
+class GpuJpegLoader(DeviceLoader):
+    """The GPU pipeline as a loader (see DeviceLoader). ``decode_in_workers`` (default: without CUDA)
+    decodes every file in the workers on the CPU."""
 
     def __init__(self, root, split, batch_size, device, image_size, crop_min=0.08, blur=True, seed=None,
                  workers=0, strict=False, decode_in_workers=None, prefetch=None):
         self.folder = image_folder(root, split, None, strict=strict)
-        self.device, self.batch_size = device, batch_size
+        super().__init__(len(self.folder), batch_size, device, seed, prefetch)
         self.image_size, self.crop_min, self.blur = image_size, crop_min, blur
         if decode_in_workers is None:
-            decode_in_workers = device.type != 'cuda'
-        self.prefetch = (2 if device.type == 'cuda' else 0) if prefetch is None else prefetch
-        self.sampler = EpochSampler(len(self.folder), batch_size, shuffle=True, drop_last=True,
-                                    seed=shared_seed(seed), rank=dist.rank(), world_size=dist.world_size())
+            decode_in_workers = self.device.type != 'cuda'
         self.files = torch.utils.data.DataLoader(
             EncodedFiles(self.folder.samples, decode_all=decode_in_workers), batch_size=batch_size,
             sampler=self.sampler, num_workers=workers, collate_fn=list, drop_last=True,
-            pin_memory=device.type == 'cuda', prefetch_factor=4 if workers else None)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __iter__(self):
-        if self.prefetch:
-            return ahead_in_thread(self._batches(), self.device, self.prefetch)
-        return self._batches()
+            pin_memory=self.device.type == 'cuda', prefetch_factor=4 if workers else None)
 
     def _batches(self):
         for items in self.files:
@@ -210,63 +192,3 @@ class GpuJpegLoader:
                 raise UserError(f'{MAX_CONSECUTIVE_BAD} consecutive unreadable images in {self.folder.root}: '
                                 'is this an image folder?')
         return images, targets, skipped
-
-
-_END = object()
-
-
-def ahead_in_thread(batches, device, depth):
-    """Iterate ``batches`` (a generator of ``(views, targets, skipped)``) ``depth`` items ahead in a
-    thread; on CUDA the thread works on its own stream, and each batch is handed over with an event the
-    consumer's stream waits for. Errors of the thread are raised in the consumer."""
-    cuda = device.type == 'cuda'
-    stream = torch.cuda.Stream(device) if cuda else None
-    handoff = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        try:
-            if cuda and device.index is not None:
-                torch.cuda.set_device(device)   # a new thread starts on GPU 0
-            with torch.cuda.stream(stream) if cuda else nullcontext():
-                for batch in batches:
-                    event = None
-                    if cuda:
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    if not put((batch, event)):
-                        return
-        except BaseException as e:  # noqa: B036 (handed to the consumer, which raises it)
-            put((e, None))
-            return
-        put((_END, None))
-
-    thread = threading.Thread(target=work, name='gpu-data', daemon=True)
-    thread.start()
-    try:
-        while True:
-            batch, event = handoff.get()
-            if batch is _END:
-                return
-            if isinstance(batch, BaseException):
-                raise batch
-            if cuda:
-                consumer = torch.cuda.current_stream(device)
-                consumer.wait_event(event)
-                views, targets, _ = batch
-                for x in (*views, targets):   # made on the thread's stream, used and freed on this one
-                    x.record_stream(consumer)
-            yield batch
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-

@@ -10,8 +10,9 @@ from the batch's first sample seed, so a seeded run is repeatable and resumes ex
 import torch
 import torchvision.transforms as transforms
 
-from moco import dist, tensor_aug
-from moco.data import EpochSampler, image_folder, shared_seed
+from moco import tensor_aug
+from moco.data import image_folder
+from moco.device_loader import DeviceLoader
 from moco.dist import UserError
 
 MAX_IMAGES = 2_000_000  # beyond this, decoding everything up front is not what a user wants
@@ -56,39 +57,24 @@ class _Indexed(torch.utils.data.Dataset):
         return self.dataset.load(i)
 
 
-class InMemoryLoader:
-    """Iterable over ``([view1, view2], targets, skipped)`` batches like the reference loader, with
-    ``.sampler`` an EpochSampler (so ``start_epoch`` and checkpoints work unchanged)."""
+class InMemoryLoader(DeviceLoader):
+    """The in-memory pipeline as a loader (see DeviceLoader)."""
 
     def __init__(self, root, split, batch_size, device, image_size, crop_min=0.08, blur=True, seed=None,
                  workers=0, strict=False, prefetch=None):
-        images, self.targets, skipped = decode_folder(root, split, workers, strict)
-        # on CUDA, views are made 2 batches ahead in a thread (gpu_data.ahead_in_thread), so that the
-        # step's host sync does not leave the GPU idle while the next views are launched
-        self.prefetch = (2 if torch.device(device).type == 'cuda' else 0) if prefetch is None else prefetch
+        images, targets, skipped = decode_folder(root, split, workers, strict)
         if skipped:
             print(f'{skipped} unreadable image(s) replaced while decoding {root}/{split}')
-        self.images = images.to(device)
-        self.targets = self.targets.to(device)
-        self.batch_size, self.image_size, self.crop_min, self.blur = batch_size, image_size, crop_min, blur
-        self.sampler = EpochSampler(len(images), batch_size, shuffle=True, drop_last=True, seed=shared_seed(seed),
-                                    rank=dist.rank(), world_size=dist.world_size())
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-    def __iter__(self):
-        if self.prefetch:
-            from moco.gpu_data import ahead_in_thread
-            return ahead_in_thread(self._batches(), self.images.device, self.prefetch)
-        return self._batches()
+        super().__init__(len(images), batch_size, device, seed, prefetch)
+        self.images, self.targets = images.to(self.device), targets.to(self.device)
+        self.image_size, self.crop_min, self.blur = image_size, crop_min, blur
 
     def _batches(self):
         pairs = list(self.sampler)
         no_skips = torch.zeros(self.batch_size, dtype=torch.long)
         for b in range(len(self)):
             chunk = pairs[b * self.batch_size:(b + 1) * self.batch_size]
-            index = tensor_aug.to_device_async(torch.tensor([i for i, _ in chunk]), self.images.device)
+            index = tensor_aug.to_device_async(torch.tensor([i for i, _ in chunk]), self.device)
             generator = torch.Generator().manual_seed(chunk[0][1])
             views = tensor_aug.two_views(self.images[index], self.image_size, self.crop_min, self.blur, generator)
             yield views, self.targets[index], no_skips
