@@ -121,6 +121,11 @@ def load_rgb(path, data=None):
 MAX_CONSECUTIVE_BAD = 50
 
 
+def too_many_unreadable(how_many, root):
+    """The error when a folder holds more unreadable files than a run tolerates."""
+    return UserError(f'{how_many} unreadable images in {root}: is this an image folder?')
+
+
 class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder that survives bad files: an unreadable image is reported once (per process) on
     stderr and replaced by the next readable one, unless ``strict`` (then it is a one-line error).
@@ -152,8 +157,7 @@ class SafeImageFolder(datasets.ImageFolder):
             if self.transform is not None:
                 sample = self.transform(sample)
             return sample, target, skipped
-        raise UserError(f'{MAX_CONSECUTIVE_BAD} consecutive unreadable images in {self.root}: is this '
-                        'an image folder?')
+        raise too_many_unreadable(f'{MAX_CONSECUTIVE_BAD} consecutive', self.root)
 
     def __getitem__(self, index):
         sample, target, _ = self.load(index)

@@ -26,9 +26,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from moco import tensor_aug
-from moco.data import MAX_CONSECUTIVE_BAD, BadImage, image_folder, load_rgb
+from moco.data import MAX_CONSECUTIVE_BAD, BadImage, image_folder, load_rgb, too_many_unreadable
 from moco.device_loader import DeviceLoader
-from moco.dist import UserError
 
 JPEG_START = b'\xff\xd8'
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame (not DHT, JPG, DAC)
@@ -180,8 +179,7 @@ class GpuJpegLoader(DeviceLoader):
             if isinstance(image, BadImage):
                 self.folder.report_bad(path, image)
         if all(bad):
-            raise UserError(f'a whole batch of {len(images)} unreadable images in {self.folder.root}: '
-                            'is this an image folder?')
+            raise too_many_unreadable(f'a whole batch of {len(images)}', self.folder.root)
         n = len(images)
         for i in range(n):
             for s in range(min(n, MAX_CONSECUTIVE_BAD)):
@@ -189,6 +187,5 @@ class GpuJpegLoader(DeviceLoader):
                     images[i], targets[i], skipped[i] = images[(i + s) % n], targets[(i + s) % n], s
                     break
             else:
-                raise UserError(f'{MAX_CONSECUTIVE_BAD} consecutive unreadable images in {self.folder.root}: '
-                                'is this an image folder?')
+                raise too_many_unreadable(f'{MAX_CONSECUTIVE_BAD} consecutive', self.folder.root)
         return images, targets, skipped
