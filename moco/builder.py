@@ -153,25 +153,21 @@ class BYOL:
         return regression_loss(p, z)
 
 
-class MomentumSquaredTeacher:
-    """Momentum² Teacher (Li et al. 2021): BYOL's loop with per-process BatchNorm in the student and
-    momentum BatchNorm (``moco/momentum_bn.py``) in the teacher, so no BatchNorm is synchronised.
-    Every Linear has a bias; no BN after the last Linear. The teacher is what is evaluated.
+class MomentumSquaredTeacher(BYOL):
+    """Momentum² Teacher (Li et al. 2021): BYOL (its loss, no BN after the last Linear) with per-process
+    BatchNorm in the student and momentum BatchNorm (``moco/momentum_bn.py``) in the teacher, so no
+    BatchNorm is synchronised. Every Linear has a bias. The teacher is what is evaluated.
 
     ``forward(x1, x2, m, alpha)``: alpha is the momentum-BN coefficient of this step, from the global
     step (``moco.momentum_bn.mbn_alpha``). The teacher's two passes update each momentum BN once.
     """
     mlp_bias = (True, True)
-    last_bn = False
     sync_bn = False
     eval_encoder = 'momentum_encoder'
 
     def __init__(self, *args, mbn_faithful=True, **kwargs):
         super().__init__(*args, **kwargs)
         convert_to_momentum_bn(self.momentum_encoder, faithful=mbn_faithful)
-
-    def pair_loss(self, q, k):
-        return regression_loss(q, k)
 
     def forward(self, x1, x2, m, alpha=1.0):
         set_alpha(self.momentum_encoder, alpha)
