@@ -13,7 +13,7 @@ import torchvision.transforms.v2.functional as TF
 
 from conftest import start, wait_output
 from moco.amp import Amp
-from moco.data import load_rgb, start_epoch
+from moco.data import image_folder, load_rgb, start_epoch
 from moco.gpu_data import EncodedFiles, GpuJpegLoader, decode_on_device
 from moco.memory_data import InMemoryLoader
 from moco.models import build_moco, compile_networks
@@ -30,19 +30,15 @@ def _epoch(loader, epoch=0):
 
 
 def test_nvjpeg_decodes_close_to_pil(tiny_folder):
-    samples = EncodedFiles([(p, y) for p, y in _samples(tiny_folder)])
-    payloads = [samples[(i, 0)][0] for i in range(len(samples))]
+    samples = image_folder(tiny_folder, 'train', None).samples
+    files = EncodedFiles(samples)
+    payloads = [files[(i, 0)][0] for i in range(len(samples))]
     assert all(p.dim() == 1 for p in payloads)                       # all JPEG bytes, to the GPU
-    images = decode_on_device(payloads, [p for p, _ in _samples(tiny_folder)], CUDA)
-    for (path, _), image in zip(_samples(tiny_folder), images):
+    images = decode_on_device(payloads, [p for p, _ in samples], CUDA)
+    for (path, _), image in zip(samples, images):
         assert image.device.type == 'cuda'
         diff = (image.cpu().int() - TF.pil_to_tensor(load_rgb(path)).int()).abs()
         assert diff.float().mean() < 1.0 and diff.max() <= 16, path
-
-
-def _samples(root):
-    from moco.data import image_folder
-    return image_folder(root, 'train', None).samples
 
 
 def test_gpu_pipeline_on_cuda_matches_the_cpu_pipeline(tiny_folder):
