@@ -73,11 +73,14 @@ def get_args_parser():
                    help='trust coefficient of LARS (default: 0.001, as MoCo v3; solo-learn\'s CIFAR recipes: 0.02)')
     g.add_argument('--warmup-epochs', default=10, type=int, metavar='N', help='number of warmup epochs')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
-                   help='channels_last memory format for convolutional models (same math, faster on GPUs; '
-                        'default: on with CUDA)')
+                   help='channels_last memory format for convolutional models (same math, only the order of '
+                        'float operations differs; faster on GPUs; default: on with CUDA)')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the encoders and the predictor (same math; slow first steps, faster after)')
-    add_training_precision_args(g, reference="the original's")
+    add_training_precision_args(g, reference="the original's",
+                                fast_help='bf16 autocast on GPUs that have it, and the in-memory data pipeline '
+                                          'for folders of small images of one size or the GPU one otherwise '
+                                          '(with CUDA)')
 
     g = parser.add_argument_group('data')
     g.add_argument('-j', '--workers', default=32, type=int, metavar='N',
@@ -85,11 +88,12 @@ def get_args_parser():
     g.add_argument('--crop-min', default=0.08, type=float, help='minimum scale for random cropping (default: 0.08)')
     g.add_argument('--no-blur', action='store_true', help='no Gaussian blur in either view (small images)')
     g.add_argument('--data-pipeline', default='auto', choices=pipelines.PIPELINES,
-                   help='auto (default): gpu when CUDA is present, else reference | reference: PIL/torchvision '
-                        "ops in loader workers, the original's pixels | gpu: workers read JPEG files, the batch "
-                        'is decoded (nvJPEG) and both views made on the GPU | memory: decode DIR/train once into '
-                        '(GPU) memory, views made batch-wise on the device (small images such as CIFAR). gpu '
-                        'and memory: same ops, order and ranges as reference (moco/tensor_aug.py)')
+                   help="auto (default): reference, or with --fast memory for folders of small images of one "
+                        "size, else gpu with CUDA | reference: PIL/torchvision ops in loader workers, the "
+                        "original's pixels | gpu: workers read JPEG files, the batch is decoded (nvJPEG) and both "
+                        'views made on the GPU | memory: decode DIR/train once into (GPU) memory, views made '
+                        'batch-wise on the device (small images such as CIFAR). gpu and memory: same ops, order '
+                        "and ranges as reference, pixels within PIL's 8-bit rounding (README)")
     g.add_argument('--strict-data', action='store_true',
                    help='stop at the first unreadable image (default: skip it, warn once and count it in the log)')
 
@@ -149,7 +153,7 @@ def main_worker(args):
     args.memory_format = torch.channels_last if args.channels_last and not is_vit(args.arch) else torch.contiguous_format
     model.to(device, memory_format=args.memory_format)
     optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum, args.lars_trust)
-    amp = Amp(args.amp, device)
+    amp = Amp(args.amp, device, fast=args.fast)
     print(f'precision: {amp.precision}')
 
     has_run = os.path.isdir(args.output_dir) and any(map(is_pretrain_checkpoint_name, os.listdir(args.output_dir)))
@@ -186,7 +190,7 @@ def main_worker(args):
             model, device_ids=[args.gpu] if device.type == 'cuda' else None, gradient_as_bucket_view=True,
             **buffer_sync(sync_bn))
 
-    args.data_pipeline = pipelines.resolve(args.data_pipeline, device)
+    args.data_pipeline = pipelines.resolve(args.data_pipeline, device, args.data, fast=args.fast)
     loader, n_train = pipelines.pretrain_loader(args.data_pipeline, args.data, args.batch_size, device,
                                                 args.image_size, args.crop_min, blur=not args.no_blur,
                                                 seed=data_seed, workers=args.workers, strict=args.strict_data)

@@ -1,5 +1,6 @@
 """Mixed precision as one code path: autocast (or nothing) plus a GradScaler that is a no-op
-unless fp16. The original uses fp16 autocast with a GradScaler for the whole forward and loss."""
+unless fp16. The original uses fp16 autocast with a GradScaler for the whole forward and loss, and
+that is the default here; bf16 is asked for (``--amp bf16``, or ``--amp auto`` with ``--fast``)."""
 from contextlib import nullcontext
 
 import torch
@@ -10,27 +11,36 @@ from moco.dist import UserError
 PRECISIONS = ('auto', 'fp16', 'bf16', 'fp32')
 
 
-def add_training_precision_args(group, reference):
-    """``--amp`` and ``--max-nonfinite-steps`` of the training scripts; ``reference`` names whose
-    precision fp16 is (e.g. "the original's")."""
+def add_training_precision_args(group, reference, fast_help):
+    """``--amp``, ``--fast`` and ``--max-nonfinite-steps`` of the training scripts; ``reference`` names
+    whose precision fp16 is (e.g. "the original's"), ``fast_help`` says what ``--fast`` turns on."""
     group.add_argument('--amp', default='auto', choices=PRECISIONS,
-                       help='mixed precision: auto = bf16 on CUDA GPUs that have it, else fp16 with a GradScaler '
-                            f'({reference}; --amp fp16), fp32 on CPU')
+                       help=f'mixed precision: auto = fp16 autocast with a GradScaler on CUDA ({reference}), '
+                            'fp32 on CPU; with --fast, bf16 on CUDA GPUs that have it')
+    group.add_argument('--fast', action='store_true',
+                       help='the fast path, not the original numerics: ' + fast_help + ' (each part is also a '
+                            'flag of its own; README "Speed")')
     group.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
                        help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: '
                             '10; 0: no check, hence no host sync in the step, and a NaN reaches the weights)')
 
 
-def resolve_precision(name, device):
-    """'auto': bf16 on CUDA GPUs that have it (Ampere and newer: no GradScaler, no overflow), else the
-    original's fp16 with a GradScaler on CUDA; fp32 on CPU."""
+def resolve_precision(name, device, fast=False):
+    """'auto': the original's fp16 with a GradScaler on CUDA, fp32 on CPU. With ``fast``: bf16 on CUDA
+    GPUs that have it (Ampere and newer: no GradScaler, no overflow, but logits rounded to 8 bits of
+    mantissa, so not the original's numerics)."""
     if name == 'auto':
         if device.type != 'cuda':
             return 'fp32'
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+        return 'bf16' if fast and torch.cuda.is_bf16_supported() else 'fp16'
     if name == 'fp16' and device.type != 'cuda':
         raise UserError('--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp fp32')
     return name
+
+
+def at_least_fp32(x):
+    """``x`` in float32, or kept in its own dtype when that is wider (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class NonFiniteLoss(UserError):
@@ -71,8 +81,8 @@ class NonFiniteSteps:
 class Amp:
     """``with amp.autocast(): loss = ...``, then ``amp.backward_step(loss, optimizer)``."""
 
-    def __init__(self, precision, device):
-        self.precision = resolve_precision(precision, device)
+    def __init__(self, precision, device, fast=False):
+        self.precision = resolve_precision(precision, device, fast)
         self.device_type = device.type
         self.dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(self.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == 'fp16')

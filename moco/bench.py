@@ -7,8 +7,9 @@
 
 reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
     LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
-ours: main_moco.py's defaults: bf16 autocast where supported (no GradScaler), channels_last for
-    ResNets, multi-tensor LARS (fused AdamW on CUDA), optionally ``--compile``; both keep the
+ours: main_moco.py --fast: bf16 autocast where supported (no GradScaler), and its defaults that keep
+    the mathematics: channels_last for ResNets, multi-tensor LARS (fused AdamW on CUDA); optionally
+    ``--compile``; both keep the
     non-finite-loss check of ``Amp.backward_step`` (one host sync per step).
 Both run the same model (MoCo v3 forward of both views through both encoders, backward, step) on
 synthetic input, and with ``--data`` from image files: the reference loader (PIL in workers) against
@@ -55,8 +56,8 @@ class Runner:
         model = build_moco(arch, T=0.2, image_size=image_size if is_vit(arch) else None)
         self.memory_format = torch.channels_last if ours and not is_vit(arch) else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format).train()
-        # ours: main_moco.py's defaults on this device; reference: the original's choices
-        self.amp = Amp('auto' if ours else ('fp16' if device.type == 'cuda' else 'fp32'), device)
+        # ours: main_moco.py --fast on this device; reference: the original's choices
+        self.amp = Amp('auto', device, fast=ours)
         if ours:
             self.optimizer = build_optimizer('adamw', self.model, 1e-4, 0.1) if is_vit(arch) else \
                 build_optimizer('lars', self.model, 0.1, 1e-6)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from moco import dist
+from moco.amp import at_least_fp32
 
 
 def infonce(q, k, T):
@@ -22,11 +23,11 @@ def infonce(q, k, T):
 
 
 def regression_loss(p, z):
-    """BYOL's loss of one direction: mean_i (2 - 2 cos(p_i, z_i)), in fp32 (between 0 and 4).
+    """BYOL's loss of one direction: mean_i (2 - 2 cos(p_i, z_i)), in fp32 or wider (between 0 and 4).
 
     p: (N, C) predictions of this process; z: (N, C) targets (no gradient). No gathering: DDP's
     gradient averaging makes it the global mean.
     """
-    p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.float(), dim=1)
+    p = F.normalize(at_least_fp32(p), dim=1)
+    z = F.normalize(at_least_fp32(z), dim=1)
     return (2 - 2 * (p * z).sum(dim=1)).mean()

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco.amp import at_least_fp32
+
 
 class MomentumBatchNorm(nn.Module):
     def __init__(self, num_features, eps=1e-5, faithful=True):
@@ -49,7 +51,7 @@ class MomentumBatchNorm(nn.Module):
         shape = [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1]
         with torch.no_grad():                         # the statistics are not differentiated
-            xf = x.float()
+            xf = at_least_fp32(x)
             mean = xf.mean(dim=dims)
             var_unbiased = xf.var(dim=dims, unbiased=True)
             if self.faithful:

@@ -11,6 +11,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 from moco import dist as moco_dist
+from moco.amp import at_least_fp32
 
 
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -27,7 +28,7 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         C = x.shape[1]
         shape = [1, C] + [1] * (x.dim() - 2)
         dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
+        xf = at_least_fp32(x)
         count = xf.new_tensor([xf.numel() // C])
         # two passes (sum, then squared deviations) for a numerically stable variance
         sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]), op=dist.ReduceOp.SUM)

@@ -5,23 +5,55 @@ memory:    the whole folder decoded once into (GPU) memory, views made batch-wis
            small images of one size such as CIFAR (moco/memory_data.py).
 gpu:       workers read JPEG bytes, the batch is decoded and both views made on the GPU; full-size
            folders such as ImageNet (moco/gpu_data.py).
-auto:      gpu when CUDA is present, else reference.
+auto:      reference, the original's pixels. With --fast: memory when the training images share one
+           small size (CIFAR, STL-10), else gpu with CUDA, else reference.
 """
+import os
+
 from moco.data import image_folder, make_loader, pretrain_transform
 
 PIPELINES = ('auto', 'reference', 'memory', 'gpu')
+MEMORY_MAX_SIDE = 96      # --fast keeps folders of images up to this size (and of one size) in memory
+MEMORY_MAX_IMAGES = 200_000
+SIZES_LOOKED_AT = 32
 
 
-def resolve(pipeline, device):
-    if pipeline == 'auto':
-        return 'gpu' if device.type == 'cuda' else 'reference'
-    return pipeline
+def resolve(pipeline, device, root=None, fast=False):
+    """The pipeline that ``--data-pipeline`` names; 'auto' is the reference pipeline unless ``fast``."""
+    if pipeline != 'auto':
+        return pipeline
+    if not fast:
+        return 'reference'
+    if root is not None and one_small_size(os.path.join(root, 'train')):
+        return 'memory'
+    return 'gpu' if device.type == 'cuda' else 'reference'
+
+
+def one_small_size(folder):
+    """Whether ``folder`` (class folders of images) looks like a small-image data set that fits in memory:
+    at most MEMORY_MAX_IMAGES files, and SIZES_LOOKED_AT of them, spread over the sorted list, all of
+    one size of at most MEMORY_MAX_SIDE px (read from the file headers only)."""
+    from PIL import Image
+    try:
+        files = sorted(os.path.join(d.path, f) for d in os.scandir(folder) if d.is_dir() for f in os.listdir(d.path))
+    except OSError:
+        return False          # the loader says what is wrong with the folder
+    if not files or len(files) > MEMORY_MAX_IMAGES:
+        return False
+    sizes = set()
+    for path in files[::max(1, len(files) // SIZES_LOOKED_AT)]:
+        try:
+            with Image.open(path) as img:
+                sizes.add(img.size)
+        except Exception:     # an unreadable file: the loader reports it
+            continue
+    return len(sizes) == 1 and max(next(iter(sizes))) <= MEMORY_MAX_SIDE
 
 
 def pretrain_loader(pipeline, root, batch_size, device, image_size, crop_min=0.08, blur=True, seed=None,
                     workers=0, strict=False):
     """(loader of ``([view1, view2], targets, skipped)`` batches of root/train, number of images)."""
-    pipeline = resolve(pipeline, device)
+    pipeline = resolve(pipeline, device, root)
     if pipeline == 'memory':
         from moco.memory_data import InMemoryLoader
         loader = InMemoryLoader(root, 'train', batch_size, device, image_size, crop_min, blur=blur, seed=seed,

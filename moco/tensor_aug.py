@@ -81,34 +81,32 @@ def sample_view_params(n, height, width, crop_min, blur_p, solarize_p, generator
 
 # ---------------------------------------------------------------- ops (float images in [0, 1], (N, 3, H, W))
 
-def _axis_positions(start, length, size, sub, full, device):
-    """Source pixel coordinates (N, size * sub) of a resize of [start, start + length) to ``size``
-    pixels, ``sub`` points per output pixel; clamped to the crop as resizing the cropped image does.
-    Returned normalised for grid_sample(align_corners=True)."""
-    k = torch.arange(size * sub, device=device, dtype=torch.float32)
-    start, length = start.to(device, torch.float32)[:, None], length.to(device, torch.float32)[:, None]
-    pos = start + (k[None] + 0.5) * length / (size * sub) - 0.5
-    pos = torch.maximum(torch.minimum(pos, start + length - 1), start)
-    return pos / max(full - 1, 1) * 2 - 1
+def resize_weights(start, length, size, full, device=None):
+    """(N, size, full) matrices that resize [start, start + length) of an axis of ``full`` pixels to
+    ``size`` pixels: bilinear with antialiasing, the weights of PIL's resize (and torchvision's
+    ``antialias=True``): a triangle filter widened by the scale when shrinking, truncated at the crop's
+    edges and renormalised. Pixels outside the crop get weight 0, so each row depends on its own box
+    only, never on the other images of the batch."""
+    start = start.to(device, torch.float64)[:, None, None]
+    length = length.to(device, torch.float64)[:, None, None]
+    scale = length / size                                          # input pixels per output pixel
+    support = torch.clamp(scale, min=1.)                           # the filter's half-width
+    centre = start + scale * (torch.arange(size, device=device, dtype=torch.float64)[None, :, None] + 0.5)
+    j = torch.arange(full, device=device, dtype=torch.float64)[None, None, :] + 0.5
+    w = torch.clamp(1 - (j - centre).abs() / support, min=0)
+    w = torch.where((j > start) & (j < start + length), w, torch.zeros((), dtype=w.dtype, device=device))
+    return (w / w.sum(2, keepdim=True)).float()
 
 
-def crop_subsamples(h, w, size, max_sub=4):
-    """Bilinear points per output pixel and axis of ``resized_crop`` for boxes h x w (CPU tensors)."""
-    return min(max_sub, max(1, math.ceil(max(int(h.max()), int(w.max())) / size)))
-
-
-def resized_crop(images, top, left, h, w, size, sub=None):
-    """Crop each image to its box and resize to size x size: bilinear (align_corners=False) as
-    torchvision's resize of the cropped image; when shrinking, the average of ``sub`` x ``sub``
-    bilinear points per output pixel stands in for antialiasing (default: ``crop_subsamples``)."""
+def resized_crop(images, top, left, h, w, size):
+    """Each image (N, C, H, W) cropped to its box and resized to size x size as PIL resizes the cropped
+    image (bilinear, antialiased when shrinking): two matrix products per image, ``Wy @ x @ Wx^T``.
+    The one crop-and-resize of the in-memory and GPU pipelines; an image's result does not depend on
+    the rest of its batch."""
     n, _, height, width = images.shape
-    if sub is None:
-        sub = crop_subsamples(h, w, size)
-    ys = _axis_positions(top, h, size, sub, height, images.device)          # (N, S*sub)
-    xs = _axis_positions(left, w, size, sub, width, images.device)
-    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1).to(images.dtype)
-    out = F.grid_sample(images, grid, mode='bilinear', padding_mode='border', align_corners=True)
-    return F.avg_pool2d(out, sub) if sub > 1 else out
+    wy = resize_weights(top, h, size, height, images.device).to(images.dtype)        # (N, S, H)
+    wx = resize_weights(left, w, size, width, images.device).to(images.dtype)        # (N, S, W)
+    return torch.matmul(torch.matmul(wy[:, None], images), wx[:, None].transpose(2, 3))
 
 
 def _per_sample(factor, images):
@@ -176,25 +174,39 @@ def adjust_hue(images, factor):
     return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
 
 
+def box_radius(sigma, passes=3):
+    """The fractional box radius with which PIL approximates a Gaussian of standard deviation ``sigma``
+    by ``passes`` box blurs (Pillow's ``_gaussian_blur_radius``; Gwosdek et al. 2011), in float32 as PIL."""
+    sigma2 = sigma.float() ** 2 / passes
+    box_len = torch.sqrt(12 * sigma2 + 1)
+    whole = torch.floor((box_len - 1) / 2)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2) / (6 * (sigma2 - (whole + 1) ** 2))
+    return whole + frac
+
+
 def blur_radius(sigma):
-    """Kernel radius ceil(3 * sigma_max) of ``gaussian_blur`` (sigma: a CPU tensor)."""
-    return max(1, math.ceil(3 * float(sigma.max())))
+    """Half-width of the kernels of ``gaussian_blur`` for these sigmas (sigma: a CPU tensor)."""
+    return int(box_radius(sigma).max()) + 1
 
 
-def gaussian_blur(images, sigma, radius=None):
-    """Per-sample Gaussian blur, kernel size 2 * radius + 1 (default: ``blur_radius``), reflect padding."""
+def gaussian_blur(images, sigma, radius=None, passes=3):
+    """Per-sample Gaussian blur as PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` computes it: three
+    box blurs of fractional radius r along x, then three along y; each box averages the 2 floor(r) + 1
+    nearest pixels and the next one on each side with weight r - floor(r), and the image is extended
+    by repeating its edge pixels. Differs from PIL only by PIL's rounding to 8 bits after each pass.
+    ``radius``: the kernels' half-width (default: ``blur_radius``)."""
     if radius is None:
         radius = blur_radius(sigma)
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    s = sigma.to(images.device, images.dtype)[:, None]
-    k = torch.exp(-0.5 * (x[None] / s) ** 2)
-    k = k / k.sum(1, keepdim=True)                              # (N, K)
+    r = box_radius(sigma).to(images.device, torch.float64)[:, None]
+    whole = torch.floor(r)
+    x = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float64).abs()[None]
+    k = torch.where(x <= whole, 1., torch.where(x == whole + 1, r - whole, 0.)) / (2 * r + 1)   # (N, K)
     n, c, hgt, wid = images.shape
-    out = F.pad(images, (radius, radius, radius, radius), mode='reflect').reshape(1, n * c, hgt + 2 * radius,
-                                                                                   wid + 2 * radius)
-    kc = k.repeat_interleave(c, dim=0)                          # one kernel per (sample, channel)
-    out = F.conv2d(out, kc[:, None, None, :], groups=n * c)     # horizontal
-    out = F.conv2d(out, kc[:, None, :, None], groups=n * c)     # vertical
+    kc = k.to(images.dtype).repeat_interleave(c, dim=0)         # one kernel per (sample, channel)
+    out = images.reshape(1, n * c, hgt, wid)
+    for weight, pad in ((kc[:, None, None, :], (radius, radius, 0, 0)), (kc[:, None, :, None], (0, 0, radius, radius))):
+        for _ in range(passes):
+            out = F.conv2d(F.pad(out, pad, mode='replicate'), weight, groups=n * c)
     return out.reshape(n, c, hgt, wid)
 
 
@@ -274,7 +286,7 @@ def normalize(images):
 def view(images, size, p):
     """One augmented, normalised view of a batch of float images in [0, 1] (N, 3, H, W)."""
     d = params_to(p, images.device)
-    x = resized_crop(images, d['top'], d['left'], d['h'], d['w'], size, sub=crop_subsamples(p['h'], p['w'], size))
+    x = resized_crop(images, d['top'], d['left'], d['h'], d['w'], size)
     return after_crop(x, p, d)
 
 

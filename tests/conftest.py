@@ -68,22 +68,25 @@ def unassigned_port(_taken=set()):  # noqa: B006 (shared on purpose)
     return free_port()
 
 
-def cli_env():
-    """The test's environment without anything a launcher or a scheduler could have left in it."""
+def cli_env(gpu=False):
+    """The test's environment without anything a launcher or a scheduler could have left in it; no GPU
+    visible unless ``gpu``."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('SLURM_', 'TORCHELASTIC_', 'MASTER_', 'GROUP_', 'ROLE_'))
            and k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
     # one thread per process, and threads that sleep rather than spin while they wait: on a few shared
     # cores a spinning OpenMP team makes a 2-thread process (the spawned one of -mp) ~10x slower
-    env.update(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+    env.update(OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE', PYTHONUNBUFFERED='1')
+    if not gpu:
+        env['CUDA_VISIBLE_DEVICES'] = ''
     return env
 
 
 # ---- command-line runs (tests/test_resume.py, tests/test_faults.py) ----
 
-def start(args):
+def start(args, gpu=False):
     # own process group, so that the data-loading workers die with the main process when it is killed
-    return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(args, cwd=ROOT, env=cli_env(gpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 

@@ -1,4 +1,4 @@
-"""CIFAR tooling of issue 7: data preparation (with a stand-in for the download), curves from logs,
+"""CIFAR tooling: data preparation (with a stand-in for the download), curves from logs,
 the shipped demo data, and the recipe commands for a few steps."""
 import hashlib
 import json
@@ -101,9 +101,9 @@ def test_knn_on_a_problem_with_a_known_answer():
 
 @pytest.mark.parametrize('recipe', ['mocov3', 'byol', 'm2t', 'vit'])
 def test_cifar_recipes_run_a_few_steps(tiny_folder, tmp_path, recipe):
-    """The CONFIG.md CIFAR-10 commands, shrunk (batch, widths, epochs) to a few CPU steps, with the
-    in-memory pipeline as there."""
-    common = ['--image-size', '32', '--no-blur', '--data-pipeline', 'memory', '-b', '16', '--epochs', '1',
+    """The CONFIG.md CIFAR-10 commands, shrunk (batch, widths, epochs) to a few CPU steps, with --fast as
+    there (on a CPU: the in-memory pipeline, fp32)."""
+    common = ['--image-size', '32', '--no-blur', '--fast', '-b', '16', '--epochs', '1',
               '--warmup-epochs', '0', '-j', '0',
               '--moco-dim', '16', '--moco-mlp-dim', '32', '--knn-freq', '1', '--knn-k', '5', '-p', '100',
               '--output-dir', str(tmp_path)]

@@ -1,10 +1,13 @@
 """CUDA-only checks of the fast path: each compares the GPU code against its CPU twin, which the rest
 of the suite tests exactly. Skipped without a GPU (CI has none); run them where one is:
-``python -m pytest -q tests/test_gpu.py``.
+``python -m pytest -q tests/test_gpu.py``. ``MOCO_GPU_TESTS_ON_CPU=1`` runs them on the CPU instead
+(the dry run of the GPU check: it catches a missing file, import or typo before GPU minutes are spent;
+what only CUDA can show, such as nvJPEG's pixels or the fused optimizer, is then not shown).
 
-Tolerances: nvJPEG's IDCT is not libjpeg's, so decoded pixels may differ by a few 8-bit levels
-(mean below 1 level); views from the GPU pipeline then differ from the CPU pipeline's by that much
-after normalisation; float ops on the GPU differ from the CPU's by rounding only (1e-4)."""
+Tolerances: nvJPEG's IDCT is not libjpeg's, so decoded pixels may differ from PIL's (mean below 1
+level, at most 16 levels); views from the GPU pipeline then differ from the CPU pipeline's by that
+much after normalisation; float ops on the GPU differ from the CPU's by rounding only (1e-4)."""
+import os
 import sys
 
 import pytest
@@ -19,8 +22,10 @@ from moco.memory_data import InMemoryLoader
 from moco.models import build_moco, compile_networks
 from moco.optim import build_optimizer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-CUDA = torch.device('cuda', 0)
+ON_GPU = torch.cuda.is_available()
+DRY_RUN = not ON_GPU and os.environ.get('MOCO_GPU_TESTS_ON_CPU') == '1'
+pytestmark = pytest.mark.skipif(not (ON_GPU or DRY_RUN), reason='needs a CUDA GPU (MOCO_GPU_TESTS_ON_CPU=1: dry run)')
+CUDA = torch.device('cuda', 0) if ON_GPU else torch.device('cpu')   # the device under test
 CPU = torch.device('cpu')
 
 
@@ -36,7 +41,7 @@ def test_nvjpeg_decodes_close_to_pil(tiny_folder):
     assert all(p.dim() == 1 for p in payloads)                       # all JPEG bytes, to the GPU
     images = decode_on_device(payloads, [p for p, _ in samples], CUDA)
     for (path, _), image in zip(samples, images):
-        assert image.device.type == 'cuda'
+        assert image.device.type == CUDA.type
         diff = (image.cpu().int() - TF.pil_to_tensor(load_rgb(path)).int()).abs()
         assert diff.float().mean() < 1.0 and diff.max() <= 16, path
 
@@ -62,11 +67,13 @@ def test_memory_pipeline_on_cuda_matches_cpu(tiny_folder):
 
 
 def test_default_precision_and_fused_adamw_on_cuda():
-    assert Amp('auto', CUDA).precision == ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')
+    if ON_GPU:   # the original's fp16 unless --fast
+        assert Amp('auto', CUDA).precision == 'fp16'
+        assert Amp('auto', CUDA, fast=True).precision == ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')
     torch.manual_seed(0)
     model = build_moco('vit_tiny_patch4', 16, 32, image_size=16).to(CUDA)
     fused = build_optimizer('adamw', model, 1e-3, 0.1)
-    assert fused.defaults['fused']
+    assert bool(fused.defaults['fused']) == ON_GPU
     reference = torch.optim.AdamW([p.detach().clone().requires_grad_(p.requires_grad) for p in model.parameters()],
                                   1e-3, weight_decay=0.1, foreach=False)
     for p, q in zip(model.parameters(), reference.param_groups[0]['params']):
@@ -78,13 +85,14 @@ def test_default_precision_and_fused_adamw_on_cuda():
         assert torch.allclose(p, q, atol=1e-6)
 
 
+@pytest.mark.skipif(not ON_GPU, reason='compiling takes minutes on a CPU (tests/test_fast_step.py compiles with aot_eager)')
 def test_compiled_bf16_step_is_close_to_eager_on_cuda():
     torch.manual_seed(0)
     eager = build_moco('resnet18_cifar', 16, 32, T=0.2).to(CUDA, memory_format=torch.channels_last)
     compiled = compile_networks(build_moco('resnet18_cifar', 16, 32, T=0.2).to(CUDA, memory_format=torch.channels_last))
     compiled.load_state_dict(eager.state_dict())
     x1, x2 = (torch.randn(16, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last) for _ in range(2))
-    amp = Amp('auto', CUDA)
+    amp = Amp('auto', CUDA, fast=True)
     losses = []
     for model in (eager, compiled):
         with amp.autocast():
@@ -92,15 +100,19 @@ def test_compiled_bf16_step_is_close_to_eager_on_cuda():
     assert torch.allclose(losses[0], losses[1], rtol=2e-2)
 
 
-def test_pretraining_on_one_gpu_with_the_defaults(tiny_folder, tmp_path):
-    """--gpu 0 with default flags: the GPU data pipeline, bf16, channels_last; and the original's step."""
+def test_pretraining_on_one_gpu_with_the_defaults_and_fast(tiny_folder, tmp_path):
+    """--gpu 0 with default flags: the original's numerics (PIL pipeline, fp16 + GradScaler); with --fast
+    and the GPU pipeline: bf16 where supported. On the CPU dry run: the same commands without --gpu."""
     base = [sys.executable, 'main_moco.py', str(tiny_folder), '-a', 'resnet18_cifar', '--image-size', '32',
             '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '1', '-j', '2', '-p', '1',
-            '--gpu', '0', '--knn-freq', '1', '--knn-k', '5']
-    rc, out = wait_output(start(base + ['--output-dir', str(tmp_path / 'fast')]))
+            '--knn-freq', '1', '--knn-k', '5'] + (['--gpu', '0'] if ON_GPU else [])
+    rc, out = wait_output(start(base + ['--output-dir', str(tmp_path / 'default')], gpu=ON_GPU))
     assert rc == 0, out
-    assert '(gpu data pipeline)' in out and 'precision: bf16' in out and 'kNN top-1 after epoch 1' in out
-    rc, out = wait_output(start(base + ['--amp', 'fp16', '--no-channels-last', '--data-pipeline', 'reference',
-                                        '--output-dir', str(tmp_path / 'original')]))
+    assert '(reference data pipeline)' in out and 'kNN top-1 after epoch 1' in out
+    assert f'precision: {"fp16" if ON_GPU else "fp32"}' in out
+    rc, out = wait_output(start(base + ['--fast', '--data-pipeline', 'gpu', '--output-dir', str(tmp_path / 'fast')],
+                                gpu=ON_GPU))
     assert rc == 0, out
-    assert '(reference data pipeline)' in out and 'precision: fp16' in out
+    assert '(gpu data pipeline)' in out and 'kNN top-1 after epoch 1' in out
+    fast_precision = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if ON_GPU else 'fp32'
+    assert f'precision: {fast_precision}' in out

@@ -79,7 +79,7 @@ def get_args_parser():
     g.add_argument('--warmup-lr', default=1e-6, type=float, help='lr at the start of warmup (default: 1e-6)')
     g.add_argument('--warmup-epochs', default=5, type=int, help='epochs of linear warmup (default: 5)')
     g.add_argument('--smoothing', default=0.1, type=float, help='label smoothing (default: 0.1)')
-    add_training_precision_args(g, reference='as DeiT')
+    add_training_precision_args(g, reference='as DeiT', fast_help='bf16 autocast on GPUs that have it')
 
     g = parser.add_argument_group('augmentation (DeiT defaults)')
     g.add_argument('--mixup', default=0.8, type=float, help='mixup alpha, on if > 0 (default: 0.8)')
@@ -177,7 +177,7 @@ def main_worker(args):
     model.to(device)
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
     scheduler = build_scheduler(optimizer, args)
-    amp = Amp(args.amp, device)
+    amp = Amp(args.amp, device, fast=args.fast)
 
     max_accuracy = 0.
     path = os.path.join(args.output_dir, CHECKPOINT)
