@@ -9,15 +9,15 @@ DeiT/timm ViT of the same size, missing only ``head.weight`` and ``head.bias`` (
 heads; DeiT-S has 6). ``transfer/finetune.py --pretrained`` reads it, and so does the DeiT repo
 (``--resume``, with ``load_state_dict(..., strict=False)``).
 """
-import argparse
 import sys
 
+from moco import cli
 from moco.checkpoint import read_pretrained_encoder, save_checkpoint
 from moco.dist import UserError
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='Convert a MoCo v3 pretrained ViT to DeiT format')
+    parser = cli.parser('Convert a MoCo v3 pretrained ViT to DeiT format')
     parser.add_argument('--input', required=True, type=str, metavar='PATH',
                         help='MoCo v3 pretraining checkpoint (ours or the original release)')
     parser.add_argument('--output', required=True, type=str, metavar='PATH',
@@ -27,7 +27,7 @@ def get_args_parser():
 
 def convert(input_path):
     """The DeiT-format dict of a MoCo ViT checkpoint; a ResNet or non-MoCo file is a UserError."""
-    state, arch = read_pretrained_encoder(input_path, 'head')
+    state, arch, _ = read_pretrained_encoder(input_path, 'head')
     if not any(k.startswith('patch_embed.') for k in state) or not any(k.startswith('blocks.') for k in state):
         what = f'a {arch} encoder' if arch else 'an encoder without patch_embed/blocks weights'
         raise UserError(f'{input_path} holds {what}, not a ViT: only ViT checkpoints convert to DeiT '

@@ -9,21 +9,21 @@ Launch modes (-b is the TOTAL batch over all processes; --lr is the base lr for 
   several nodes (R = 0..N-1):         ... --multiprocessing-distributed --world-size N --rank R \\
                                           --dist-url tcp://HOST:PORT DIR
   torchrun:                           torchrun --nproc_per_node=8 main_lincls.py --pretrained PRE.pth.tar DIR
-  evaluate a trained probe:           python main_lincls.py -a ARCH -e --resume OUT/model_best.pth.tar DIR
+  evaluate a trained probe:           python main_lincls.py -e --resume OUT/model_best.pth.tar DIR
+-a and --image-size default to the ones the checkpoint was made with.
 DIR holds train/<class>/<image> and val/<class>/<image>. PRE.pth.tar is a pretraining checkpoint of
 main_moco.py or of the original release (e.g. vit-s-300ep.pth.tar). See CONFIG.md for recipes.
 """
-import argparse
 import os
 
 import torch
 import torch.nn as nn
 
-from moco import dist
+from moco import cli, dist
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (ddp_state_dict, load_backbone, load_model_state,
+from moco.checkpoint import (ddp_state_dict, load_backbone, load_checkpoint, load_model_state,
                              read_pretrained_encoder, resolve_resume, save_checkpoint)
-from moco.data import eval_transform, image_folder, lincls_train_transform, make_loader, start_epoch
+from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
 from moco.metrics import RunLog
 from moco.models import arch_names, encoder_factory, head_name
@@ -32,18 +32,19 @@ CHECKPOINT, BEST = 'checkpoint.pth.tar', 'model_best.pth.tar'
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='MoCo v3 linear classification', add_help=True)
+    parser = cli.parser('MoCo v3 linear classification')
     parser.add_argument('data', metavar='DIR', help='dataset folder with train/ and val/')
 
     g = parser.add_argument_group('model')
-    g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', choices=arch_names(),
-                   help='model architecture, the one used for pretraining: '
-                        + ' | '.join(arch_names()[:8]) + ' | ... (default: resnet50)')
+    g.add_argument('-a', '--arch', metavar='ARCH', default=None, type=cli.choice_type(arch_names()),
+                   help='model architecture, the one used for pretraining: ' + ' | '.join(arch_names()[:8])
+                        + ' | ... (default: the one recorded in the checkpoint, else resnet50)')
     g.add_argument('--pretrained', default='', type=str, metavar='PATH',
                    help='MoCo pretraining checkpoint (ours or the original release); without it the '
                         'probe trains on a randomly initialised backbone')
-    g.add_argument('--image-size', default=224, type=int,
-                   help='crop size (default: 224); for 32 px data pass 32 (eval then resizes to 32)')
+    g.add_argument('--image-size', default=None, type=int,
+                   help='crop size (default: the pretraining\'s, recorded in the checkpoint, else 224); at <= 64 px '
+                        'the evaluation resizes to it')
 
     g = parser.add_argument_group('optimization')
     g.add_argument('--epochs', default=90, type=int, metavar='N', help='number of total epochs to run')
@@ -97,30 +98,59 @@ def build_model(arch, image_size, num_classes, **encoder_kwargs):
     return model, head
 
 
-def load_pretrained(model, path, arch, head):
-    """Load the backbone of a MoCo pretraining checkpoint; returns the loaded weights (for the
+def load_pretrained(model, encoder_state, path, head):
+    """Load the backbone read from a MoCo pretraining checkpoint; returns the loaded weights (for the
     sanity check). Any mismatch is a one-line UserError."""
-    encoder_state, pretrained_arch = read_pretrained_encoder(path, head)
-    if pretrained_arch is not None and pretrained_arch != arch:
-        raise dist.UserError(f'{path} was pretrained with -a {pretrained_arch}, not -a {arch}')
     load_backbone(model, encoder_state, head, path)
     print(f"=> loaded the pretrained backbone of '{path}' ({len(encoder_state)} tensors)")
     return encoder_state
 
 
+def settle_arch_and_size(args, recorded_arch, recorded_size, path):
+    """-a and --image-size: as given, else as the checkpoint records them, else resnet50 / 224; an -a
+    other than the checkpoint's is a one-line error."""
+    if args.arch is not None and recorded_arch is not None and args.arch != recorded_arch:
+        raise dist.UserError(f'{path} was pretrained with -a {recorded_arch}, not -a {args.arch} '
+                             '(leave -a out to use its own)')
+    args.arch = args.arch or recorded_arch or 'resnet50'
+    if args.image_size is None:
+        args.image_size = recorded_size or 224
+        if recorded_size:
+            print(f'image size {args.image_size} (as in {path})')
+
+
 def main_worker(args):
+    cli.require_positive(args, 'epochs', 'batch_size', 'print_freq')
+    cli.require_output_folder(args.output_dir)
     device = dist.init_process(args)
 
     base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
 
+    encoder_state = None
+    if args.pretrained:
+        encoder_state, recorded_arch, recorded = read_pretrained_encoder(
+            args.pretrained, lambda recorded_arch: head_name(args.arch or recorded_arch or 'resnet50'))
+        settle_arch_and_size(args, recorded_arch, (recorded or {}).get('image_size'), args.pretrained)
+    elif args.resume and args.resume != 'auto' and (args.arch is None or args.image_size is None):
+        probe = load_checkpoint(args.resume)
+        settle_arch_and_size(args, probe.get('arch'), probe.get('image_size'), args.resume)
+    else:
+        settle_arch_and_size(args, None, None, None)
+
     train_set = image_folder(args.data, 'train', lincls_train_transform(args.image_size))
     val_set = image_folder(args.data, 'val', eval_transform(args.image_size))
+    if is_unlabelled(train_set) or is_unlabelled(val_set):
+        raise dist.UserError(f'a linear probe needs labels: {args.data}/train and {args.data}/val must hold class '
+                             'folders (python -m moco.split_folder makes them from a folder of class folders)')
     if val_set.classes != train_set.classes:
         raise dist.UserError(f'{args.data}/val has other classes than {args.data}/train')
     num_classes = len(train_set.classes)
+    if len(train_set) < total_batch:
+        print(f'warning: the {len(train_set)} training images are fewer than one batch (-b {total_batch}): each epoch '
+              f'is one step at lr {args.lr:.4g}, scaled for {total_batch} images; lower -b (and the lr follows)')
 
     model, head = build_model(args.arch, args.image_size, num_classes)
-    pretrained = load_pretrained(model, args.pretrained, args.arch, head) if args.pretrained else None
+    pretrained = load_pretrained(model, encoder_state, args.pretrained, head) if args.pretrained else None
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 2, 'only the classifier weight and bias are trained'
@@ -175,11 +205,11 @@ def main_worker(args):
         if is_best:
             best_acc1, best_epoch = acc1, epoch + 1
         step = (epoch + 1) * len(train_loader)
-        run_log.scalars(step, val_top1=acc1, val_top5=val_stats['acc5'], val_loss=val_stats['loss'])
+        run_log.scalars(step, 'val', top1=acc1, top5=val_stats['acc5'], loss=val_stats['loss'])
         run_log.epoch({'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()},
                        **{f'val_{k}': v for k, v in val_stats.items()}, 'best_acc1': best_acc1})
         if dist.is_main_process():
-            state = {'epoch': epoch + 1, 'arch': args.arch, 'state_dict': ddp_state_dict(model),
+            state = {'epoch': epoch + 1, 'arch': args.arch, 'image_size': args.image_size, 'state_dict': ddp_state_dict(model),
                      'best_acc1': best_acc1, 'best_epoch': best_epoch, 'optimizer': optimizer.state_dict()}
             save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT))
             if is_best:

@@ -8,7 +8,8 @@ Launch modes (-b is always the TOTAL batch over all processes; --lr is the base 
       python main_moco.py --multiprocessing-distributed --world-size N --rank R --dist-url tcp://HOST:PORT DIR
   torchrun:                           torchrun --nproc_per_node=8 main_moco.py DIR
 Without a GPU the same commands run on CPU processes with the gloo backend.
-DIR holds train/<class>/<image> (and val/ for the optional kNN monitor). See CONFIG.md for recipes.
+DIR holds train/<class>/<image> or train/<image> (no labels needed; val/<class>/<image> for the optional
+kNN monitor). See CONFIG.md for recipes, README "Runs you can follow" for what a run writes.
 """
 import argparse
 import inspect
@@ -16,12 +17,12 @@ import os
 
 import torch
 
-from moco import dist, pipelines
+from moco import cli, dist, pipelines, run_record
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
 from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
                              load_model_state, pretrain_checkpoint_name, remove_file, remove_stale_temporaries,
                              require_keys, resolve_resume, save_checkpoint, thin_checkpoints, unwrap)
-from moco.data import eval_transform, image_folder, start_epoch
+from moco.data import eval_transform, image_folder, is_unlabelled_folder, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.knn import knn_accuracy
 from moco.memory_data import knn_sets_in_memory
@@ -33,7 +34,7 @@ from moco.optim import build_optimizer
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='MoCo v3 pretraining', add_help=True)
+    parser = cli.parser('MoCo v3 pretraining')
     parser.add_argument('data', metavar='DIR', help='dataset folder with train/ (and optionally val/)')
 
     g = parser.add_argument_group('model')
@@ -41,7 +42,7 @@ def get_args_parser():
                    help='mocov3 (default), byol (no negatives) or m2t (Momentum² Teacher: momentum BN in the '
                         'teacher, no synchronised BN); --lr, --wd, --moco-m and --optimizer default to the '
                         "method's recipe (CONFIG.md)")
-    g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', choices=arch_names(),
+    g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', type=cli.choice_type(arch_names()),
                    help='model architecture: ' + ' | '.join(arch_names()[:8]) + ' | ... (default: resnet50)')
     g.add_argument('--moco-dim', default=256, type=int, help='feature dimension (default: 256)')
     g.add_argument('--moco-mlp-dim', default=4096, type=int, help='hidden dimension in MLPs (default: 4096)')
@@ -57,6 +58,9 @@ def get_args_parser():
 
     g = parser.add_argument_group('optimization')
     g.add_argument('--epochs', default=100, type=int, metavar='N', help='number of total epochs to run')
+    g.add_argument('--accept-changes', action='store_true',
+                   help='resume although flags that change the mathematics (lr, batch, temperature, ...) differ '
+                        'from the ones the run was started with (each is listed; --epochs may always change)')
     g.add_argument('--start-epoch', default=0, type=int, metavar='N',
                    help='manual epoch number (useful on restarts)')
     g.add_argument('-b', '--batch-size', default=4096, type=int, metavar='N',
@@ -104,6 +108,10 @@ def get_args_parser():
                    help="checkpoint to resume from, or 'auto' for the newest readable one in --output-dir")
     g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
                    help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
+    g.add_argument('--stop-signals', default='TERM,USR1', metavar='SIGNALS',
+                   help="signals on which every process finishes its step, the run saves a resumable checkpoint "
+                        f"and exits with code {dist.EXIT_STOPPED} (a preemption warning, CONFIG.md); 'none': "
+                        'the default actions')
     g.add_argument('--save-every-iters', default=0, type=int, metavar='N',
                    help='also save checkpoint_last.pth.tar every N iterations inside an epoch, for long epochs '
                         '(--resume auto continues from it mid-epoch; default: 0 = only at epoch ends)')
@@ -121,18 +129,24 @@ def get_args_parser():
 
 
 def check_args(args):
-    for flag in ('batch_size', 'epochs', 'print_freq'):
-        if getattr(args, flag) <= 0:
-            raise dist.UserError(f'--{flag.replace("_", "-")} must be positive')
-    for flag in ('workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs', 'max_nonfinite_steps'):
-        if getattr(args, flag) < 0:
-            raise dist.UserError(f'--{flag.replace("_", "-")} must not be negative')
+    """Impossible values are one-line errors before anything is created."""
+    cli.require_positive(args, 'batch_size', 'epochs', 'print_freq', 'image_size', 'moco_dim', 'moco_mlp_dim',
+                         'moco_t', 'knn_k')
+    cli.require_not_negative(args, 'workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs',
+                             'max_nonfinite_steps')
+    if not 0 < args.crop_min <= 1:
+        raise dist.UserError(f'--crop-min must be in (0, 1] (got {args.crop_min})')
+    cli.require_output_folder(args.output_dir)
 
 
 def main_worker(args):
     check_args(args)
     apply_method_defaults(args)
+    settings = run_record.settings(args, get_args_parser())   # as given (total batch, base lr), for args.json
+    stop_signals = dist.stop_signal_names(args.stop_signals)
     device = dist.init_process(args)
+    cli.warn_short_schedule(args.epochs, args.warmup_epochs)
+    stop = dist.StopRequest(stop_signals) if stop_signals else None
 
     base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
     print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
@@ -164,6 +178,9 @@ def main_worker(args):
     start_iter, data_seed = 0, args.seed
     if resume:
         require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], resume)
+        shape_flags = run_record.SHAPE_FLAGS + (('image_size', 'stop_grad_conv1') if is_vit(args.arch) else ())
+        run_record.check_resume(run_record.recorded_settings(ckpt, args.output_dir), settings, resume,
+                                args.accept_changes, shape_flags)
         if ckpt.get('arch', args.arch) != args.arch:
             raise dist.UserError(f'{resume} was trained with -a {ckpt["arch"]}, not -a {args.arch}')
         if ckpt.get('method', 'mocov3') != args.method:
@@ -179,8 +196,13 @@ def main_worker(args):
         amp.load_state_dict(ckpt.get('scaler'))
         args.start_epoch, start_iter = ckpt['epoch'], ckpt.get('iter', 0)
         data_seed = ckpt.get('data_seed', data_seed)  # the same data order and views as before the stop
-        print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']}"
-              + (f", iteration {start_iter})" if start_iter else ")"))
+        print(f"=> resumed from '{resume}': {args.start_epoch} epoch(s) done"
+              + (f", continuing epoch {args.start_epoch + 1} at step {start_iter + 1}" if start_iter else ""))
+        if args.start_epoch >= args.epochs and not start_iter:
+            print(f'the run in {args.output_dir} is finished ({args.start_epoch} of {args.epochs} epochs): nothing to '
+                  'do. To train it longer, pass a larger --epochs (the schedules then stretch)')
+            dist.cleanup()
+            return {'finished': True}
 
     if args.compile:
         compile_networks(model)
@@ -200,6 +222,9 @@ def main_worker(args):
     print(f'{n_train} training images, {iters_per_epoch} iterations per epoch ({args.data_pipeline} data pipeline)')
 
     knn = None
+    if args.knn_freq > 0 and is_unlabelled_folder(os.path.join(args.data, 'train')):
+        print(f'kNN monitor off: it needs labels, and {args.data}/train holds images without class folders')
+        args.knn_freq = 0
     if args.knn_freq > 0:
         knn_sets = None
         if args.data_pipeline == 'memory':  # the decoded images, without PIL at every evaluation
@@ -211,12 +236,16 @@ def main_worker(args):
         knn = lambda: knn_accuracy(backbone, *knn_sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
                                    batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
 
+    if dist.is_main_process():
+        written = run_record.write(args.output_dir, settings)
+        print(f'run folder: {os.path.abspath(args.output_dir)} (checkpoints, log.txt, tensorboard/; settings in '
+              f'{os.path.basename(written)})')
     run_log = RunLog(args.output_dir)
-    knn_acc1 = None
+    knn_acc1 = best_knn = None
     if knn is not None and args.start_epoch == 0 and start_iter == 0:
         knn_acc1 = knn()
         print(f'kNN top-1 at initialisation: {knn_acc1:.2f}')
-        run_log.scalars(0, knn_top1=knn_acc1)
+        run_log.scalars(0, 'val', knn_top1=knn_acc1)
         run_log.epoch({'epoch': 0, 'knn_top1': knn_acc1})
 
     def save(epochs_done, iters_done=0):
@@ -225,7 +254,7 @@ def main_worker(args):
             return
         state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'state_dict': ddp_state_dict(model),
                  'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
-                 'data_seed': loader.sampler.seed}
+                 'data_seed': loader.sampler.seed, 'args': settings}
         if knn_acc1 is not None:
             state['knn_top1'] = knn_acc1
         if iters_done:  # inside epoch `epochs_done`: one rolling file
@@ -240,17 +269,45 @@ def main_worker(args):
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
         stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch,
-                                start_iter=start_iter, save_progress=save, nonfinite=nonfinite)
+                                start_iter=start_iter, save_progress=save, nonfinite=nonfinite, stop=stop)
         start_iter = 0
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}}
         if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
             knn_acc1 = record['knn_top1'] = knn()
+            best_knn = knn_acc1 if best_knn is None else max(best_knn, knn_acc1)
             print(f'kNN top-1 after epoch {epoch + 1}: {knn_acc1:.2f}')
-            run_log.scalars((epoch + 1) * iters_per_epoch, knn_top1=knn_acc1)
+            run_log.scalars((epoch + 1) * iters_per_epoch, 'val', knn_top1=knn_acc1)
         save(epoch + 1)
         run_log.epoch(record)
+        if stop is not None and epoch + 1 < args.epochs and stop.agreed():
+            run_log.close()
+            raise dist.Stopped(f'{stop.describe()} at the end of epoch {epoch + 1}: saved '
+                               f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}; to continue, run '
+                               'the same command with --resume auto')
     run_log.close()
+    last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
+    print(closing_summary(args, last, best_knn))
     dist.cleanup()
+    return {'checkpoint': last, 'best_knn_top1': best_knn}
+
+
+def closing_summary(args, last, best_knn):
+    """What the run wrote where, and what to run next."""
+    lines = [f'done: {args.epochs} epochs of {args.method} ({args.arch}) in {args.output_dir}',
+             f'  last checkpoint: {last}', f'  log: {os.path.join(args.output_dir, "log.txt")} (one line per epoch); '
+             f'curves: python -m moco.plot {args.output_dir} --out {os.path.join(args.output_dir, "curves.png")}']
+    if best_knn is not None:
+        lines.append(f'  best kNN top-1: {best_knn:.2f}')
+    if is_unlabelled_folder(os.path.join(args.data, 'train')):
+        lines.append(f'  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.split_folder '
+                     'makes them from a folder of class folders')
+    else:
+        lines.append(f'  next, a linear probe: python main_lincls.py --pretrained {last} '
+                     f'--output-dir {os.path.join(args.output_dir, "lincls")} {args.data}')
+    if is_vit(args.arch):
+        lines.append(f'  or fine-tuning: python convert_to_deit.py --input {last} --output '
+                     f'{os.path.join(args.output_dir, "deit.pth")}, then python -m transfer.finetune (transfer/README.md)')
+    return '\n'.join(lines)
 
 
 def buffer_sync(sync_bn):

@@ -68,12 +68,12 @@ class NonFiniteSteps:
             return True
         self.streak += 1
         self.skipped += 1
-        print(f'warning: loss is {loss.item()} at epoch {epoch}, iteration {iteration}: step skipped '
+        print(f'warning: loss is {loss.item()} at epoch {epoch + 1}, step {iteration + 1}: step skipped '
               f'({self.streak} in a row)', flush=True)
         if self.streak >= self.limit:
             raise NonFiniteLoss(
-                f'the loss was not finite for {self.streak} consecutive steps (epoch {epoch}, iteration '
-                f'{iteration}): stopping. The last good checkpoint is untouched in {self.output_dir}; try a '
+                f'the loss was not finite for {self.streak} consecutive steps (epoch {epoch + 1}, step '
+                f'{iteration + 1}): stopping. The last good checkpoint is untouched in {self.output_dir}; try a '
                 'lower --lr, --amp fp32, or a higher --max-nonfinite-steps')
         return False
 

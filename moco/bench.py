@@ -151,7 +151,8 @@ def make_fullsize_jpegs(dest, n=2048, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='MoCo v3 training-step benchmark (ours vs reference-style)')
+    p = argparse.ArgumentParser(description='MoCo v3 training-step benchmark (ours vs reference-style)',
+                                prog='python -m moco.bench')
     p.add_argument('--tiny', action='store_true', help='CPU-sized models at 32 px (CI)')
     p.add_argument('--models', nargs='+', default=None, metavar='ARCH:BATCH',
                    help='e.g. vit_small:256 resnet50:256 (default: the issue\'s three, or two tiny ones)')

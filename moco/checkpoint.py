@@ -235,21 +235,24 @@ def load_encoder_from_moco(state_dict, head, path='checkpoint', encoder='base_en
 
 
 def read_pretrained_encoder(path, head, allow_deit=False):
-    """Read a file and return ``(encoder_state, arch or None)``.
+    """Read a file and return ``(encoder_state, arch or None, recorded settings or None)``.
 
     Accepts a MoCo pretraining checkpoint (``{'state_dict': {'module.base_encoder.*': ...}}``) and,
     with ``allow_deit``, a converted file ``{'model': state_dict}`` (convert_to_deit.py), whose head
-    entries, if any, are dropped.
+    entries, if any, are dropped. ``head``: the classifier's attribute name, or a function of the
+    recorded arch (None when the file does not say) that gives it.
     """
     ckpt = load_checkpoint(path)
+    arch, recorded = ckpt.get('arch'), ckpt.get('args') if isinstance(ckpt.get('args'), dict) else None
+    head = head(arch) if callable(head) else head
     if allow_deit and 'model' in ckpt and 'state_dict' not in ckpt:
         skip = head + '.'
-        return {k: v for k, v in ckpt['model'].items() if not k.startswith(skip)}, ckpt.get('arch')
+        return {k: v for k, v in ckpt['model'].items() if not k.startswith(skip)}, arch, recorded
     require_keys(ckpt, ['state_dict'], path)
     encoder = evaluated_encoder(ckpt.get('method'))
     if encoder != 'base_encoder':
         print(f'=> {path} is a {ckpt["method"]} checkpoint: using its {encoder}')
-    return load_encoder_from_moco(ckpt['state_dict'], head, path, encoder), ckpt.get('arch')
+    return load_encoder_from_moco(ckpt['state_dict'], head, path, encoder), arch, recorded
 
 
 def load_backbone(model, encoder_state, head, path='checkpoint'):

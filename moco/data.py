@@ -164,11 +164,49 @@ class SafeImageFolder(datasets.ImageFolder):
         return sample, target
 
 
+UNLABELLED = '(unlabelled)'
+
+
+def image_files(folder):
+    return [e.name for e in os.scandir(folder)
+            if e.is_file() and e.name.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+
+
+class UnlabelledImageFolder(SafeImageFolder):
+    """A folder of images without class folders (pretraining needs no labels): one class, UNLABELLED."""
+
+    def find_classes(self, directory):
+        return [UNLABELLED], {UNLABELLED: 0}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return [(os.path.join(directory, name), 0) for name in sorted(image_files(directory))]
+
+
+def is_unlabelled(dataset):
+    return getattr(dataset, 'classes', None) == [UNLABELLED]
+
+
+def is_unlabelled_folder(path):
+    """Whether ``path`` holds images without class folders (what UnlabelledImageFolder reads)."""
+    return os.path.isdir(path) and not _has_class_folders(path) and bool(image_files(path))
+
+
+def _has_class_folders(path):
+    return any(e.is_dir() and not e.name.startswith('.') for e in os.scandir(path))
+
+
 def image_folder(root, split, transform, strict=False):
-    """SafeImageFolder of root/split with one-line errors for a missing or empty folder."""
+    """SafeImageFolder of root/split (class folders of images, or images alone: UnlabelledImageFolder),
+    with one-line errors for a missing or empty folder."""
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        raise UserError(f'data folder not found: {path} (expected {root}/{split}/<class>/<image>)')
+        hint = f'expected {root}/{split}/<class>/<image> or {root}/{split}/<image>'
+        if os.path.isdir(root) and image_files(root):
+            hint = (f'{root} holds images itself: move them into {root}/{split}/, or split them into train/ and '
+                    f'val/ with: python -m moco.split_folder {root} NEW_FOLDER')
+        raise UserError(f'data folder not found: {path} ({hint})')
+    if is_unlabelled_folder(path):
+        return UnlabelledImageFolder(path, transform, strict=strict)
     try:
         return SafeImageFolder(path, transform, strict=strict)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
@@ -272,7 +310,7 @@ def make_loader(dataset, batch_size, workers, shuffle, drop_last, seed=None, pin
     sampler = epoch_sampler(len(dataset), batch_size, shuffle, drop_last, seed)
     return torch.utils.data.DataLoader(EpochDataset(dataset), batch_size=batch_size, sampler=sampler,
                                        num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=dist.ignore_stop_signals)
 
 
 def start_epoch(loader, epoch, seed=None, skip_batches=0):

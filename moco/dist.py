@@ -13,6 +13,7 @@ import builtins
 import datetime
 import os
 import random
+import signal
 import sys
 
 import torch
@@ -22,6 +23,62 @@ import torch.multiprocessing as mp
 
 class UserError(Exception):
     """A mistake in the command line, the data or a file: reported as one line, exit code 2."""
+
+
+EXIT_STOPPED = 75   # EX_TEMPFAIL: stopped on request (a preemption warning) with a resumable checkpoint
+
+
+class Stopped(Exception):
+    """The run stopped on a stop signal after saving: one line, exit code EXIT_STOPPED."""
+
+
+class StopRequest:
+    """Stop signals (SIGTERM and SIGUSR1 by default: what SLURM, Kubernetes and torchrun send before they
+    take a job away). The handler only notes the signal; the training loop asks ``agreed()`` after each
+    step, and since every process asks at the same step and they agree through one all-reduce, all of
+    them stop after the same step, even when the signal reached only one. A second signal changes
+    nothing (the save in progress goes on)."""
+
+    def __init__(self, names=('TERM', 'USR1')):
+        self.received = None
+        self.names = tuple(names)
+        for name in self.names:
+            signal.signal(getattr(signal, 'SIG' + name), self._note)
+
+    def _note(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            print(f'{self.received} received: stopping after this step', file=sys.stderr, flush=True)
+
+    def agreed(self):
+        """Whether any process received a stop signal (the same answer on every process)."""
+        flag = self.received is not None
+        if world_size() > 1:
+            t = torch.tensor([int(flag)], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def describe(self):
+        return self.received or 'a stop signal (on another process)'
+
+
+def ignore_stop_signals(worker_id=None):
+    """``worker_init_fn`` of the data loaders: a loader worker outlives SIGTERM/SIGUSR1 sent to the whole
+    process group, so that the training process can finish its step and save (the workers end with it)."""
+    for name in ('SIGTERM', 'SIGUSR1'):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def stop_signal_names(value):
+    """--stop-signals: 'TERM,USR1' -> ('TERM', 'USR1'); 'none' -> ()."""
+    if value.strip().lower() in ('', 'none'):
+        return ()
+    names = tuple(n.strip().upper().removeprefix('SIG') for n in value.split(','))
+    for n in names:
+        if not hasattr(signal, 'SIG' + n) or n in ('KILL', 'STOP'):
+            raise UserError(f'--stop-signals: {n} is not a signal that can be caught (e.g. TERM,USR1 or none)')
+    return names
 
 
 def first_line(exc, limit=200):
@@ -105,7 +162,16 @@ def launch(worker, args):
     if args.multiprocessing_distributed:
         procs_per_node = torch.cuda.device_count() or 1
         args.world_size = procs_per_node * args.world_size
-        mp.spawn(_spawned_worker, nprocs=procs_per_node, args=(procs_per_node, worker, args))
+        context = mp.spawn(_spawned_worker, nprocs=procs_per_node, args=(procs_per_node, worker, args), join=False)
+
+        def forward(signum, frame):  # a stop signal sent to this process alone reaches every worker
+            for p in context.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signum)
+        for name in stop_signal_names(getattr(args, 'stop_signals', 'none')):
+            signal.signal(getattr(signal, 'SIG' + name), forward)
+        while not context.join():
+            pass
     else:
         args.local_rank = 0
         if args.gpu is None and torch.cuda.is_available():
@@ -122,6 +188,8 @@ _PEER_FAILURES = ('Connection reset by peer', 'Connection closed by peer', 'Brok
 
 def fatal_error(e):
     """(exit code, one-line message) for an exception that should not print a traceback, else None."""
+    if isinstance(e, Stopped):
+        return EXIT_STOPPED, str(e)
     if isinstance(e, UserError):
         msg = str(e)
         if 'Original Traceback' in msg:  # re-raised by the DataLoader from a worker: keep the last line
@@ -140,20 +208,38 @@ def run(worker, args):
     """``launch`` for a script's ``main``: a UserError becomes one line on stderr and exit code 2, a
     failed or unreachable peer one line and exit code 1, a spawned worker that failed makes this
     process exit with its code. Returns the worker's result when it ran in this process."""
+    handlers = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         return launch(worker, args)
     except mp.ProcessExitedException as e:  # the worker already said why
         sys.exit(e.exit_code or 1)
+    except KeyboardInterrupt:
+        _exit_interrupted(args)
     except Exception as e:
         _exit_if_fatal(e)
         raise
+    finally:  # a StopRequest's handlers end with the run (tests run several in one process)
+        for n, handler in handlers.items():
+            signal.signal(n, handler)
+
+
+INTERRUPTED = 130   # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def _exit_interrupted(args):
+    """Ctrl-C: one line saying what is kept and how to go on, exit code 130."""
+    where = getattr(args, 'output_dir', None)
+    sys.stdout.flush()
+    print(f'interrupted: the checkpoints already written{f" in {where}" if where else ""} are intact; to continue, '
+          'run the same command with --resume auto', file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED)
 
 
 def _exit_if_fatal(e):
     known = fatal_error(e)
     if known is not None:
         sys.stdout.flush()
-        print(f'error: {known[1]}', file=sys.stderr, flush=True)
+        print(f'{"stopped" if known[0] == EXIT_STOPPED else "error"}: {known[1]}', file=sys.stderr, flush=True)
         os._exit(known[0]) if is_initialized() else sys.exit(known[0])
 
 
@@ -163,6 +249,8 @@ def _spawned_worker(local_rank, procs_per_node, worker, args):
     args.gpu = local_rank if torch.cuda.is_available() else None
     try:
         worker(args)
+    except KeyboardInterrupt:   # the parent says it once
+        os._exit(INTERRUPTED)
     except Exception as e:  # one line, not a traceback from every child
         _exit_if_fatal(e)
         raise

@@ -46,7 +46,8 @@ def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log):
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     iters = len(loader)
-    for i, (images, target, _) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch: [{epoch}]')):
+    for i, (images, target, _) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch {epoch + 1}/{args.epochs}',
+                                                                                 images_per_step=args.batch_size * args.world_size)):
         images = images.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
         output = model(images)
@@ -63,8 +64,8 @@ def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log):
         if i % args.print_freq == 0 or i == iters - 1:
             loss_value = logger.meters['loss'].value
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, iteration {i}: stopping')
-            run_log.scalars(epoch * iters + i, train_loss=loss_value, lr=lr)
+                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, step {i + 1}: stopping')
+            run_log.scalars(epoch * iters + i, loss=loss_value, lr=lr)
     return logger.global_averages()
 
 
@@ -106,7 +107,7 @@ def sharded_eval_loader(dataset, batch_size, workers, pin_memory=False):
     process; the result is the same)."""
     shard = torch.utils.data.Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
     return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=pin_memory, drop_last=False)
+                                       pin_memory=pin_memory, drop_last=False, worker_init_fn=dist.ignore_stop_signals)
 
 
 def sanity_check(model, pretrained, head):

@@ -1,22 +1,26 @@
 """One epoch of MoCo v3 pretraining."""
+import os
 import time
-
 
 from moco import dist, schedules
 from moco.amp import NonFiniteSteps
+from moco.checkpoint import LAST_CHECKPOINT
 from moco.metrics import MetricLogger, SmoothedValue
 from moco.momentum_bn import mbn_alpha
 
 
 def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=0,
-                    save_progress=None, nonfinite=None):
+                    save_progress=None, nonfinite=None, stop=None):
     """Per iteration: set lr (warmup + cosine) and the momentum coefficient, forward both views,
     backward, step.
 
     Starts at iteration ``start_iter`` of the epoch (a mid-epoch resume); ``save_progress(epoch, iters_done)``
     is called every ``args.save_every_iters`` iterations. A step whose loss is not finite is skipped;
     ``nonfinite`` (a NonFiniteSteps, kept across epochs by the caller) stops the run after
-    ``args.max_nonfinite_steps`` of them in a row. Returns the epoch's averages. The only host syncs are
+    ``args.max_nonfinite_steps`` of them in a row. ``stop`` (a dist.StopRequest): after each step, if any
+    process received a stop signal, the progress is saved (``save_progress``) and ``dist.Stopped`` raised;
+    at the epoch's last step the epoch just ends (the caller saves it and stops). Returns the epoch's
+    averages. The only host syncs are
     the finiteness check of ``amp.backward_step`` (none with ``--max-nonfinite-steps 0``) and the
     progress lines.
     """
@@ -25,13 +29,15 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     logger.add_meter('m', SmoothedValue(window_size=1, fmt='{value:.5f}'))
     device = args.device
-    header = f'Epoch: [{epoch}]'
+    header = f'Epoch {epoch + 1}/{args.epochs}'
     tic = time.time()
     if nonfinite is None:
         nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
     skipped_images, skipped_before = 0, nonfinite.skipped
 
-    batches = logger.log_every(loader, args.print_freq, header, total=len(loader))
+    batches = logger.log_every(loader, args.print_freq, header, total=len(loader), start=start_iter,
+                               images_per_step=args.batch_size * args.world_size,
+                               steps_after=(args.epochs - epoch - 1) * iters_per_epoch)
     for i, (images, _, skipped) in enumerate(batches, start=start_iter):
         t = epoch + i / iters_per_epoch
         lr = schedules.pretrain_lr(t, args.lr, args.warmup_epochs, args.epochs)
@@ -60,12 +66,18 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         if save_progress is not None and args.save_every_iters > 0 and (i + 1) % args.save_every_iters == 0 \
                 and i + 1 < iters_per_epoch:
             save_progress(epoch, i + 1)
+        if stop is not None and stop.agreed() and i + 1 < iters_per_epoch:
+            if save_progress is not None:
+                save_progress(epoch, i + 1)
+            raise dist.Stopped(f'{stop.describe()} at epoch {epoch + 1}, step {i + 1} of {iters_per_epoch}: saved '
+                               f'{os.path.join(args.output_dir, LAST_CHECKPOINT)}; to continue, run the same command '
+                               'with --resume auto')
 
     stats = logger.global_averages()
     skipped_steps = nonfinite.skipped - skipped_before
     skipped_images = round(dist.all_reduce_mean(skipped_images) * dist.world_size())
     if skipped_images or skipped_steps:
-        print(f'epoch {epoch}: {skipped_images} unreadable image(s) replaced, {skipped_steps} step(s) skipped '
+        print(f'epoch {epoch + 1}: {skipped_images} unreadable image(s) replaced, {skipped_steps} step(s) skipped '
               'for a non-finite loss', flush=True)
     stats.update(skipped_images=skipped_images, skipped_steps=skipped_steps)
     return stats

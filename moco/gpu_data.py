@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from moco import tensor_aug
+from moco import dist, tensor_aug
 from moco.data import MAX_CONSECUTIVE_BAD, BadImage, image_folder, load_rgb, too_many_unreadable
 from moco.device_loader import DeviceLoader
 
@@ -160,7 +160,8 @@ class GpuJpegLoader(DeviceLoader):
         self.files = torch.utils.data.DataLoader(
             EncodedFiles(self.folder.samples, decode_all=decode_in_workers), batch_size=batch_size,
             sampler=self.sampler, num_workers=workers, collate_fn=list, drop_last=True,
-            pin_memory=self.device.type == 'cuda', prefetch_factor=4 if workers else None)
+            pin_memory=self.device.type == 'cuda', prefetch_factor=4 if workers else None,
+            worker_init_fn=dist.ignore_stop_signals)
 
     def _batches(self):
         for items in self.files:

@@ -18,12 +18,13 @@ from moco import dist
 class SmoothedValue:
     """Windowed median/average and a global average of a series of values."""
 
-    def __init__(self, window_size=20, fmt='{median:.4f} ({global_avg:.4f})'):
+    def __init__(self, window_size=20, fmt='{median:.4f} (median of the last {window}; epoch mean {global_avg:.4f})'):
         self._pending = []  # (value, n) not yet turned into python numbers
         self.deque = deque(maxlen=window_size)
         self.total = 0.0
         self.count = 0
         self.fmt = fmt
+        self.window = window_size
 
     def update(self, value, n=1):
         self._pending.append((value.detach() if torch.is_tensor(value) else value, n))
@@ -62,7 +63,8 @@ class SmoothedValue:
         return self.deque[-1] if self.deque else 0.
 
     def __str__(self):
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value,
+                               window=min(self.window, len(self.deque)))
 
 
 def _device_of(values):
@@ -90,26 +92,33 @@ class MetricLogger:
     def global_averages(self):
         return {k: m.global_avg for k, m in self.meters.items()}
 
-    def log_every(self, iterable, print_freq, header='', total=None):
-        """Yield from iterable; every print_freq steps print progress, time per step, data time, ETA."""
+    def log_every(self, iterable, print_freq, header='', total=None, start=0, images_per_step=None, steps_after=0):
+        """Yield from iterable; every print_freq steps print the step (1-based, out of the epoch's),
+        the meters, seconds per step (and of it waiting for data), img/s with ``images_per_step``, and
+        the time left in this epoch and, with ``steps_after`` steps still to come after it, in the run.
+        ``start``: steps of the epoch already done before (a resumed epoch); ``total``: steps left."""
         total = len(iterable) if total is None else total
-        start = end = time.time()
+        began = end = time.time()
         iter_time, data_time = SmoothedValue(fmt='{avg:.3f}'), SmoothedValue(fmt='{avg:.3f}')
-        width = len(str(total))
+        width = len(str(total + start))
         for i, obj in enumerate(iterable):
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                left = total - i - 1
+                eta = _duration(iter_time.global_avg * left)
+                if steps_after:
+                    eta += f' (run: {_duration(iter_time.global_avg * (left + steps_after))})'
+                speed = f'  {images_per_step / iter_time.global_avg:.1f} img/s' if images_per_step else ''
                 mem = ''
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     mem = f'  max mem: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB'
-                print(f'{header} [{i:>{width}}/{total}]  eta: {eta}  {self}  '
-                      f'time: {iter_time}  data: {data_time}{mem}', flush=True)
+                print(f'{header} [{start + i + 1:>{width}}/{total + start}]  eta: {eta}  {self}  '
+                      f's/step: {iter_time} (data {data_time}){speed}{mem}', flush=True)
             end = time.time()
-        took = datetime.timedelta(seconds=int(time.time() - start))
-        print(f'{header} total time: {took} ({(time.time() - start) / max(total, 1):.3f} s / it)', flush=True)
+        took = time.time() - began
+        print(f'{header} took {_duration(took)} ({took / max(total, 1):.3f} s / step)', flush=True)
 
 
 def accuracy(output, target, topk=(1,)):
@@ -121,8 +130,15 @@ def accuracy(output, target, topk=(1,)):
         return [correct[:k].reshape(-1).float().sum() * (100.0 / target.size(0)) for k in topk]
 
 
+def _duration(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
 class RunLog:
-    """Rank 0's record of a run: TensorBoard scalars and one JSON line per epoch in log.txt."""
+    """Rank 0's record of a run: TensorBoard scalars and one JSON line per epoch in log.txt.
+
+    TensorBoard tags are ``train/<name>`` and ``val/<name>`` in every script (``group``); log.txt counts
+    epochs from 1 (its ``epoch`` is the number of epochs done), as the progress lines do."""
 
     def __init__(self, output_dir, enabled=None):
         self.enabled = dist.is_main_process() if enabled is None else enabled
@@ -133,10 +149,10 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
 
-    def scalars(self, step, **values):
+    def scalars(self, step, group='train', **values):
         if self.writer is not None:
             for k, v in values.items():
-                self.writer.add_scalar(k, float(v), step)
+                self.writer.add_scalar(f'{group}/{k}', float(v), step)
 
     def epoch(self, record):
         if self.enabled:

@@ -4,10 +4,11 @@
 
 Left: training loss per epoch; right: kNN top-1 (the --knn-freq monitor) per epoch. One line per run.
 """
-import argparse
 import json
 import os
 import sys
+
+from moco import cli
 
 
 def read_log(run_dir):
@@ -31,7 +32,11 @@ def read_log(run_dir):
 
 
 def plot(runs, out, labels=None, title=None):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('error: drawing curves needs matplotlib (pip install matplotlib); the numbers are in '
+                         'each run\'s log.txt') from None
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     labels = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
@@ -56,9 +61,9 @@ def plot(runs, out, labels=None, title=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__.splitlines()[0], prog='python -m moco.plot')
     p.add_argument('runs', nargs='+', help='run folders (with log.txt) or log.txt files')
-    p.add_argument('--out', default='curves.png', help='PNG to write (default: curves.png)')
+    p.add_argument('--out', default='curves.png', help='PNG to write')
     p.add_argument('--labels', nargs='+', default=None, help='one label per run (default: folder names)')
     p.add_argument('--title', default=None)
     args = p.parse_args(argv)

@@ -43,7 +43,8 @@ def prepare(name, dest, cache=None, download=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog='python -m moco.prepare_data',
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('dataset', choices=sorted(DATASETS))
     p.add_argument('dest', help='folder to create train/ and val/ in')
     p.add_argument('--cache', default=None, help='where torchvision downloads the archive (default: DEST/download)')

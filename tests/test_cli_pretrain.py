@@ -147,8 +147,10 @@ def _check_run_folder(run, state_keys, knn=False):
     for epoch, name in ((1, 'checkpoint_0000.pth.tar'), (2, 'checkpoint_0001.pth.tar')):
         ckpt = torch.load(os.path.join(out, name), map_location='cpu', weights_only=True)
         assert SPEC_KEYS <= set(ckpt)
-        for extra in set(ckpt) - SPEC_KEYS:
+        for extra in set(ckpt) - SPEC_KEYS - {'args'}:
             assert isinstance(ckpt[extra], (int, float, str, bool)), extra
+        assert all(v is None or isinstance(v, (int, float, str, bool)) for v in ckpt['args'].values())
+        assert ckpt['args']['arch'] == ARCH and ckpt['args']['batch_size'] == 8   # the total batch, as given
         assert ckpt['epoch'] == epoch and ckpt['arch'] == ARCH
         assert set(ckpt['state_dict']) == state_keys
         assert all(k.startswith(PREFIXES) for k in ckpt['state_dict'])

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 import main_lincls
 import main_moco
-from moco.checkpoint import ddp_state_dict, save_checkpoint
+from moco.checkpoint import ddp_state_dict, read_pretrained_encoder, save_checkpoint
 from moco.dist import UserError
 from moco.amp import Amp
 from moco.engine_lincls import LinearProbe, sanity_check
@@ -134,7 +134,7 @@ def test_wrong_arch_is_one_line_error(probe_data, moco_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert call_main(*probe_args(probe_data, tmp_path, '--pretrained', moco_ckpt)[2:], '-a', 'resnet50') == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f'error: {moco_ckpt} was pretrained with -a resnet18_cifar, not -a resnet50']
+        f'error: {moco_ckpt} was pretrained with -a resnet18_cifar, not -a resnet50 (leave -a out to use its own)']
 
 
 def test_bad_pretrained_files_are_one_line_errors(probe_run, probe_data, moco_ckpt, tmp_path, capsys):
@@ -178,7 +178,9 @@ def test_loads_original_format(arch, tmp_path):
 
     model, head_attr = main_lincls.build_model(arch, 32, num_classes=7, **small)
     assert head_attr == head
-    loaded = main_lincls.load_pretrained(model, path, arch, head)
+    encoder_state, recorded_arch, _ = read_pretrained_encoder(path, head)
+    assert recorded_arch == arch
+    loaded = main_lincls.load_pretrained(model, encoder_state, path, head)
     expected = {k: v for k, v in moco.base_encoder.state_dict().items() if not k.startswith(head + '.')}
     assert loaded.keys() == expected.keys()
     got = model.state_dict()
@@ -201,7 +203,7 @@ def test_loads_original_format(arch, tmp_path):
     save_checkpoint(state, path)
     wrong, _ = main_lincls.build_model(other, 32, num_classes=7, **small)
     with pytest.raises(UserError, match='does not fit this model'):
-        main_lincls.load_pretrained(wrong, path, other, head)
+        main_lincls.load_pretrained(wrong, read_pretrained_encoder(path, head)[0], path, head)
 
 
 def test_sanity_check_catches_a_changed_backbone():

@@ -267,7 +267,7 @@ def test_linear_probe_reads_the_m2t_teacher_with_its_statistics(tmp_path):
     state = {'module.' + k: v for k, v in model.state_dict().items()}
     path = tmp_path / 'm2t.pth.tar'
     torch.save({'state_dict': state, 'epoch': 1, 'arch': 'resnet18_cifar', 'method': 'm2t'}, path)
-    encoder, arch = read_pretrained_encoder(str(path), 'fc')
+    encoder, arch, _ = read_pretrained_encoder(str(path), 'fc')
     assert arch == 'resnet18_cifar'
     teacher_mean = model.momentum_encoder.bn1.running_mean
     assert torch.equal(encoder['bn1.running_mean'], teacher_mean)

@@ -91,8 +91,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(resume_runs, variant):
     full.result()
     resumed_out = cut.result()
     ckpt1 = cut_dir / 'checkpoint_0001.pth.tar'
-    assert f"=> resumed from '{ckpt1}' (epoch 2)" in resumed_out
-    assert 'Epoch: [2]' in resumed_out and 'Epoch: [0]' not in resumed_out and 'Epoch: [1]' not in resumed_out
+    assert f"=> resumed from '{ckpt1}': 2 epoch(s) done" in resumed_out
+    assert 'Epoch 3/' in resumed_out and 'Epoch 1/' not in resumed_out and 'Epoch 2/' not in resumed_out
 
     a, b = load(full_dir / 'checkpoint_0002.pth.tar'), load(cut_dir / 'checkpoint_0002.pth.tar')
     assert a['epoch'] == b['epoch'] == 3

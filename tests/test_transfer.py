@@ -166,7 +166,7 @@ def test_finetune_one_step(data_set, layouts, pretrained, tmp_path, capsys):
 
     # the run started from the pretrained backbone: one AdamW step moves a weight by at most
     # lr x (1 + wd |w|) (|m / sqrt(v)| <= 1 at the first step), and it moves them all by about lr
-    start, _ = read_pretrained_encoder(pretrained['moco'], 'head')
+    start, _, _ = read_pretrained_encoder(pretrained['moco'], 'head')
     moved = []
     for k, w0 in start.items():
         delta = (ckpt['model'][k] - w0).abs()

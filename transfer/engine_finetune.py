@@ -12,7 +12,7 @@ def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, a
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     lr = optimizer.param_groups[0]['lr']  # set per epoch by the scheduler
     iters = len(loader)
-    for i, (samples, targets, *_) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch: [{epoch}]')):
+    for i, (samples, targets, *_) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch {epoch + 1}/{args.epochs}')):
         samples = samples.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
         if mixup_fn is not None:
@@ -23,5 +23,5 @@ def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, a
         if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr)
         if (i % args.print_freq == 0 or i == iters - 1) and 'loss' in logger.meters:
-            run_log.scalars(epoch * iters + i, train_loss=logger.meters['loss'].value, lr=lr)
+            run_log.scalars(epoch * iters + i, loss=logger.meters['loss'].value, lr=lr)
     return logger.global_averages()

@@ -14,7 +14,6 @@ batch / 512 as in DeiT):
   evaluate:                  python -m transfer.finetune -a vit_base -e --resume OUT/best_checkpoint.pth DIR
 (``python transfer/finetune.py`` works too.)
 """
-import argparse
 import os
 import sys
 
@@ -30,7 +29,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import CosineLRScheduler  # noqa: E402
 
 import vits  # noqa: E402
-from moco import dist  # noqa: E402
+from moco import cli, dist  # noqa: E402
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args  # noqa: E402
 from moco.checkpoint import (load_backbone, load_model_state, read_pretrained_encoder,  # noqa: E402
                              resolve_resume, save_checkpoint, unwrap)
@@ -44,7 +43,7 @@ CHECKPOINT, BEST = 'checkpoint.pth', 'best_checkpoint.pth'
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='MoCo v3 ViT fine-tuning (DeiT recipe)', add_help=True)
+    parser = cli.parser('MoCo v3 ViT fine-tuning (DeiT recipe)', prog='python -m transfer.finetune')
     parser.add_argument('data', metavar='DIR', help='data set folder (layouts: see transfer/datasets.py)')
 
     g = parser.add_argument_group('data')
@@ -68,7 +67,7 @@ def get_args_parser():
     g.add_argument('--drop-path', default=0.1, type=float, metavar='PCT', help='drop path rate (default: 0.1)')
 
     g = parser.add_argument_group('optimization (DeiT defaults)')
-    g.add_argument('--epochs', default=300, type=int)
+    g.add_argument('--epochs', default=300, type=int, metavar='N', help='epochs of fine-tuning (DeiT: 300)')
     g.add_argument('-b', '--batch-size', default=1024, type=int,
                    help='TOTAL batch of all processes (default: 1024 = DeiT\'s 16 GPUs x 64)')
     g.add_argument('--lr', default=5e-4, type=float, metavar='LR',
@@ -138,7 +137,7 @@ def set_epoch_lr(scheduler, epoch):
 
 
 def load_pretrained(model, path, arch):
-    state, pretrained_arch = read_pretrained_encoder(path, 'head', allow_deit=True)
+    state, pretrained_arch, _ = read_pretrained_encoder(path, 'head', allow_deit=True)
     if pretrained_arch is not None and pretrained_arch != arch:
         raise dist.UserError(f'{path} was pretrained with -a {pretrained_arch}, not -a {arch}')
     load_backbone(model, state, 'head', path)
@@ -146,7 +145,10 @@ def load_pretrained(model, path, arch):
 
 
 def main_worker(args):
+    cli.require_positive(args, 'epochs', 'batch_size', 'input_size', 'print_freq', 'eval_freq')
+    cli.require_output_folder(args.output_dir)
     device = dist.init_process(args)
+    cli.warn_short_schedule(args.epochs, args.warmup_epochs)
 
     base_lr, total_batch = args.lr, args.batch_size
     args.lr = args.lr * args.batch_size / 512  # DeiT's linear scaling rule
@@ -248,7 +250,7 @@ def main_worker(args):
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             test_stats = evaluate(model, val_loader, args, amp)
             record.update({f'test_{k}': v for k, v in test_stats.items()})
-            run_log.scalars((epoch + 1) * len(train_loader), test_top1=test_stats['acc1'], test_top5=test_stats['acc5'])
+            run_log.scalars((epoch + 1) * len(train_loader), 'val', top1=test_stats['acc1'], top5=test_stats['acc5'])
             best_path = os.path.join(args.output_dir, BEST)
             is_best = test_stats['acc1'] > max_accuracy or not os.path.isfile(best_path)
             max_accuracy = state['max_accuracy'] = max(max_accuracy, test_stats['acc1'])

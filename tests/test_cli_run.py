@@ -1,0 +1,249 @@
+"""Runs a researcher can follow (README "Runs you can follow"), on tiny data on CPU:
+
+- the run folder records its settings (args.json, and 'args' in each checkpoint); a resume compares
+  them with the command line (shape flags: a one-line error naming the flag; other changes of the
+  mathematics: listed, refused without --accept-changes; --epochs: allowed, said);
+- the probe takes -a and --image-size from the checkpoint;
+- pretraining reads train/ of images without class folders; moco.split_folder makes train/ and val/;
+- one line and a non-zero exit instead of a traceback (Ctrl-C: 130; a file as --output-dir; an
+  impossible --image-size, which leaves no folder behind; plotting without matplotlib);
+- progress lines with the run's ETA and img/s, 1-based epochs and steps (also after a mid-epoch
+  resume), labelled meters, train/ and val/ TensorBoard tags, a closing summary;
+- a finished run is not resumed; short schedules and probe batches larger than the data are warned;
+- --help shows defaults, a mistyped -a gets a suggestion, usage lines name the python -m form.
+"""
+import builtins
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import main_lincls
+import main_moco
+from conftest import start, wait_output
+from moco import plot, split_folder
+
+TINY = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco-mlp-dim', '16', '-b', '8',
+        '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '1', '--seed', '0']
+
+
+def pretrain(capsys, *argv):
+    """main_moco in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    args = main_moco.get_args_parser().parse_args([str(a) for a in argv])
+    try:
+        main_moco.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def first_run(tiny_folder, tmp_path_factory):
+    """Two epochs with the kNN monitor, run once for the tests that read a finished run."""
+    out = tmp_path_factory.mktemp('first') / 'run'
+    args = main_moco.get_args_parser().parse_args(TINY + ['--knn-freq', '1', '--knn-k', '3', '--output-dir', str(out),
+                                                          tiny_folder])
+    import io
+    from contextlib import redirect_stdout
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        main_moco.main(args)
+    return out, buf.getvalue()
+
+
+def test_run_records_settings_and_reports_progress(first_run, tiny_folder):
+    out, printed = first_run
+    with open(out / 'args.json') as f:
+        record = json.load(f)
+    assert record['args']['lr'] == 0.6 and record['args']['batch_size'] == 8 and record['args']['moco_mlp_dim'] == 16
+    assert {'command', 'python', 'torch', 'torchvision', 'timm', 'git_commit'} <= set(record)
+    assert record['torch'] == torch.__version__
+    ckpt = torch.load(out / 'checkpoint_0001.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['args'] == record['args']
+    assert f'run folder: {out}' in printed
+    assert 'Epoch 1/2 [1/5]' in printed and 'Epoch 2/2 [5/5]' in printed and 'Epoch: [' not in printed
+    assert '(run: ' in printed and ' img/s' in printed and 'median of the last' in printed
+    assert 'done: 2 epochs of mocov3' in printed and f'last checkpoint: {out}/checkpoint_0001.pth.tar' in printed
+    assert 'best kNN top-1:' in printed and 'python main_lincls.py --pretrained' in printed
+    log = [json.loads(line) for line in open(out / 'log.txt')]
+    assert [r['epoch'] for r in log] == [0, 1, 2]      # 0: the kNN at initialisation; then epochs done
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (events,) = os.listdir(out / 'tensorboard')
+    tags = EventAccumulator(str(out / 'tensorboard' / events)).Reload().Tags()['scalars']
+    assert {'train/loss', 'train/lr', 'train/images_per_s', 'val/knn_top1'} <= set(tags)
+    assert all(t.startswith(('train/', 'val/')) for t in tags)
+
+
+def test_resume_compares_settings(first_run, tiny_folder, tmp_path, capsys):
+    import shutil
+    src, _ = first_run
+    out = tmp_path / 'run'
+    shutil.copytree(src, out)
+    base = TINY + ['--output-dir', out, '--resume', 'auto']    # later flags win over TINY's
+    data = tiny_folder
+
+    code, stdout, err = pretrain(capsys, *base, '--moco-mlp-dim', '64', data)
+    assert code == 2 and 'pass --moco-mlp-dim 16 to resume it' in one_error_line(err)
+
+    changed = [*base, '-b', '16', '--lr', '5', '--moco-t', '0.2', '--epochs', '3', data]
+    code, stdout, err = pretrain(capsys, *changed)
+    assert code == 2 and '3 setting(s) differ' in one_error_line(err) and '--accept-changes' in err
+    assert '  --lr: 0.6 when the run started, 5.0 now' in stdout and '  --moco-t: 1.0 when the run started' in stdout
+    assert '--epochs 2 -> 3' in stdout
+    assert sorted(os.listdir(out / 'tensorboard')) == sorted(os.listdir(src / 'tensorboard'))   # nothing written
+
+    code, stdout, err = pretrain(capsys, *changed, '--accept-changes')
+    assert code == 0, err
+    assert 'resuming with changed settings' in stdout and 'Epoch 3/3' in stdout
+    assert json.load(open(out / 'args.json'))['args']['lr'] == 5.0
+
+    code, stdout, err = pretrain(capsys, *base, '--epochs', '3', '-b', '16', '--lr', '5', '--moco-t', '0.2', data)
+    assert code == 0 and 'is finished (3 of 3 epochs): nothing to do' in stdout
+    assert len(os.listdir(out / 'tensorboard')) == 2     # the first run's and the --accept-changes one's
+
+
+def test_probe_takes_arch_and_size_from_the_checkpoint(first_run, tiny_folder, tmp_path, capsys):
+    out, _ = first_run
+    args = main_lincls.get_args_parser().parse_args(
+        ['--pretrained', str(out / 'checkpoint_0001.pth.tar'), '-b', '4', '--epochs', '1', '-j', '0', '-p', '100',
+         '--output-dir', str(tmp_path / 'probe'), tiny_folder])
+    main_lincls.main(args)
+    printed = capsys.readouterr().out
+    assert args.arch == 'resnet18_cifar' and args.image_size == 16
+    assert 'image size 16 (as in' in printed and 'arch resnet18_cifar' in printed
+    # and -e --resume of the probe's own file without -a
+    args = main_lincls.get_args_parser().parse_args(
+        ['-e', '--resume', str(tmp_path / 'probe' / 'model_best.pth.tar'), '-j', '0', '-p', '100',
+         '--output-dir', str(tmp_path / 'probe'), tiny_folder])
+    stats = main_lincls.main(args)
+    assert args.arch == 'resnet18_cifar' and args.image_size == 16 and 0 <= stats['acc1'] <= 100
+
+
+def test_probe_warns_when_the_batch_is_larger_than_the_data(first_run, tiny_folder, tmp_path, capsys):
+    out, _ = first_run
+    args = main_lincls.get_args_parser().parse_args(
+        ['--pretrained', str(out / 'checkpoint_0001.pth.tar'), '--epochs', '1', '-j', '0', '-p', '100',
+         '--output-dir', str(tmp_path / 'probe'), tiny_folder])     # default -b 1024 on 40 images
+    main_lincls.main(args)
+    assert 'warning: the 40 training images are fewer than one batch (-b 1024)' in capsys.readouterr().out
+
+
+def _images(folder, n, size=(20, 20)):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.new('RGB', size, (i * 15 % 256, 80, 200 - i)).save(os.path.join(folder, f'{i:03d}.jpg'))
+
+
+def test_unlabelled_images_pretrain_and_split(tmp_path, capsys):
+    _images(tmp_path / 'flat' / 'train', 16)
+    code, stdout, err = pretrain(capsys, *TINY, '--epochs', '1', '--knn-freq', '1',
+                                 '--output-dir', tmp_path / 'run', tmp_path / 'flat')
+    assert code == 0, err
+    assert 'kNN monitor off: it needs labels' in stdout and '16 training images' in stdout
+    assert 'a linear probe needs labelled train/ and val/' in stdout
+
+    code, stdout, err = pretrain(capsys, *TINY, '--output-dir', tmp_path / 'run2', tmp_path / 'flat' / 'train')
+    line = one_error_line(err)
+    assert code == 2 and 'holds images itself' in line and 'python -m moco.split_folder' in line
+
+    for cls in ('cat', 'dog'):
+        _images(tmp_path / 'labelled' / cls, 10)
+    counts = split_folder.split(str(tmp_path / 'labelled'), str(tmp_path / 'split'), val_fraction=0.2)
+    assert counts == {'train': 16, 'val': 4}
+    assert sorted(os.listdir(tmp_path / 'split' / 'val')) == ['cat', 'dog']
+    assert len(os.listdir(tmp_path / 'split' / 'val' / 'cat')) == 2
+    assert os.path.islink(tmp_path / 'split' / 'train' / 'cat' / os.listdir(tmp_path / 'split' / 'train' / 'cat')[0])
+    flat = split_folder.split(str(tmp_path / 'flat' / 'train'), str(tmp_path / 'split_flat'), val_fraction=0.25,
+                              copy=True)
+    assert flat == {'train': 12, 'val': 4} and len(os.listdir(tmp_path / 'split_flat' / 'val')) == 4
+    with pytest.raises(SystemExit, match='already exists'):
+        split_folder.split(str(tmp_path / 'labelled'), str(tmp_path / 'split'))
+
+
+def test_bad_flags_are_one_line_errors_that_create_nothing(tiny_folder, tmp_path, capsys):
+    (tmp_path / 'a_file').write_text('x')
+    code, _, err = pretrain(capsys, *TINY, '--output-dir', tmp_path / 'a_file', tiny_folder)
+    assert code == 2 and 'is a file, not a folder' in one_error_line(err)
+    code, _, err = pretrain(capsys, *TINY, '--image-size', '0', '--output-dir', tmp_path / 'new', tiny_folder)
+    assert code == 2 and '--image-size must be positive' in one_error_line(err)
+    assert not (tmp_path / 'new').exists()
+
+
+def test_short_schedule_is_warned(tiny_folder, tmp_path, capsys):
+    code, stdout, _ = pretrain(capsys, *TINY, '--epochs', '1', '--warmup-epochs', '4', '--output-dir', tmp_path,
+                               tiny_folder)
+    assert code == 0 and 'warning: --epochs 1 is shorter than --warmup-epochs 4' in stdout
+
+
+def test_mid_epoch_resume_numbers_steps_from_the_epoch_start(tiny_folder, tmp_path, capsys):
+    code, _, err = pretrain(capsys, *TINY, '--epochs', '1', '--save-every-iters', '3', '--output-dir', tmp_path,
+                            tiny_folder)
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / 'checkpoint_0000.pth.tar', map_location='cpu', weights_only=True)
+    last = {**ckpt, 'epoch': 0, 'iter': 3}
+    torch.save(last, tmp_path / 'checkpoint_last.pth.tar')
+    os.remove(tmp_path / 'checkpoint_0000.pth.tar')
+    code, stdout, err = pretrain(capsys, *TINY, '--epochs', '1', '--output-dir', tmp_path, '--resume', 'auto',
+                                 tiny_folder)
+    assert code == 0, err
+    assert 'continuing epoch 1 at step 4' in stdout and 'Epoch 1/1 [4/5]' in stdout and '[1/' not in stdout
+
+
+def test_help_shows_defaults_and_arch_typos_get_suggestions(capsys):
+    help_text = main_moco.get_args_parser().format_help()
+    for flag, default in (('--epochs', '100'), ('--warmup-epochs', '10'), ('--momentum', '0.9'),
+                          ('--world-size', '-1'), ('--dist-url', 'tcp://localhost:10001')):
+        block = help_text.split('\n  ' + flag, 1)[1].split('\n  -', 1)[0]
+        assert f'(default: {default})' in ' '.join(block.split()), flag
+    with pytest.raises(SystemExit):
+        main_moco.get_args_parser().parse_args(['-a', 'resnet5', 'DIR'])
+    err = capsys.readouterr().err
+    assert "unknown architecture 'resnet5'; did you mean resnet50" in err and 'resnext' not in err
+    with pytest.raises(SystemExit):
+        plot.main(['--help'])
+    assert capsys.readouterr().out.startswith('usage: python -m moco.plot')
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith('matplotlib'):
+            raise ImportError('No module named matplotlib')
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_matplotlib)
+    (tmp_path / 'log.txt').write_text(json.dumps({'epoch': 1, 'train_loss': 3.0}) + '\n')
+    with pytest.raises(SystemExit, match='needs matplotlib') as e:
+        plot.plot([str(tmp_path)], str(tmp_path / 'c.png'))
+    assert '\n' not in str(e.value)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
+    proc = start([sys.executable, 'main_moco.py', *TINY, '--epochs', '50', '-j', '2', '--output-dir', str(tmp_path),
+                  tiny_folder])
+    deadline = time.time() + 120
+    lines = []
+    for line in proc.stdout:          # wait until training is under way
+        lines.append(line)
+        if line.startswith('Epoch 1/50') or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+    rc, out = wait_output(proc, timeout=60)
+    out = ''.join(lines) + out
+    assert rc == 130, out
+    assert 'Traceback' not in out and 'KeyboardInterrupt' not in out, out
+    assert 'interrupted: the checkpoints already written' in out and '--resume auto' in out

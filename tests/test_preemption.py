@@ -1,0 +1,161 @@
+"""Preemption and elastic restarts (README "When things go wrong", CONFIG.md "Preemptible clusters"), on
+CPU with gloo and a tiny ViT:
+
+- SIGTERM in the middle of an epoch, to one process and to one rank of two: every process finishes
+  the same step, a resumable mid-epoch checkpoint is written, the run exits with code 75 within
+  seconds, and a resume ends bit-identical to an uninterrupted run;
+- torchrun --max-restarts 1 with a worker killed -9 in the second epoch: the group restarts, resumes
+  by itself (--resume auto) and ends bit-identical to an uninterrupted run;
+- stop signals arriving while a checkpoint is written: the file is complete, the previous ones
+  intact, and the run resumes.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_moco
+from moco import dist
+from conftest import ROOT, assert_identical, cli_env, load, unassigned_port
+
+SMALL = ['-a', 'vit_tiny_patch4', '--image-size', '8', '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8',
+         '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '1', '--seed', '0']
+FINAL = 'checkpoint_0001.pth.tar'
+
+
+def _start(args):
+    return subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _torchrun(nproc, data, out, *extra, restarts=0):
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--max-restarts',
+            str(restarts), '--master_addr', '127.0.0.1', '--master_port', str(unassigned_port()),
+            'main_moco.py', str(data), *SMALL, '--output-dir', str(out), *extra]
+
+
+def _single(data, out, *extra):
+    return [sys.executable, 'main_moco.py', str(data), *SMALL, '--output-dir', str(out), *extra]
+
+
+def _finish(proc, timeout=300):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, out
+
+
+def _wait_for(proc, text, lines, timeout=280):
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line or time.time() > deadline:
+            return
+    raise AssertionError(''.join(lines))
+
+
+def _worker_pids(proc):
+    """Children of a torchrun agent running main_moco.py (its workers), by local rank order of start."""
+    out = subprocess.run(['pgrep', '-P', str(proc.pid), '-f', 'main_moco.py'], capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def _same_final(run_dir, reference_dir):
+    a, b = load(os.path.join(run_dir, FINAL)), load(os.path.join(reference_dir, FINAL))
+    for key in ('state_dict', 'optimizer', 'epoch', 'data_seed'):
+        assert_identical(a[key], b[key], key)
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_folder, tmp_path_factory):
+    """Uninterrupted runs: one process, and two processes under torchrun."""
+    tmp = tmp_path_factory.mktemp('uninterrupted')
+    runs = {'one': _start(_single(tiny_folder, tmp / 'one')), 'two': _start(_torchrun(2, tiny_folder, tmp / 'two'))}
+    for name, proc in runs.items():
+        rc, out = _finish(proc)
+        assert rc == 0, out
+    return {name: tmp / name for name in runs}
+
+
+def _sigterm_mid_epoch_then_resume(cmd, resume_cmd, signal_target, tmp_path):
+    proc = _start(cmd)
+    lines = []
+    _wait_for(proc, 'Epoch 2/2 [2/5]', lines)
+    target = signal_target(proc)
+    sent = time.time()
+    os.kill(target, signal.SIGTERM)
+    rc, out = _finish(proc, timeout=60)
+    took = time.time() - sent
+    out = ''.join(lines) + out
+    assert 'stopped: SIGTERM' in out or 'stopped: a stop signal' in out, out
+    assert 'Traceback' not in out.split('stopped:')[0], out
+    assert os.path.exists(tmp_path / 'run' / 'checkpoint_last.pth.tar')
+    saved = load(tmp_path / 'run' / 'checkpoint_last.pth.tar')
+    assert saved['epoch'] == 1 and 2 <= saved['iter'] < 5
+    rc2, out2 = _finish(_start(resume_cmd))
+    assert rc2 == 0, out2
+    assert f"continuing epoch 2 at step {saved['iter'] + 1}" in out2
+    return rc, took
+
+
+def test_sigterm_one_process_saves_and_resumes_exactly(tiny_folder, reference, tmp_path):
+    cmd = _single(tiny_folder, tmp_path / 'run', '-j', '2')     # loader workers get the signal too
+    rc, took = _sigterm_mid_epoch_then_resume(cmd, cmd + ['--resume', 'auto'], lambda proc: proc.pid, tmp_path)
+    assert rc == 75 and took < 30
+    _same_final(tmp_path / 'run', reference['one'])
+
+
+def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(tiny_folder, reference, tmp_path):
+    cmd = _torchrun(2, tiny_folder, tmp_path / 'run')
+    rc, took = _sigterm_mid_epoch_then_resume(cmd, _torchrun(2, tiny_folder, tmp_path / 'run', '--resume', 'auto'),
+                                              lambda proc: _worker_pids(proc)[-1], tmp_path)
+    assert rc != 0 and took < 30      # torchrun reports its workers' code 75 as a failure of its own
+    _same_final(tmp_path / 'run', reference['two'])
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes_by_itself(tiny_folder, reference, tmp_path):
+    proc = _start(_torchrun(2, tiny_folder, tmp_path / 'run', '--resume', 'auto', restarts=1))
+    lines = []
+    _wait_for(proc, 'Epoch 2/2 [2/5]', lines)
+    os.kill(_worker_pids(proc)[-1], signal.SIGKILL)
+    rc, out = _finish(proc)
+    out = ''.join(lines) + out
+    assert rc == 0, out
+    assert 'no pretraining checkpoint' in out                # the first start, on an empty folder
+    assert "resumed from" in out and '1 epoch(s) done' in out  # the restart
+    _same_final(tmp_path / 'run', reference['two'])
+
+
+def test_stop_signals_during_a_checkpoint_write_leave_files_whole(tiny_folder, tmp_path, monkeypatch):
+    """Two SIGTERMs while the first epoch's checkpoint is being written: the write completes, the run
+    stops there with code 75, and it resumes to the end."""
+    import moco.checkpoint as ckpt_module
+    real_save, calls = torch.save, []
+
+    def save_with_signals(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(ckpt_module.torch, 'save', save_with_signals)
+    args = main_moco.get_args_parser().parse_args(_single(tiny_folder, tmp_path / 'run')[2:])
+    with pytest.raises(SystemExit) as e:
+        main_moco.main(args)
+    assert e.value.code == 75
+    first = load(tmp_path / 'run' / 'checkpoint_0000.pth.tar')
+    assert first['epoch'] == 1 and not os.path.exists(tmp_path / 'run' / FINAL)
+    assert [n for n in os.listdir(tmp_path / 'run') if '.tmp.' in n] == []
+    monkeypatch.setattr(ckpt_module.torch, 'save', real_save)
+    args = main_moco.get_args_parser().parse_args(_single(tiny_folder, tmp_path / 'run', '--resume', 'auto')[2:])
+    main_moco.main(args)
+    assert load(tmp_path / 'run' / FINAL)['epoch'] == 2
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), '__self__', None), dist.StopRequest)
