@@ -74,6 +74,7 @@ def get_args_parser():
     g.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
                    help='only evaluate the model (give the probe with --resume) on the validation set')
     g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
+    dist.add_stop_signals_arg(g, 'keeping the last epoch\'s checkpoint (the epoch in progress is redone)')
     g.add_argument('--seed', default=None, type=int,
                    help='seed for initializing training; makes CPU runs (and resumes) repeatable')
 
@@ -122,7 +123,9 @@ def settle_arch_and_size(args, recorded_arch, recorded_size, path):
 def main_worker(args):
     cli.require_positive(args, 'epochs', 'batch_size', 'print_freq')
     cli.require_output_folder(args.output_dir)
+    dist.stop_signal_names(args.stop_signals)
     device = dist.init_process(args)
+    stop = dist.stop_request(args)
 
     base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
 
@@ -198,7 +201,7 @@ def main_worker(args):
     acc1 = None
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch(train_loader, epoch, args.seed)
-        train_stats = train_one_epoch(probe, train_loader, criterion, optimizer, epoch, args, run_log)
+        train_stats = train_one_epoch(probe, train_loader, criterion, optimizer, epoch, args, run_log, stop)
         val_stats = evaluate(probe, val_loader, args)
         acc1 = val_stats['acc1']
         is_best = best_acc1 is None or acc1 > best_acc1

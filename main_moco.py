@@ -108,10 +108,7 @@ def get_args_parser():
                    help="checkpoint to resume from, or 'auto' for the newest readable one in --output-dir")
     g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
                    help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
-    g.add_argument('--stop-signals', default='TERM,USR1', metavar='SIGNALS',
-                   help="signals on which every process finishes its step, the run saves a resumable checkpoint "
-                        f"and exits with code {dist.EXIT_STOPPED} (a preemption warning, CONFIG.md); 'none': "
-                        'the default actions')
+    dist.add_stop_signals_arg(g, 'after saving a resumable checkpoint (mid-epoch: checkpoint_last.pth.tar)')
     g.add_argument('--save-every-iters', default=0, type=int, metavar='N',
                    help='also save checkpoint_last.pth.tar every N iterations inside an epoch, for long epochs '
                         '(--resume auto continues from it mid-epoch; default: 0 = only at epoch ends)')
@@ -143,10 +140,10 @@ def main_worker(args):
     check_args(args)
     apply_method_defaults(args)
     settings = run_record.settings(args, get_args_parser())   # as given (total batch, base lr), for args.json
-    stop_signals = dist.stop_signal_names(args.stop_signals)
+    dist.stop_signal_names(args.stop_signals)   # a wrong name fails before anything starts
     device = dist.init_process(args)
     cli.warn_short_schedule(args.epochs, args.warmup_epochs)
-    stop = dist.StopRequest(stop_signals) if stop_signals else None
+    stop = dist.stop_request(args)
 
     base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
     print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
@@ -279,11 +276,9 @@ def main_worker(args):
             run_log.scalars((epoch + 1) * iters_per_epoch, 'val', knn_top1=knn_acc1)
         save(epoch + 1)
         run_log.epoch(record)
-        if stop is not None and epoch + 1 < args.epochs and stop.agreed():
-            run_log.close()
-            raise dist.Stopped(f'{stop.describe()} at the end of epoch {epoch + 1}: saved '
-                               f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}; to continue, run '
-                               'the same command with --resume auto')
+        if epoch + 1 < args.epochs:
+            dist.stop_after_step(stop, f'at the end of epoch {epoch + 1}: saved '
+                                       f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
     run_log.close()
     last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
     print(closing_summary(args, last, best_knn))

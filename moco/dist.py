@@ -70,6 +70,25 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def add_stop_signals_arg(group, saved):
+    """``--stop-signals`` of the training scripts; ``saved`` says what a stop keeps."""
+    group.add_argument('--stop-signals', default='TERM,USR1', metavar='SIGNALS',
+                       help=f'signals on which every process finishes its step and the run exits with code '
+                            f"{EXIT_STOPPED}, {saved} (a preemption warning, CONFIG.md); 'none': the default actions")
+
+
+def stop_request(args):
+    """The StopRequest of ``args.stop_signals`` (None for 'none'); call after ``init_process``."""
+    names = stop_signal_names(args.stop_signals)
+    return StopRequest(names) if names else None
+
+
+def stop_after_step(stop, what):
+    """Raise Stopped when any process received a stop signal (the same answer on every process)."""
+    if stop is not None and stop.agreed():
+        raise Stopped(f'{stop.describe()} {what}; to continue, run the same command with --resume auto')
+
+
 def stop_signal_names(value):
     """--stop-signals: 'TERM,USR1' -> ('TERM', 'USR1'); 'none' -> ()."""
     if value.strip().lower() in ('', 'none'):

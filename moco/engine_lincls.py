@@ -36,8 +36,10 @@ class LinearProbe(nn.Module):
         return self.classifier(feats.float())            # (N, num_classes) fp32
 
 
-def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log):
-    """One epoch of SGD on the classifier, at the lr of this epoch (cosine per epoch, no warmup)."""
+def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log, stop=None):
+    """One epoch of SGD on the classifier, at the lr of this epoch (cosine per epoch, no warmup). On a
+    stop signal (``stop``) it ends after the current step: the checkpoint of the previous epoch is the
+    one to resume from (the epoch is redone)."""
     # Under the linear classification protocol no part of the pretrained model may change:
     # BatchNorm in train mode would update its running statistics even without gradients.
     model.eval()
@@ -66,6 +68,8 @@ def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log):
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, step {i + 1}: stopping')
             run_log.scalars(epoch * iters + i, loss=loss_value, lr=lr)
+        dist.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1}: the checkpoint of epoch {epoch} in '
+                                   f'{args.output_dir} is kept (epoch {epoch + 1} is redone)')
     return logger.global_averages()
 
 

@@ -159,3 +159,28 @@ def test_stop_signals_during_a_checkpoint_write_leave_files_whole(tiny_folder, t
     main_moco.main(args)
     assert load(tmp_path / 'run' / FINAL)['epoch'] == 2
     assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), '__self__', None), dist.StopRequest)
+
+
+def test_probe_stops_on_a_signal_keeping_its_last_epoch(tiny_folder, reference, tmp_path, monkeypatch, capsys):
+    """main_lincls: SIGTERM during the second epoch ends the run after that step (exit 75); the first
+    epoch's checkpoint is intact and the probe resumes from it to the end."""
+    import main_lincls
+    import moco.engine_lincls as engine
+    real_accuracy, calls = engine.accuracy, []
+
+    def accuracy_then_signal(*args, **kwargs):   # once per step: 10 training, then 5 evaluation steps
+        calls.append(1)
+        if len(calls) == 18:                     # epoch 2, step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_accuracy(*args, **kwargs)
+    monkeypatch.setattr(engine, 'accuracy', accuracy_then_signal)
+    argv = ['--pretrained', str(reference['one'] / FINAL), '-b', '4', '--epochs', '2', '-j', '0', '-p', '100',
+            '--seed', '0', '--output-dir', str(tmp_path / 'probe'), str(tiny_folder)]
+    with pytest.raises(SystemExit) as e:
+        main_lincls.main(main_lincls.get_args_parser().parse_args(argv))
+    assert e.value.code == 75
+    assert 'stopped: SIGTERM at epoch 2, step 3' in capsys.readouterr().err
+    assert load(tmp_path / 'probe' / 'checkpoint.pth.tar')['epoch'] == 1
+    monkeypatch.setattr(engine, 'accuracy', real_accuracy)
+    main_lincls.main(main_lincls.get_args_parser().parse_args(argv + ['--resume', 'auto']))
+    assert load(tmp_path / 'probe' / 'checkpoint.pth.tar')['epoch'] == 2

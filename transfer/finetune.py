@@ -106,7 +106,8 @@ def get_args_parser():
     g.add_argument('-e', '--evaluate', action='store_true', help='only evaluate (the model given by --resume)')
     g.add_argument('--eval-freq', default=1, type=int, metavar='N',
                    help='evaluate every N epochs and after the last (default: 1)')
-    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N')
+    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency')
+    dist.add_stop_signals_arg(g, "keeping the last epoch's checkpoint (the epoch in progress is redone)")
     g.add_argument('--seed', default=0, type=int, help='seed (default: 0, as DeiT)')
 
     dist.add_distributed_args(parser)
@@ -147,7 +148,9 @@ def load_pretrained(model, path, arch):
 def main_worker(args):
     cli.require_positive(args, 'epochs', 'batch_size', 'input_size', 'print_freq', 'eval_freq')
     cli.require_output_folder(args.output_dir)
+    dist.stop_signal_names(args.stop_signals)
     device = dist.init_process(args)
+    stop = dist.stop_request(args)
     cli.warn_short_schedule(args.epochs, args.warmup_epochs)
 
     base_lr, total_batch = args.lr, args.batch_size
@@ -230,7 +233,7 @@ def main_worker(args):
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin, drop_last=True,
             sampler=RepeatAugSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank()),
-            generator=generator)
+            generator=generator, worker_init_fn=dist.ignore_stop_signals)
     else:
         train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
                                    seed=args.seed, pin_memory=pin)
@@ -243,7 +246,7 @@ def main_worker(args):
         start_epoch(train_loader, epoch, args.seed)
         set_epoch_lr(scheduler, epoch)
         train_stats = train_one_epoch(model, train_loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log,
-                                      nonfinite)
+                                      nonfinite, stop)
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()}}
         state = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
                  'epoch': epoch + 1, 'arch': args.arch, 'max_accuracy': max_accuracy}
