@@ -6,8 +6,10 @@ SHELL := /bin/bash
 
 .PHONY: demo test env clean gpu-check
 
+# `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.demo (--help lists them)
+DEMO_FLAGS ?=
 demo: $(VENV)/.installed
-	$(PY) -m moco.demo
+	$(PY) -m moco.demo $(DEMO_FLAGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -61,3 +61,15 @@ def knn_accuracy(backbone, train_set, test_set, device, k=200, T=0.1, batch_size
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     pred = knn_classify(train_f, train_y, test_f, num_classes, k=k, T=T)
     return (pred == test_y).float().mean().item() * 100
+
+
+def raw_pixel_knn_accuracy(train_images, train_labels, test_images, test_labels, k=200, T=0.1):
+    """Top-1 (percent) of the same weighted kNN on raw pixels: each image flattened to a vector, minus
+    the mean training image (``*_images``: (N, C, H, W), any dtype; all of one size). The baseline a
+    learned representation has to beat."""
+    train = train_images.flatten(1).float()
+    mean = train.mean(dim=0, keepdim=True)
+    test = test_images.flatten(1).float()
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    pred = knn_classify(train - mean, train_labels, test - mean, num_classes, k=k, T=T)
+    return (pred == test_labels).float().mean().item() * 100

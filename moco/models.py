@@ -2,14 +2,16 @@
 
 Names: the ViTs of ``vits.py``; every torchvision classification model with an ``fc`` classifier
 (ResNets, ResNeXts, Wide ResNets, RegNets), built with ``zero_init_residual=True`` where accepted
-(as the original does); and ``resnet18_cifar`` / ``resnet50_cifar``: the same ResNets with the usual
-CIFAR stem (3x3 stride-1 first conv, no max-pool) for 32 px images.
+(as the original does); ``resnet18_cifar`` / ``resnet50_cifar``: the same ResNets with the usual
+CIFAR stem (3x3 stride-1 first conv, no max-pool) for 32 px images; and ``resnet10_w32``, a small ResNet
+for 32 px images on a CPU (the embedded demo's, CONFIG.md).
 """
 import inspect
 from functools import partial
 
 import torch.nn as nn
 import torchvision.models as tvm
+from torchvision.models.resnet import BasicBlock, ResNet
 
 import vits
 from moco.builder import BYOL_ResNet, BYOL_ViT, M2T_ResNet, M2T_ViT, MoCo_ResNet, MoCo_ViT
@@ -24,7 +26,41 @@ def _cifar_resnet(name, **kwargs):
     return model
 
 
+class SmallResNet(ResNet):
+    """torchvision's ResNet of BasicBlocks with other widths and a 3x3 stem for small images: the same
+    modules, initialisation (kaiming fan_out, BN at 1/0, ``zero_init_residual``) and state_dict keys."""
+
+    def __init__(self, widths=(32, 64, 128, 256), layers=(1, 1, 1, 1), stem_stride=2, num_classes=1000,
+                 zero_init_residual=False):
+        nn.Module.__init__(self)
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.constant_(m.bn2.weight, 0)
+
+
 CIFAR_ARCHS = {f'{name}_cifar': partial(_cifar_resnet, name) for name in ('resnet18', 'resnet50')}
+# ResNet-10 (one block per stage), widths 32-64-128-256, 3x3 stride-2 stem: 16x16 after the stem at 32 px,
+# 17 M multiply-adds per 32 px image (ResNet-18 with its ImageNet stem: 38 M, of which most at 1-2 px).
+CIFAR_ARCHS['resnet10_w32'] = partial(SmallResNet, widths=(32, 64, 128, 256), layers=(1, 1, 1, 1), stem_stride=2)
 
 
 def _torchvision_archs():

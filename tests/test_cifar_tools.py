@@ -73,7 +73,7 @@ def test_demo_data_is_present_and_well_formed(tmp_path):
     archive = os.path.join(os.path.dirname(demo_data.__file__), 'cifar10_demo.tar.gz')
     assert os.path.getsize(archive) < 5 * 2 ** 20            # a few MB at most
     root = demo_data.extract(str(tmp_path))
-    for split, per_class in (('train', 300), ('val', 100)):
+    for split, per_class in (('train', 500), ('val', 100)):
         classes = sorted(os.listdir(os.path.join(root, split)))
         assert len(classes) == 10
         for c in classes:
@@ -86,7 +86,7 @@ def test_demo_data_is_present_and_well_formed(tmp_path):
         return {hashlib.sha1(open(os.path.join(folder, c, f), 'rb').read()).hexdigest()
                 for c in os.listdir(folder) for f in os.listdir(os.path.join(folder, c))}
     train, val = contents('train'), contents('val')
-    assert len(train) == 3000 and len(val) == 1000             # no duplicated files
+    assert len(train) == 5000 and len(val) == 1000             # no duplicated files
     assert not train & val                                     # held-out means held out
 
 

@@ -1,0 +1,43 @@
+"""The demo's recipe stays runnable: moco.demo end to end (baselines, MoCo v3 pretraining through
+main_moco.py with the demo's flags, kNN curve, linear probe, curves.png) on a few shipped images and
+a few steps, with a tiny projector."""
+import os
+
+import torch
+
+from moco import demo
+from moco.knn import raw_pixel_knn_accuracy
+from moco.models import build_moco, encoder_factory
+
+
+def test_demo_recipe_runs_a_few_steps(tmp_path):
+    args = demo.get_args_parser().parse_args(
+        ['--epochs', '2', '--knn-freq', '1', '--probe-epochs', '3', '--per-class', '4', '2',
+         '--output-dir', str(tmp_path)])
+    result = demo.main(args, moco_overrides=['-b', '8', '--moco-mlp-dim', '32', '--moco-dim', '16', '-p', '100'])
+    assert [e for e, _ in result['knn_curve']] == [0, 1, 2]          # at init and after every epoch
+    for key in ('raw_pixels', 'init_moco', 'init_default', 'learned', 'probe'):
+        assert 0 <= result[key] <= 100
+    assert len(result['probe_curve']) == 3
+    assert os.path.isfile(os.path.join(result['run_dir'], 'curves.png'))
+    assert os.path.isfile(os.path.join(result['run_dir'], 'checkpoint_0001.pth.tar'))
+
+
+def test_demo_arch_is_a_resnet_with_moco_init():
+    """resnet10_w32: torchvision's ResNet modules; MoCo v3 zero-initialises its residual branches."""
+    enc = encoder_factory('resnet10_w32')(num_classes=5)
+    assert enc(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+    assert all(b.bn2.weight.detach().abs().sum().item() == 0 for b in (enc.layer1[0], enc.layer4[0]))
+    default = encoder_factory('resnet10_w32', zero_init_residual=False)(num_classes=5)
+    assert default.layer1[0].bn2.weight.detach().abs().sum().item() > 0
+    model = build_moco('resnet10_w32', dim=16, mlp_dim=32, T=0.2)
+    assert model.base_encoder.fc[0].in_features == 256
+
+
+def test_raw_pixel_knn_is_mean_centred():
+    """Two classes that differ only around the mean image: without centring every image points the same way."""
+    base = torch.full((3, 4, 4), 200.)
+    train = torch.stack([base + 1, base + 2, base - 1, base - 2])
+    labels = torch.tensor([0, 0, 1, 1])
+    test = torch.stack([base + 1.5, base - 1.5])
+    assert raw_pixel_knn_accuracy(train, labels, test, torch.tensor([0, 1]), k=2, T=0.1) == 100
