@@ -9,8 +9,10 @@ Launch modes (the PyTorch ImageNet example's, plus the ones it lacks):
 ``rank()``, ``world_size()`` and ``concat_all_gather`` work with or without a process group; at
 world size 1 the gather is the identity.
 """
+import atexit
 import builtins
 import datetime
+import multiprocessing
 import os
 import random
 import signal
@@ -87,6 +89,20 @@ def stop_after_step(stop, what):
     """Raise Stopped when any process received a stop signal (the same answer on every process)."""
     if stop is not None and stop.agreed():
         raise Stopped(f'{stop.describe()} {what}; to continue, run the same command with --resume auto')
+
+
+def _end_loader_workers():
+    """At exit, end the data-loading workers still running (after an error): they ignore SIGTERM
+    (``ignore_stop_signals``), so multiprocessing's own exit handler, which terminates and then joins
+    them, would wait forever. Registered after multiprocessing's, so it runs before it."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # the DataLoader's handler would report them as failed
+        for p in workers:
+            p.kill()
+
+
+atexit.register(_end_loader_workers)
 
 
 def stop_signal_names(value):

@@ -1,5 +1,8 @@
-"""python -m moco.bench runs on CPU (tiny sizes) and reports every column for both configurations."""
+"""python -m moco.bench runs on CPU (tiny sizes) and reports every column for both configurations; what
+it could get wrong is checked piece by piece: the FLOPs of a step per image, the timing (warm-up steps
+excluded) and the two configurations it compares."""
 import json
+import types
 
 import pytest
 import torch
@@ -22,8 +25,9 @@ def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):
     ref = {(r['model'], r['input']): r for r in rows if r['config'] == 'reference'}
     for r in rows:
         assert abs(r['vs_reference'] - r['images_per_s'] / ref[r['model'], r['input']]['images_per_s']) < 1e-9
-    # the same model costs the same FLOPs in both configurations (fp32 on CPU)
-    assert len({round(r['gflop_per_image_step'], 6) for r in rows if r['model'] == 'resnet18_cifar'}) == 1
+    for r in rows:    # TFLOP/s and the fraction of the peak are img/s times the FLOPs of an image's step
+        assert r['model_tflops'] == pytest.approx(r['images_per_s'] * r['gflop_per_image_step'] / 1e3, rel=1e-9)
+        assert r['fraction_of_peak'] == pytest.approx(r['model_tflops'] / 750, rel=1e-9)
     assert json.loads(out.read_text())['rows'] == rows
     printed = capsys.readouterr().out
     assert 'img/s' in printed and 'TFLOP/s' in printed and 'vs ref' in printed
@@ -45,3 +49,94 @@ def test_fullsize_jpegs_are_made_once(tmp_path):
         bench.from_files(root, 4, 64, 0, torch.device('cpu'), 'memory')
     x1, x2 = next(bench.from_files(root, 4, 64, 0, torch.device('cpu'), 'gpu'))
     assert x1.shape == x2.shape == (4, 3, 64, 64) and not torch.equal(x1, x2)
+
+
+class _Linear2(torch.nn.Module):
+    """A 'MoCo' of one Linear layer: the FLOPs of its step are known in closed form."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.fc = torch.nn.Linear(n_in, n_out)
+
+    def forward(self, x1, x2, m):
+        return self.fc(x1.flatten(1)).square().mean() + self.fc(x2.flatten(1)).square().mean()
+
+
+def test_step_flops_count_forward_and_backward_per_image():
+    """Per image and step: each view's forward (2 n_in n_out multiply-adds) and the weight gradient's
+    backward (the same again; the input needs no gradient)."""
+    model = _Linear2(3 * 4 * 4, 5)
+    assert bench.step_flops(model, 4, torch.device('cpu'), 'fp32') == 2 * (2 + 2) * 48 * 5
+    assert all(p.grad is None for p in model.parameters())      # and it leaves no gradient behind
+
+
+def test_step_flops_of_a_real_model_are_per_image():
+    """Counted at batch 2, the FLOPs per image equal a count at batch 3 divided by 3: all but the B x B
+    logits of the loss (a few hundred FLOPs here, under 0.1% at the recipes' batches) grow with the batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moco.models import build_moco
+    torch.manual_seed(0)
+    model = build_moco('resnet18_cifar', 16, 32, T=0.2)
+    x = torch.randn(3, 3, 16, 16)
+    with FlopCounterMode(display=False) as counter:
+        model(x, x, 0.99).backward()
+    assert bench.step_flops(model, 16, torch.device('cpu'), 'fp32') == pytest.approx(counter.get_total_flops() / 3,
+                                                                                     rel=1e-6)
+
+
+class _Stub(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+        self.fc = torch.nn.Linear(2, 2)
+
+    def to(self, *args, **kwargs):      # stands for the model on a GPU this machine may not have
+        return self
+
+
+@pytest.mark.filterwarnings('ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available')
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_reference_and_ours_are_the_documented_configurations(monkeypatch, device):
+    """reference: the original's step (fp16 + GradScaler on CUDA, fp32 on CPU; contiguous; LARS looping
+    over tensors, AdamW without foreach); ours: main_moco.py's fast path (bf16 where the GPU has it;
+    channels_last ResNets; multi-tensor LARS, build_optimizer's AdamW). Checked without a GPU: the model
+    is a stub and the GPU is said to have bf16."""
+    from moco.optim import LARS
+    monkeypatch.setattr(bench, 'build_moco', lambda *args, **kwargs: _Stub())
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
+    dev = torch.device(device)
+    for arch in ('resnet50', 'vit_small'):
+        ref, ours = (bench.Runner(arch, 8, 32, dev, ours=o) for o in (False, True))
+        assert ref.amp.precision == ('fp16' if device == 'cuda' else 'fp32'), arch
+        assert ours.amp.precision == ('bf16' if device == 'cuda' else 'fp32'), arch
+        assert ref.memory_format == torch.contiguous_format
+        assert ours.memory_format == (torch.contiguous_format if arch.startswith('vit') else torch.channels_last)
+        if arch.startswith('vit'):
+            assert type(ref.optimizer) is type(ours.optimizer) is torch.optim.AdamW
+            assert ref.optimizer.defaults['foreach'] is False and ours.optimizer.defaults['foreach'] is not False
+        else:
+            assert isinstance(ref.optimizer, LARS) and isinstance(ours.optimizer, LARS)
+            assert ref.optimizer.foreach is False and ours.optimizer.foreach is True
+
+
+def test_both_configurations_start_from_the_same_weights():
+    runners = [bench.Runner('resnet18_cifar', 4, 16, torch.device('cpu'), ours=o) for o in (False, True)]
+    a, b = (r.model.state_dict() for r in runners)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_timed_counts_only_the_timed_steps(monkeypatch):
+    """Warm-up steps are run but not timed; img/s is batch x timed steps / their seconds."""
+    clock = [100.]
+    monkeypatch.setattr(bench.time, 'perf_counter', lambda: clock[0])
+    done = []
+
+    def step(x1, x2):
+        done.append(x1)
+        clock[0] += 0.5                  # each step takes half a second
+
+    runner = types.SimpleNamespace(step=step, batch=8, device=torch.device('cpu'))
+    batches = ((i, i) for i in range(100))
+    rate, peak = bench.Runner.timed(runner, batches, warmup=3, steps=4)
+    assert done == list(range(7)) and rate == 8 * 4 / 2.0 and peak is None

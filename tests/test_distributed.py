@@ -2,7 +2,9 @@
 loss, the same (DDP-averaged) gradients, the same optimizer step and the same BatchNorm running
 statistics as one process with batch B (SPEC section 3), with BatchNorm synchronised by
 ``moco.norm.convert_sync_batchnorm``. Also the InfoNCE label offset under a real process group and
-``concat_all_gather`` at world size 1.
+``concat_all_gather`` at world size 1; a non-finite loss on one process makes every process skip the
+step; and the data each process reads: with two processes, each image of the epoch has the same
+label and (reference pipeline) the same two views, bit for bit, as with one process.
 
 One module-scoped fixture spawns the two gloo workers once; they run every case and write their
 results to files. The single-process references are computed in the test process from the same
@@ -43,6 +45,8 @@ REL_TOL, ABS_TOL = 1e-4, 1e-6
 # trainable tensors whose exact gradient is zero at any point (BatchNorm after a bias-free Linear)
 ZERO_GRAD = {'resnet': set(), 'vit': {'base_encoder.norm.bias'}}
 INFONCE_N, INFONCE_C, INFONCE_T = 3, 5, 0.5
+DATA_SEED = 3
+PIPELINES = ('reference', 'memory', 'gpu')
 TIMEOUT = 300
 
 
@@ -93,7 +97,34 @@ def _step(model, bare, x1, x2):
     return loss.detach().clone(), grads, state
 
 
-def _worker(rank, port, tmp):
+def _nonfinite_steps(rank):
+    """(stepped, weight unchanged) of one Amp.backward_step per case: a NaN loss on rank 0 only, on rank
+    1 only, on neither."""
+    from moco.amp import Amp
+    amp, result = Amp('fp32', torch.device('cpu')), {}
+    for nan_rank in (0, 1, None):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        before = net.weight.detach().clone()
+        loss = net(torch.ones(2, 3)).square().sum()
+        if rank == nan_rank:
+            loss = loss * float('nan')
+        stepped = amp.backward_step(loss, optimizer)
+        result[str(nan_rank)] = (stepped, torch.equal(net.weight.detach(), before))
+    return result
+
+
+def _epoch_batches(data, batch_size, pipeline):
+    """Every batch of epoch 1 of this process's loader: (views or None, targets)."""
+    from moco.data import start_epoch
+    from moco.pipelines import pretrain_loader
+    loader, _ = pretrain_loader(pipeline, data, batch_size, torch.device('cpu'), IMG, seed=DATA_SEED)
+    start_epoch(loader, 1)
+    return [(views if pipeline == 'reference' else None, targets) for views, targets, _ in loader]
+
+
+def _worker(rank, port, tmp, data):
     import torch.distributed as tdist
     torch.set_num_threads(1)
     tdist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=WORLD, rank=rank)
@@ -126,13 +157,16 @@ def _worker(rank, port, tmp):
                 ddp = torch.nn.parallel.DistributedDataParallel(model)
                 loss, grads, state = _step(ddp, model, x1, x2)
                 out[f'{case}_{"sync" if sync else "local"}'] = {'loss': loss, 'grads': grads, 'state': state}
+        out['nonfinite'] = _nonfinite_steps(rank)
+        for pipeline in PIPELINES:
+            out[f'batches_{pipeline}'] = _epoch_batches(data, B // WORLD, pipeline)
         torch.save(out, os.path.join(tmp, f'rank{rank}.pt'))
     finally:
         tdist.destroy_process_group()
 
 
 @pytest.fixture(scope='module')
-def two_process_results(tmp_path_factory):
+def two_process_results(tmp_path_factory, tiny_folder):
     """Spawn the two gloo workers once; return (tmp dir, [rank 0 results, rank 1 results])."""
     import torch.multiprocessing as mp
     tmp = str(tmp_path_factory.mktemp('dist'))
@@ -142,7 +176,7 @@ def two_process_results(tmp_path_factory):
     for case in CASES:
         x1, x2 = _make_initial_state(case, os.path.join(tmp, f'{case}_init.pt'))
         torch.save({'x1': x1, 'x2': x2}, os.path.join(tmp, f'{case}_x.pt'))
-    ctx = mp.spawn(_worker, args=(unassigned_port(), tmp), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(unassigned_port(), tmp, tiny_folder), nprocs=WORLD, join=False)
     deadline = time.time() + TIMEOUT
     try:
         while not ctx.join(timeout=1):  # raises if a worker failed
@@ -313,3 +347,31 @@ def test_concat_all_gather_is_identity_at_world_size_one():
     expected = F.cross_entropy(F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / 0.2, torch.arange(5)) * 0.4
     torch.testing.assert_close(infonce(q, k, 0.2), expected)
     torch.testing.assert_close(infonce(q, k, 0.2), _infonce_by_hand(q, k, 0.2, offset=0))
+
+
+@pytest.mark.parametrize('nan_rank', ['0', '1', 'None'])
+def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(two_process_results, nan_rank):
+    _, res = two_process_results
+    expected = (True, False) if nan_rank == 'None' else (False, True)    # (stepped, weight unchanged)
+    assert [r['nonfinite'][nan_rank] for r in res] == [expected] * WORLD
+
+
+@pytest.mark.parametrize('pipeline', PIPELINES)
+def test_each_image_is_read_as_with_one_process(two_process_results, tiny_folder, pipeline):
+    """One process with batch B against two with B/2 each, epoch 1 of the same seed: process r's k-th
+    image of a batch is the single process's (2k + r)-th (EpochSampler deals the epoch's positions out
+    in turn). Its label is the same in every pipeline; its two views too, bit for bit, in the
+    reference pipeline, whose views are drawn from (seed, epoch, position) alone. The in-memory and
+    GPU pipelines draw a batch's views at once, from the batch's first position, so theirs change
+    with the number of processes (their order and labels do not)."""
+    _, res = two_process_results
+    single = _epoch_batches(tiny_folder, B, pipeline)
+    halves = [r[f'batches_{pipeline}'] for r in res]
+    assert len(single) == len(halves[0]) == len(halves[1]) == 40 // B
+    for b, (views, targets) in enumerate(single):
+        for r in range(WORLD):
+            half_views, half_targets = halves[r][b]
+            assert torch.equal(half_targets, targets[r::WORLD]), (b, r)
+            if pipeline == 'reference':
+                for v in range(2):
+                    assert torch.equal(half_views[v], views[v][r::WORLD]), (b, r, v)

@@ -3,7 +3,8 @@
 Decoding: torchvision's JPEG decoder gives PIL's pixels exactly (both libjpeg-turbo), and every file
 it refuses takes PIL's path. Crops: equal to torchvision's tensor resized_crop (1e-5); against PIL's
 resize of the reference path the difference is PIL's 8-bit rounding (at most 1/255 after rounding
-ours). The ops after the crop are tensor_aug's, tested in test_tensor_aug.py."""
+ours). The ops after the crop are tensor_aug's, tested in test_tensor_aug.py; the random parameters
+of the views in test_view_params.py."""
 import io
 
 import pytest
@@ -16,7 +17,6 @@ from moco import tensor_aug as ta
 from moco.data import BadImage, load_rgb, start_epoch
 from moco.dist import UserError
 from moco.gpu_data import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, resized_crops
-from moco.pipelines import pretrain_loader, resolve
 
 CPU = torch.device('cpu')
 
@@ -121,20 +121,29 @@ def test_gpu_loader_is_deterministic_and_resumes_mid_epoch(tiny_folder):
         [loader().folder.targets[i] for i in order[:40]]
 
 
-def test_gpu_loader_views_match_the_reference_statistics(tiny_folder):
-    """Per-channel mean and std of many views close to the PIL pipeline's (test_tensor_aug's bounds)."""
-    ours, ref = [[], []], [[], []]
-    gpu, _ = pretrain_loader('gpu', tiny_folder, 40, CPU, 16, blur=True, seed=0)
-    reference, _ = pretrain_loader('reference', tiny_folder, 40, CPU, 16, blur=True, seed=0)
-    for epoch in range(20):
-        for (views, _, _), (ref_views, _, _) in zip(_epoch(gpu, epoch), _epoch(reference, epoch)):
-            for v in (0, 1):
-                ours[v].append(views[v])
-                ref[v].append(ref_views[v])
-    for v in (0, 1):
-        o, r = torch.cat(ours[v]), torch.cat(ref[v])
-        assert torch.allclose(o.mean(dim=(0, 2, 3)), r.mean(dim=(0, 2, 3)), atol=0.1), v
-        assert torch.allclose(o.std(dim=(0, 2, 3)), r.std(dim=(0, 2, 3)), rtol=0.08), v
+def test_gpu_loader_views_are_the_sampled_views(tiny_folder, monkeypatch):
+    """Each batch's two views are its images (PIL's pixels), cropped with ``resized_crops`` and augmented
+    by ``tensor_aug.after_crop`` with the parameters ``sample_two_views`` drew for the batch, with the
+    loader's crop_min and blur (the parameters themselves: tests/test_view_params.py)."""
+    calls = []
+    real = ta.sample_two_views
+
+    def spy(n, height, width, crop_min=0.08, blur=True, generator=None):
+        calls.append((n, crop_min, blur, real(n, height, width, crop_min, blur, generator)))
+        return calls[-1][-1]
+    monkeypatch.setattr(ta, 'sample_two_views', spy)
+    loader = GpuJpegLoader(tiny_folder, 'train', 8, CPU, 16, crop_min=0.3, blur=False, seed=0)
+    batches = _epoch(loader, 0)
+    order = [i for i, _ in loader.sampler]
+    assert len(calls) == len(batches) == 5
+    for b, ((views, targets, _), (n, crop_min, blur, params)) in enumerate(zip(batches, calls)):
+        assert (n, crop_min, blur) == (8, 0.3, False)
+        indices = order[b * 8:(b + 1) * 8]
+        images = [TF.pil_to_tensor(load_rgb(loader.folder.samples[i][0])) for i in indices]
+        assert targets.tolist() == [loader.folder.targets[i] for i in indices]
+        for got, p in zip(views, params):
+            expected = ta.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], 16), p)
+            assert torch.equal(got, expected), b
 
 
 def test_unreadable_files_are_replaced_within_the_batch(tmp_path, capsys):
@@ -160,12 +169,6 @@ def test_a_batch_of_only_unreadable_files_is_a_user_error(tmp_path):
     for prefetch in (0, 1):     # also raised in the consumer when the batch is made in a thread
         with pytest.raises(UserError, match='unreadable images'):
             _epoch(GpuJpegLoader(str(tmp_path), 'train', 4, CPU, 8, seed=0, prefetch=prefetch), 0)
-
-
-def test_auto_picks_gpu_only_with_cuda():
-    assert resolve('auto', torch.device('cuda', 0)) == 'gpu'
-    assert resolve('auto', CPU) == 'reference'
-    assert resolve('memory', torch.device('cuda', 0)) == 'memory'
 
 
 def test_a_decoder_answer_that_is_not_rgb_takes_the_pil_path(tiny_folder, monkeypatch):

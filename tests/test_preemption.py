@@ -33,8 +33,10 @@ def _start(args):
 
 
 def _torchrun(nproc, data, out, *extra, restarts=0):
+    # the c10d rendezvous (as --standalone): a restart is a new round, with new addresses (the static one
+    # would hand the restarted workers the dead ones' addresses)
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--max-restarts',
-            str(restarts), '--master_addr', '127.0.0.1', '--master_port', str(unassigned_port()),
+            str(restarts), '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{unassigned_port()}',
             'main_moco.py', str(data), *SMALL, '--output-dir', str(out), *extra]
 
 
