@@ -246,7 +246,7 @@ def main_worker(args):
         run_log.epoch({'epoch': 0, 'knn_top1': knn_acc1})
 
     def save(epochs_done, iters_done=0):
-        """SPEC 5's checkpoint (plus data_seed, knn_top1 and, mid-epoch, iter); rank 0 writes it."""
+        """The original's checkpoint (plus data_seed, knn_top1 and, mid-epoch, iter); rank 0 writes it."""
         if not dist.is_main_process():
             return
         state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'state_dict': ddp_state_dict(model),
@@ -294,7 +294,7 @@ def closing_summary(args, last, best_knn):
     if best_knn is not None:
         lines.append(f'  best kNN top-1: {best_knn:.2f}')
     if is_unlabelled_folder(os.path.join(args.data, 'train')):
-        lines.append(f'  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.split_folder '
+        lines.append('  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.split_folder '
                      'makes them from a folder of class folders')
     else:
         lines.append(f'  next, a linear probe: python main_lincls.py --pretrained {last} '

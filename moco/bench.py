@@ -155,7 +155,7 @@ def main(argv=None):
                                 prog='python -m moco.bench')
     p.add_argument('--tiny', action='store_true', help='CPU-sized models at 32 px (CI)')
     p.add_argument('--models', nargs='+', default=None, metavar='ARCH:BATCH',
-                   help='e.g. vit_small:256 resnet50:256 (default: the issue\'s three, or two tiny ones)')
+                   help='e.g. vit_small:256 resnet50:256 (default: the three above, or two tiny ones)')
     p.add_argument('--image-size', type=int, default=None, help='default 224, or 32 with --tiny')
     p.add_argument('--steps', type=int, default=None, help='timed steps (default 30, or 3 with --tiny)')
     p.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 10, or 1 with --tiny)')

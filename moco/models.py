@@ -140,7 +140,7 @@ COMPILED_PARTS = ('base_encoder', 'momentum_encoder', 'predictor')
 
 def compile_networks(model, backend='inductor'):
     """``torch.compile`` each network of a MoCo/BYOL/M2T model in place (``--compile``). The momentum
-    update, the loss and the cross-process gathers stay eager, so the step's order is SPEC section 3's;
+    update, the loss and the cross-process gathers stay eager, so the step's order is the paper's (Alg. 1);
     parameter names, hence checkpoints, do not change."""
     for name in COMPILED_PARTS:
         getattr(model, name).compile(backend=backend)

@@ -1,5 +1,5 @@
 """MoCo v3's two views, computed batch-wise on tensors (the GPU, or the CPU): the same ops, order,
-probabilities and ranges as the reference PIL path of ``moco/data.py`` (SPEC section 4), each sample
+probabilities and ranges as the reference PIL path of ``moco/data.py`` (the paper's appendix, after BYOL), each sample
 with its own random parameters.
 
     RandomResizedCrop(size, scale=(crop_min, 1))  -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, the four

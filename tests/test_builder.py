@@ -1,4 +1,4 @@
-"""MoCo / MoCo_ResNet / MoCo_ViT of SPEC §3: heads, momentum encoder, momentum update, gradients."""
+"""MoCo / MoCo_ResNet / MoCo_ViT as in the paper (Alg. 1) and the original moco/builder.py: heads, momentum encoder, momentum update, gradients."""
 from functools import partial
 
 import pytest

@@ -1,10 +1,10 @@
 """End-to-end command-line tests of ``main_moco.py`` on the tiny CIFAR-10 folder, in every launch mode
-of SPEC section 1 on CPU, and its one-line error paths (exit code 2).
+of README "Pretraining" on CPU, and its one-line error paths (exit code 2).
 
 Launch modes: (a) one plain process, (b) ``--multiprocessing-distributed --world-size 1 --rank 0``
 (one spawned CPU process, gloo), (c) torchrun with 2 processes, (d) two "nodes" started by hand
 (``--world-size 2 --rank 0/1 --dist-url tcp://127.0.0.1:PORT``). Each must exit 0 and leave
-checkpoint_0000/0001.pth.tar in the SPEC section 5 format and one log.txt JSON line per epoch.
+checkpoint_0000/0001.pth.tar in the original's format and one log.txt JSON line per epoch.
 
 All commands are started at once by a module-scoped fixture and run two at a time (each process uses
 one thread: OMP_NUM_THREADS=1), so the whole file takes about as long as its slowest commands; each
@@ -30,7 +30,7 @@ from conftest import ROOT, cli_env, unassigned_port
 ARCH, IMG = 'vit_tiny_patch4', 8
 SMALL = ['-a', ARCH, '--image-size', str(IMG), '--moco-dim', '16', '--moco-mlp-dim', '32',
          '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '2', '--seed', '0']
-SPEC_KEYS = {'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}
+ORIGINAL_KEYS = {'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}
 PREFIXES = ('module.base_encoder.', 'module.momentum_encoder.', 'module.predictor.')
 TIMEOUT = 300
 
@@ -75,7 +75,7 @@ def torchrun(nproc, port, data, output_dir, *extra):
 
 @pytest.fixture(scope='module')
 def tiny_state_keys():
-    """The checkpoint keys SPEC section 5 asks for: the model's state_dict under DDP's ``module.``."""
+    """The original's checkpoint keys: the model's state_dict under DDP's ``module.``."""
     from moco.models import build_moco
     return {'module.' + k for k in build_moco(ARCH, 16, 32, image_size=IMG).state_dict()}
 
@@ -140,14 +140,14 @@ def _checkpoints(output_dir):
 
 
 def _check_run_folder(run, state_keys, knn=False):
-    """SPEC section 5 checkpoints after each epoch and one log.txt JSON line per epoch."""
+    """Checkpoints in the original's format after each epoch and one log.txt JSON line per epoch."""
     out = run.output_dir
     assert _checkpoints(out) == ['checkpoint_0000.pth.tar', 'checkpoint_0001.pth.tar']  # no temporary files
     states = []
     for epoch, name in ((1, 'checkpoint_0000.pth.tar'), (2, 'checkpoint_0001.pth.tar')):
         ckpt = torch.load(os.path.join(out, name), map_location='cpu', weights_only=True)
-        assert SPEC_KEYS <= set(ckpt)
-        for extra in set(ckpt) - SPEC_KEYS - {'args'}:
+        assert ORIGINAL_KEYS <= set(ckpt)
+        for extra in set(ckpt) - ORIGINAL_KEYS - {'args'}:
             assert isinstance(ckpt[extra], (int, float, str, bool)), extra
         assert all(v is None or isinstance(v, (int, float, str, bool)) for v in ckpt['args'].values())
         assert ckpt['args']['arch'] == ARCH and ckpt['args']['batch_size'] == 8   # the total batch, as given

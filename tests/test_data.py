@@ -1,4 +1,4 @@
-"""Augmentations (SPEC §4), dataset errors, kNN classifier and the CPU all-reduce BatchNorm at world size 1."""
+"""Augmentations (the paper's appendix), dataset errors, kNN classifier and the CPU all-reduce BatchNorm at world size 1."""
 import os
 import random
 

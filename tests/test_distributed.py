@@ -1,6 +1,6 @@
 """Distributed equivalence on CPU (gloo): P processes with per-process batch B/P must give the same
 loss, the same (DDP-averaged) gradients, the same optimizer step and the same BatchNorm running
-statistics as one process with batch B (SPEC section 3), with BatchNorm synchronised by
+statistics as one process with batch B (the paper's Alg. 1), with BatchNorm synchronised by
 ``moco.norm.convert_sync_batchnorm``. Also the InfoNCE label offset under a real process group and
 ``concat_all_gather`` at world size 1; a non-finite loss on one process makes every process skip the
 step; and the data each process reads: with two processes, each image of the epoch has the same

@@ -158,7 +158,7 @@ def test_bad_pretrained_files_are_one_line_errors(probe_run, probe_data, moco_ck
 
 @pytest.mark.parametrize('arch', ['resnet18_cifar', 'vit_tiny_patch4'])
 def test_loads_original_format(arch, tmp_path):
-    """A checkpoint in the layout of SPEC section 5 / the original release: only the base encoder's
+    """A checkpoint in the layout of the original release (README, "What is exactly the original"): only the base encoder's
     backbone is loaded (not the momentum encoder, not the projector), features are the base encoder's."""
     torch.manual_seed(0)
     small = {'depth': 2} if arch.startswith('vit') else {}  # a 2-block ViT keeps the test fast

@@ -1,4 +1,4 @@
-"""The contrastive loss ctr(q, k) of SPEC §3 and the pairing of views in MoCo.forward."""
+"""The contrastive loss ctr(q, k) of the paper (Alg. 1) and the pairing of views in MoCo.forward."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""LARS and AdamW of SPEC §3 ("Optimizers"), checked against updates computed by hand."""
+"""LARS and AdamW as the paper and the original release use them, checked against updates computed by hand."""
 import numpy as np
 import pytest
 import torch

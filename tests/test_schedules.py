@@ -1,4 +1,4 @@
-"""Schedules of SPEC §2, checked against the formulas at hand-picked points."""
+"""The lr and momentum schedules of the paper and the original release (README), checked against the formulas at hand-picked points."""
 import math
 
 import pytest

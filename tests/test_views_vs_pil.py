@@ -13,7 +13,6 @@ Also: an image's view does not depend on the other images of its batch (bit for 
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TFP   # the PIL ops the reference pipeline calls

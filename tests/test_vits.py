@@ -1,4 +1,4 @@
-"""vits.py against SPEC §3: position embedding, initialisation, frozen patch projection, conv stem,
+"""vits.py against the paper and the original vits.py: position embedding, initialisation, frozen patch projection, conv stem,
 parameter counts and timm key compatibility."""
 import math
 
