@@ -16,6 +16,7 @@ import builtins
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -25,7 +26,7 @@ from PIL import Image
 
 import main_lincls
 import main_moco
-from conftest import start, wait_output
+from conftest import ROOT, cli_env, wait_output
 from moco import plot, split_folder
 
 TINY = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco-mlp-dim', '16', '-b', '8',
@@ -233,8 +234,12 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
-    proc = start([sys.executable, 'main_moco.py', *TINY, '--epochs', '50', '-j', '2', '--output-dir', str(tmp_path),
-                  tiny_folder])
+    # SIGINT back to its default in the child: a shell that starts a job in the background (as CI may)
+    # leaves it ignored, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen([sys.executable, 'main_moco.py', *TINY, '--epochs', '50', '-j', '2', '--output-dir',
+                             str(tmp_path), tiny_folder], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     lines = []
     for line in proc.stdout:          # wait until training is under way
