@@ -85,9 +85,12 @@ def stop_request(args):
     return StopRequest(names) if names else None
 
 
-def stop_after_step(stop, what):
-    """Raise Stopped when any process received a stop signal (the same answer on every process)."""
+def stop_after_step(stop, what, save=None):
+    """Raise Stopped when any process received a stop signal (the same answer on every process), after
+    ``save()`` when given. One all-reduce per call in a distributed run."""
     if stop is not None and stop.agreed():
+        if save is not None:
+            save()
         raise Stopped(f'{stop.describe()} {what}; to continue, run the same command with --resume auto')
 
 

@@ -66,11 +66,10 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         if save_progress is not None and args.save_every_iters > 0 and (i + 1) % args.save_every_iters == 0 \
                 and i + 1 < iters_per_epoch:
             save_progress(epoch, i + 1)
-        if stop is not None and i + 1 < iters_per_epoch and stop.agreed():
-            if save_progress is not None:
-                save_progress(epoch, i + 1)
+        if i + 1 < iters_per_epoch:   # at the epoch's last step the caller saves the epoch, then stops
             dist.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1} of {iters_per_epoch}: saved '
-                                       f'{os.path.join(args.output_dir, LAST_CHECKPOINT)}')
+                                       f'{os.path.join(args.output_dir, LAST_CHECKPOINT)}',
+                                 save=save_progress and (lambda: save_progress(epoch, i + 1)))
 
     stats = logger.global_averages()
     skipped_steps = nonfinite.skipped - skipped_before
