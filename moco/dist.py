@@ -294,6 +294,18 @@ def _spawned_worker(local_rank, procs_per_node, worker, args):
         raise
 
 
+def _store_of_this_restart(args, timeout):
+    """Under torchrun (env:// with TORCHELASTIC_RESTART_COUNT set), the agent's store with a prefix per
+    restart round, else None (init_method makes the store). The agent keeps one store across restarts, so
+    without the prefix the restarted workers can read the addresses the killed ones published and fail
+    to connect (seen with gloo: 'Connection refused' to a dead worker's port)."""
+    restart = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if restart is None or args.dist_url != 'env://':
+        return None
+    store, _, _ = next(dist.rendezvous('env://', rank=args.rank, world_size=args.world_size, timeout=timeout))
+    return dist.PrefixStore(f'moco/restart_{restart}', store)
+
+
 def init_process(args):
     """Inside a worker: choose the device, join the process group, silence non-zero ranks, seed python
     and torch from ``args.seed`` (when given).
@@ -310,9 +322,11 @@ def init_process(args):
         if device.type == 'cpu' and backend == 'nccl':
             print(f'[rank {args.rank}] no CUDA device: using the gloo backend instead of nccl')
             backend = 'gloo'
+        timeout = datetime.timedelta(minutes=args.dist_timeout)
         try:
-            dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                                    rank=args.rank, timeout=datetime.timedelta(minutes=args.dist_timeout))
+            store = _store_of_this_restart(args, timeout)
+            dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
+                                    world_size=args.world_size, rank=args.rank, timeout=timeout)
         except RuntimeError as e:
             if 'address already in use' in str(e).lower():
                 raise UserError(f'cannot start the process group: {args.dist_url} is already in use '
