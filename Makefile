@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 
-.PHONY: demo test env clean gpu-check
+.PHONY: demo test env clean gpu-check gpu-check-dry gpu-check-prepare
 
 # `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.demo (--help lists them)
 DEMO_FLAGS ?=
@@ -21,15 +21,26 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-# On a CUDA machine whose python3 already has torch, torchvision and timm (e.g. a lent GPU machine, no
-# network): the CUDA-only tests and the benchmark (synthetic and ImageNet-sized JPEGs), logs in GPU_OUT.
+# The GPU check (README "Speed"; python -m moco.gpu_check --help): on a CUDA machine whose python3 already has
+# torch, torchvision and timm (a lent GPU machine, no network): the CUDA-only tests, the benchmark, the
+# CIFAR-10 runs, each part time-boxed inside GPU_CHECK_FLAGS' --budget-min (default 9 minutes); results in
+# $OUT, or output/gpu_check. `make gpu-check-dry` runs the same parts on this CPU, tiny.
+# `make gpu-check-prepare` copies the CIFAR-10 tarball into .gpu_data/ (git-ignored) so that it can travel.
 GPU_PYTHON ?= python3
-GPU_OUT ?= output/gpu
+GPU_CHECK_FLAGS ?=
+CIFAR_TAR ?= ../shared/data/cifar10-jpeg.tar.xz
 gpu-check:
-	mkdir -p $(GPU_OUT)
-	set -o pipefail; $(GPU_PYTHON) -m pytest -q -rs tests/test_gpu.py 2>&1 | tee $(GPU_OUT)/test_gpu.log
-	set -o pipefail; $(GPU_PYTHON) -m moco.bench --fullsize-jpegs output/fullsize --out $(GPU_OUT)/bench.json \
-	  2>&1 | tee $(GPU_OUT)/bench.log
+	$(GPU_PYTHON) -m moco.gpu_check $(GPU_CHECK_FLAGS)
+
+gpu-check-dry: $(VENV)/.installed
+	$(PY) -m moco.gpu_check --dry-run $(GPU_CHECK_FLAGS)
+
+gpu-check-prepare:
+	mkdir -p .gpu_data
+	cp -f $(CIFAR_TAR) .gpu_data/cifar10-jpeg.tar.xz
+	exclude=$$(git rev-parse --git-path info/exclude) && mkdir -p $$(dirname $$exclude) && \
+	  (grep -qx '/.gpu_data/' $$exclude 2>/dev/null || echo '/.gpu_data/' >> $$exclude)
+	git check-ignore -q .gpu_data/cifar10-jpeg.tar.xz
 
 clean:
 	rm -rf $(VENV) output

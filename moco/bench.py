@@ -4,6 +4,7 @@
     python -m moco.bench --tiny                  # CPU-sized models and images (what CI runs)
     python -m moco.bench --data DIR              # also end to end from DIR/train (JPEG files)
     python -m moco.bench --fullsize-jpegs DIR    # ... from ImageNet-sized JPEGs made from the demo data
+    python -m moco.bench --configs ours_compiled --inputs synthetic   # only our compiled step
 
 reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
     LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
@@ -15,7 +16,10 @@ Both run the same model (MoCo v3 forward of both views through both encoders, ba
 synthetic input, and with ``--data`` from image files: the reference loader (PIL in workers) against
 ours (the GPU pipeline of moco/gpu_data.py; for images of <= 64 px the in-memory one). Printed per
 row: img/s, model TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode), the fraction of
-``--peak-tflops``, peak GPU memory, and ours / reference.
+``--peak-tflops``, peak GPU memory, and ours / reference. ``--configs`` chooses the rows (ours_compiled:
+ours with ``torch.compile``, a row of its own), ``--inputs`` the inputs; ``--out`` is rewritten after
+every row, so a run stopped early keeps the rows it measured; ``--profile F`` appends torch.profiler's
+top operations of a few steps of ours (synthetic input) per model to F.
 """
 import argparse
 import json
@@ -31,6 +35,7 @@ from moco.models import build_moco, compile_networks, is_vit
 from moco.optim import LARS, build_optimizer
 
 GPU_MODELS = (('vit_small', 256), ('resnet50', 256), ('vit_base', 128))
+CONFIGS = ('reference', 'ours', 'ours_compiled')
 TINY_MODELS = (('vit_tiny_patch4', 16), ('resnet18_cifar', 16))
 
 
@@ -50,7 +55,7 @@ def step_flops(model, image_size, device, precision):
 class Runner:
     """One configuration of the step: precision, memory format, optimizer implementation, compile."""
 
-    def __init__(self, arch, batch, image_size, device, ours, compile_model=False):
+    def __init__(self, arch, batch, image_size, device, ours, compile_model=False, compile_backend='inductor'):
         self.batch, self.device = batch, device
         torch.manual_seed(0)
         model = build_moco(arch, T=0.2, image_size=image_size if is_vit(arch) else None)
@@ -66,7 +71,7 @@ class Runner:
         else:
             self.optimizer = LARS(self.model.parameters(), 0.1, weight_decay=1e-6, foreach=False)
         if compile_model:
-            compile_networks(self.model)
+            compile_networks(self.model, backend=compile_backend)
 
     def step(self, x1, x2):
         x1 = x1.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -150,6 +155,34 @@ def make_fullsize_jpegs(dest, n=2048, seed=0):
     return dest
 
 
+def profile_steps(runner, batches, out, title, steps=3, warmup=3, row_limit=25):
+    """Append torch.profiler's table of the operations of ``steps`` steps (after ``warmup``) to ``out``,
+    sorted by their own device time on CUDA (CPU time otherwise), with the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = runner.device.type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    it = iter(batches)
+    for _ in range(warmup):
+        runner.step(*next(it))
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        tic = time.perf_counter()
+        for _ in range(steps):
+            runner.step(*next(it))
+        sync()
+        seconds = (time.perf_counter() - tic) / steps
+    try:
+        table = prof.key_averages().table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total',
+                                          row_limit=row_limit)
+    except (AttributeError, KeyError):   # a torch without the device_time names
+        table = prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total',
+                                          row_limit=row_limit)
+    with open(out, 'a') as f:
+        f.write(f'== {title}: {steps} profiled steps, {seconds * 1e3:.1f} ms per step (with the profiler on)\n')
+        f.write(table + '\n\n')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description='MoCo v3 training-step benchmark (ours vs reference-style)',
                                 prog='python -m moco.bench')
@@ -161,16 +194,39 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=None, help='untimed steps first (default 10, or 1 with --tiny)')
     p.add_argument('--data', default=None, help='also measure end to end from DIR/train')
     p.add_argument('--fullsize-jpegs', default=None, metavar='DIR',
-                   help='make DIR/train (2,048 ImageNet-sized JPEGs from the shipped demo images) unless it '
-                        'exists, and measure end to end from it (when no --data)')
+                   help='make DIR/train (--fullsize-count ImageNet-sized JPEGs from the shipped demo images) '
+                        'unless it exists, and measure end to end from it (when no --data)')
+    p.add_argument('--fullsize-count', type=int, default=2048, metavar='N',
+                   help='number of JPEGs --fullsize-jpegs makes (default 2048)')
+    p.add_argument('--prepare-only', action='store_true', help='only make the --fullsize-jpegs folder, then exit')
+    p.add_argument('--configs', nargs='+', choices=CONFIGS, default=None,
+                   help='rows per model and input (default: reference ours); ours_compiled: ours with '
+                        'torch.compile, as a row of its own')
+    p.add_argument('--inputs', nargs='+', choices=('synthetic', 'files'), default=None,
+                   help='default: synthetic, and files with --data or --fullsize-jpegs')
     p.add_argument('-j', '--workers', type=int, default=min(16, os.cpu_count() or 1))
-    p.add_argument('--compile', action='store_true', help='torch.compile our networks (as main_moco.py --compile)')
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile our networks (as main_moco.py --compile): the ours row is compiled')
+    p.add_argument('--compile-backend', default='inductor',
+                   help='torch.compile backend of compiled rows (default inductor; aot_eager: a quick CPU check)')
     p.add_argument('--peak-tflops', type=float, default=750., help='bf16 matmul ceiling of the GPU (H100: ~750)')
-    p.add_argument('--out', default=None, help='also write the rows as JSON here')
+    p.add_argument('--out', default=None, help='also write the rows as JSON here (rewritten after every row)')
+    p.add_argument('--profile', default=None, metavar='FILE',
+                   help='after the rows of each model, profile a few steps of ours (synthetic input, eager) with '
+                        'torch.profiler and append its top operations to FILE')
     args = p.parse_args(argv)
 
     if args.fullsize_jpegs and not args.data:
-        args.data = make_fullsize_jpegs(args.fullsize_jpegs)
+        args.data = make_fullsize_jpegs(args.fullsize_jpegs, n=args.fullsize_count)
+        if args.prepare_only:
+            print(f'fullsize JPEGs in {os.path.join(args.data, "train")}')
+            return []
+    elif args.prepare_only:
+        raise SystemExit('error: --prepare-only needs --fullsize-jpegs DIR (and no --data)')
+    inputs = args.inputs or (['synthetic', 'files'] if args.data else ['synthetic'])
+    if 'files' in inputs and not args.data:
+        raise SystemExit('error: --inputs files needs --data DIR or --fullsize-jpegs DIR')
+    configs = [c for c in CONFIGS if c in (args.configs or ('reference', 'ours'))]   # reference first
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     models = [(m.split(':')[0], int(m.split(':')[1])) for m in args.models] if args.models else \
         list(TINY_MODELS if args.tiny or device.type == 'cpu' else GPU_MODELS)
@@ -181,23 +237,35 @@ def main(argv=None):
     print(f'device: {name} | torch {torch.__version__} | {size} px | {warmup} warm-up + {steps} timed steps')
 
     rows = []
-    header = f'{"model":<16}{"batch":>6} {"input":<17}{"config":<11}{"img/s":>9}{"TFLOP/s":>9}{"of peak":>9}' \
+
+    def write_json():
+        if args.out:
+            tmp = args.out + '.tmp'
+            with open(tmp, 'w') as f:
+                json.dump({'device': name, 'torch': torch.__version__, 'image_size': size, 'rows': rows}, f, indent=1)
+            os.replace(tmp, args.out)
+
+    header = f'{"model":<16}{"batch":>6} {"input":<17}{"config":<15}{"img/s":>9}{"TFLOP/s":>9}{"of peak":>9}' \
              f'{"peak GiB":>9}{"vs ref":>8}'
     print(header)
     for arch, batch in models:
         flops = None   # of one image-step: the same model costs the same in every configuration
-        for input_name in ('synthetic', 'files') if args.data else ('synthetic',):
+        for input_name in inputs:
             ref_rate = None
-            for config in ('reference', 'ours'):
-                runner = Runner(arch, batch, size, device, ours=config == 'ours',
-                                compile_model=args.compile and config == 'ours')
-                if flops is None:   # counted on the reference (eager) runner
-                    flops = step_flops(runner.model, size, device, runner.amp.precision)
+            for config in configs:
+                ours = config != 'reference'
+                runner = Runner(arch, batch, size, device, ours=ours,
+                                compile_model=config == 'ours_compiled' or (args.compile and config == 'ours'),
+                                compile_backend=args.compile_backend)
+                if flops is None:   # counted on an eager runner
+                    counted = runner if config != 'ours_compiled' else Runner(arch, 2, size, device, ours=False)
+                    flops = step_flops(counted.model, size, device, counted.amp.precision)
+                    del counted
                 pipeline = None
                 if input_name == 'synthetic':
                     batches = synthetic(batch, size, device)
                 else:  # ours: small images of one size through the in-memory pipeline, others the GPU one
-                    pipeline = ('memory' if size <= 64 else 'gpu') if config == 'ours' else 'reference'
+                    pipeline = ('memory' if size <= 64 else 'gpu') if ours else 'reference'
                     try:
                         batches = from_files(args.data, batch, size, args.workers, device, pipeline)
                     except UserError:   # images of several sizes
@@ -206,21 +274,30 @@ def main(argv=None):
                 rate, peak = runner.timed(batches, warmup, steps)
                 tflops = rate * flops / 1e12
                 ref_rate = rate if config == 'reference' else ref_rate
+                vs_ref = rate / ref_rate if ref_rate else None
                 row = dict(model=arch, batch=batch, input=input_name, pipeline=pipeline, config=config,
                            precision=runner.amp.precision,
                            images_per_s=rate, model_tflops=tflops, fraction_of_peak=tflops / args.peak_tflops,
-                           peak_gib=peak, vs_reference=rate / ref_rate, gflop_per_image_step=flops / 1e9)
+                           peak_gib=peak, vs_reference=vs_ref, gflop_per_image_step=flops / 1e9)
                 rows.append(row)
+                write_json()
                 source = input_name if pipeline is None else f'{input_name}/{pipeline}'
-                print(f'{arch:<16}{batch:>6} {source:<17}{config:<11}{rate:>9.1f}{tflops:>9.3f}'
+                print(f'{arch:<16}{batch:>6} {source:<17}{config:<15}{rate:>9.1f}{tflops:>9.3f}'
                       f'{tflops / args.peak_tflops:>9.1%}{(f"{peak:.1f}" if peak else "-"):>9}'
-                      f'{rate / ref_rate:>7.2f}x', flush=True)
-                del runner
+                      f'{(f"{vs_ref:.2f}x" if vs_ref else "-"):>8}', flush=True)
+                del runner, batches
                 if device.type == 'cuda':
                     torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump({'device': name, 'torch': torch.__version__, 'image_size': size, 'rows': rows}, f, indent=1)
+        if args.profile:
+            runner = Runner(arch, batch, size, device, ours=True)
+            profile_steps(runner, synthetic(batch, size, device), args.profile, f'{arch} batch {batch}, {size} px, '
+                          f'ours ({runner.amp.precision}), synthetic input, {name}, torch {torch.__version__}',
+                          steps=min(3, steps), warmup=min(3, max(1, warmup)))
+            print(f'profile of {arch} (ours) appended to {args.profile}', flush=True)
+            del runner
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+    write_json()
     return rows
 
 

@@ -162,3 +162,8 @@ def broken_folder(root):
     (root / 'c' / '3_empty.jpg').write_bytes(b'')
     (root / 'c' / '4_good.jpg').write_bytes(good)
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes minutes (tests/test_gpu_check.py\'s dry run); '
+                                       'deselect with -m "not slow"')
