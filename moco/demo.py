@@ -27,9 +27,10 @@ ARCH = 'resnet10_w32'
 # The recipe of CONFIG.md's "Embedded demo": MoCo v3 (LARS, predictor, momentum encoder, InfoNCE at T 0.2,
 # no blur, crop scale 0.08-1, LARS trust coefficient 0.02: solo-learn's CIFAR settings) on a small ResNet that
 # keeps 16x16 maps after its stem, with the in-memory pipeline (images decoded once; no loader workers to
-# restart every epoch). For so short a run the target moves faster than in the paper (momentum 0.9 -> 1
-# instead of 0.99 -> 1).
+# restart every epoch) and channels_last convolutions (about 18% less CPU time per step here, same math).
+# For so short a run the target moves faster than in the paper (momentum 0.9 -> 1 instead of 0.99 -> 1).
 DEMO_ARGS = ['-a', ARCH, '--image-size', '32', '--no-blur', '--crop-min', '0.08', '--data-pipeline', 'memory',
+             '--channels-last',
              '-b', '128', '--lr', '1.5', '--lars-trust', '0.02', '--wd', '1e-6', '--optimizer', 'lars',
              '--warmup-epochs', '1',
              '--moco-t', '0.2', '--moco-m', '0.9', '--moco-m-cos', '--moco-dim', '256', '--moco-mlp-dim', '1024',
@@ -39,8 +40,8 @@ KNN_K, KNN_T = 20, 0.1
 
 def get_args_parser():
     p = argparse.ArgumentParser(description='MoCo v3 demo on the shipped CIFAR-10 subset (CPU friendly)')
-    p.add_argument('--epochs', default=10, type=int, help='pretraining epochs (default: 10)')
-    p.add_argument('--knn-freq', default=2, type=int, help='kNN of the learned features every N epochs (default: 2)')
+    p.add_argument('--epochs', default=16, type=int, help='pretraining epochs (default: 16)')
+    p.add_argument('--knn-freq', default=4, type=int, help='kNN of the learned features every N epochs (default: 4)')
     p.add_argument('--seed', default=0, type=int, help='seed of the pretraining and of the baselines (default: 0)')
     p.add_argument('--output-dir', default='output/demo', help='parent folder of this demo run')
     p.add_argument('--probe-epochs', default=30, type=int,
