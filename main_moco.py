@@ -17,20 +17,21 @@ import os
 
 import torch
 
-from moco import cli, dist, pipelines, run_record
+from moco import cli, dist, run_record
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
 from moco.checkpoint import (LAST_CHECKPOINT, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
                              load_model_state, pretrain_checkpoint_name, remove_file, remove_stale_temporaries,
                              require_keys, resolve_resume, save_checkpoint, thin_checkpoints, unwrap)
-from moco.data import eval_transform, image_folder, is_unlabelled_folder, start_epoch
+from moco.data import is_unlabelled_folder, pipelines, start_epoch
 from moco.engine_pretrain import train_one_epoch
-from moco.knn import knn_accuracy
-from moco.memory_data import knn_sets_in_memory
+from moco.errors import UserError, first_line
+from moco.knn import knn_accuracy, knn_sets
 from moco.methods import METHODS, apply_method_defaults
 from moco.metrics import RunLog
 from moco.models import BackboneFeatures, arch_names, build_moco, compile_networks, head_name, is_vit
 from moco.norm import convert_sync_batchnorm
 from moco.optim import build_optimizer
+from moco.schedules import scaled_lr
 
 
 def get_args_parser():
@@ -132,7 +133,7 @@ def check_args(args):
     cli.require_not_negative(args, 'workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs',
                              'max_nonfinite_steps')
     if not 0 < args.crop_min <= 1:
-        raise dist.UserError(f'--crop-min must be in (0, 1] (got {args.crop_min})')
+        raise UserError(f'--crop-min must be in (0, 1] (got {args.crop_min})')
     cli.require_output_folder(args.output_dir)
 
 
@@ -145,7 +146,8 @@ def main_worker(args):
     cli.warn_short_schedule(args.epochs, args.warmup_epochs)
     stop = dist.stop_request(args)
 
-    base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
+    base_lr, total_batch = args.lr, dist.share_batch(args)
+    args.lr = scaled_lr(base_lr, total_batch)
     print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
           f'({args.batch_size} per process) | base lr {base_lr:.4g} -> actual lr {args.lr:.4g} | '
           f'{args.workers} data workers per process')
@@ -179,16 +181,16 @@ def main_worker(args):
         run_record.check_resume(run_record.recorded_settings(ckpt, args.output_dir), settings, resume,
                                 args.accept_changes, shape_flags)
         if ckpt.get('arch', args.arch) != args.arch:
-            raise dist.UserError(f'{resume} was trained with -a {ckpt["arch"]}, not -a {args.arch}')
+            raise UserError(f'{resume} was trained with -a {ckpt["arch"]}, not -a {args.arch}')
         if ckpt.get('method', 'mocov3') != args.method:
-            raise dist.UserError(f'{resume} was trained with --method {ckpt.get("method", "mocov3")}, '
+            raise UserError(f'{resume} was trained with --method {ckpt.get("method", "mocov3")}, '
                                  f'not --method {args.method}')
         load_model_state(model, ckpt['state_dict'], resume)
         try:
             optimizer.load_state_dict(ckpt['optimizer'])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise dist.UserError(f'{resume}: its optimizer state does not fit --optimizer {args.optimizer} '
-                                 f'({type(e).__name__}: {dist.first_line(e, 80)}); resume with the '
+            raise UserError(f'{resume}: its optimizer state does not fit --optimizer {args.optimizer} '
+                                 f'({type(e).__name__}: {first_line(e, 80)}); resume with the '
                                  'optimizer the run was started with') from None
         amp.load_state_dict(ckpt.get('scaler'))
         args.start_epoch, start_iter = ckpt['epoch'], ckpt.get('iter', 0)
@@ -214,7 +216,7 @@ def main_worker(args):
                                                 args.image_size, args.crop_min, blur=not args.no_blur,
                                                 seed=data_seed, workers=args.workers, strict=args.strict_data)
     if n_train < total_batch:
-        raise dist.UserError(f'{n_train} training images are fewer than one batch of {total_batch}; lower -b')
+        raise UserError(f'{n_train} training images are fewer than one batch of {total_batch}; lower -b')
     iters_per_epoch = len(loader)
     print(f'{n_train} training images, {iters_per_epoch} iterations per epoch ({args.data_pipeline} data pipeline)')
 
@@ -223,14 +225,9 @@ def main_worker(args):
         print(f'kNN monitor off: it needs labels, and {args.data}/train holds images without class folders')
         args.knn_freq = 0
     if args.knn_freq > 0:
-        knn_sets = None
-        if args.data_pipeline == 'memory':  # the decoded images, without PIL at every evaluation
-            knn_sets = knn_sets_in_memory(loader, args.data, args.image_size, args.workers, args.strict_data)
-        if knn_sets is None:
-            knn_sets = [image_folder(args.data, split, eval_transform(args.image_size), strict=args.strict_data)
-                        for split in ('train', 'val')]
+        sets = knn_sets(loader, args.data, args.image_size, args.workers, args.strict_data)
         backbone = BackboneFeatures(getattr(unwrap(model), eval_encoder), head_name(args.arch))
-        knn = lambda: knn_accuracy(backbone, *knn_sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
+        knn = lambda: knn_accuracy(backbone, *sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
                                    batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
 
     if dist.is_main_process():

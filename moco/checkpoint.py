@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from moco.dist import UserError, first_line
+from moco.errors import UserError, first_line
 
 DDP_PREFIX = 'module.'
 

@@ -57,8 +57,8 @@ def knn_history(run_dir):
 
 
 def normalised(images_uint8):
-    from moco import tensor_aug
-    return tensor_aug.normalize(images_uint8.float() / 255)
+    from moco.data import tensor_views
+    return tensor_views.normalize(images_uint8.float() / 255)
 
 
 @torch.no_grad()
@@ -122,7 +122,7 @@ def main(args, moco_overrides=()):
     appended to the demo's (tests make the run tiny with them)."""
     import main_moco
     from moco.knn import raw_pixel_knn_accuracy
-    from moco.memory_data import decode_folder
+    from moco.data.memory import decode_folder
     from moco.models import encoder_factory
 
     tic = time.time()

@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 import vits
 from moco.builder import BYOL_ResNet, BYOL_ViT, M2T_ResNet, M2T_ViT, MoCo_ResNet, MoCo_ViT
-from moco.dist import UserError
+from moco.errors import UserError
 
 
 def _cifar_resnet(name, **kwargs):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moco import bench
-from moco.dist import UserError
+from moco.errors import UserError
 
 
 def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):

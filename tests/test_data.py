@@ -9,8 +9,10 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
 import moco.dist
-from moco.data import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Solarize, TwoCropsTransform, eval_transform,
-                       image_folder, lincls_train_transform, pretrain_transform)
+import moco.errors
+from moco.data.folder import image_folder
+from moco.data.views import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Solarize, TwoCropsTransform, eval_transform,
+                             lincls_train_transform, pretrain_transform)
 from moco.knn import knn_classify
 from moco.norm import AllReduceBatchNorm, convert_sync_batchnorm
 
@@ -155,7 +157,7 @@ def test_image_folder_reads_tiny_folder(tiny_folder):
 
 
 def test_image_folder_missing_raises_user_error(tmp_path):
-    with pytest.raises(moco.dist.UserError) as exc:
+    with pytest.raises(moco.errors.UserError) as exc:
         image_folder(str(tmp_path), 'train', None)
     msg = str(exc.value)
     assert '\n' not in msg and os.path.join(str(tmp_path), 'train') in msg
@@ -166,7 +168,7 @@ def test_image_folder_empty_raises_user_error(tmp_path, with_class_dir):
     os.makedirs(tmp_path / 'val')
     if with_class_dir:
         os.makedirs(tmp_path / 'val' / 'cat')      # a class folder without images
-    with pytest.raises(moco.dist.UserError) as exc:
+    with pytest.raises(moco.errors.UserError) as exc:
         image_folder(str(tmp_path), 'val', None)
     msg = str(exc.value)
     assert '\n' not in msg and msg.strip() and 'val' in msg

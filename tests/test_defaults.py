@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import main_moco
-from moco import pipelines
+from moco.data import pipelines
 from moco.amp import Amp, at_least_fp32, resolve_precision
 from moco.losses import regression_loss
 from moco.momentum_bn import MomentumBatchNorm

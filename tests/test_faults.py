@@ -21,9 +21,10 @@ from conftest import (ROOT, assert_identical, broken_folder, cli_env, kill_group
 from moco import dist
 from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                              save_checkpoint, thin_checkpoints)
-from moco.data import (EpochSampler, SafeImageFolder, image_folder, load_rgb, make_loader, pretrain_transform,
-                       start_epoch)
-from moco.dist import UserError
+from moco.data.folder import SafeImageFolder, image_folder, load_rgb
+from moco.data.sampler import EpochSampler, make_loader, start_epoch
+from moco.data.views import pretrain_transform
+from moco.errors import UserError
 from moco.amp import NonFiniteLoss, NonFiniteSteps
 from moco.engine_pretrain import train_one_epoch
 
@@ -335,7 +336,7 @@ def test_unreadable_images_are_replaced_reported_once_and_counted(tmp_path, caps
 def test_memory_pipeline_replaces_unreadable_images_when_it_decodes(tmp_path, capsys):
     """--data-pipeline memory decodes the folder once: each unreadable file is replaced by the next
     readable one there, reported once, and the number replaced is printed; --strict-data: an error."""
-    from moco.memory_data import InMemoryLoader
+    from moco.data.memory import InMemoryLoader
     root = tmp_path / 'data'
     broken_folder(root / 'train')
     loader = InMemoryLoader(str(root), 'train', 5, torch.device('cpu'), 8, seed=0)
@@ -615,7 +616,7 @@ def test_address_already_in_use_is_a_one_line_error(tiny_folder, tmp_path):
 
 def test_fatal_errors_are_one_line():
     wrapped = UserError('Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
-                        'last):\n  File "x.py", line 1\nmoco.dist.UserError: unreadable image a.jpg: broken')
+                        'last):\n  File "x.py", line 1\nmoco.UserError: unreadable image a.jpg: broken')
     assert dist.fatal_error(wrapped) == (2, 'unreadable image a.jpg: broken')
     gloo = RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: '
                         'Connection reset by peer. This is typically caused by ...\nmore')

@@ -13,7 +13,7 @@ from conftest import ROOT
 import main_lincls
 import main_moco
 from moco.checkpoint import ddp_state_dict, read_pretrained_encoder, save_checkpoint
-from moco.dist import UserError
+from moco.errors import UserError
 from moco.amp import Amp
 from moco.engine_lincls import LinearProbe, sanity_check
 from moco.builder import MoCo_ResNet, MoCo_ViT

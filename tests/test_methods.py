@@ -14,8 +14,8 @@ import torchvision
 
 from conftest import assert_identical, load, start, wait_output
 from moco.checkpoint import load_backbone, read_pretrained_encoder
-from moco.data import EpochSampler
-from moco.dist import scale_lr_and_divide_batch
+from moco.data.sampler import EpochSampler
+from moco.schedules import scaled_lr
 from moco.losses import regression_loss
 from moco.methods import apply_method_defaults, method_defaults
 from moco.models import build_moco
@@ -120,7 +120,7 @@ def test_peak_learning_rates(method, epochs, batch, peak, optimizer):
     args = SimpleNamespace(method=method, epochs=epochs, batch_size=batch, lr=None, weight_decay=None, moco_m=None,
                            optimizer=None, moco_m_cos=False, world_size=1, workers=0, multiprocessing_distributed=False)
     apply_method_defaults(args)
-    scale_lr_and_divide_batch(args)
+    args.lr = scaled_lr(args.lr, args.batch_size)
     assert args.lr == pytest.approx(peak) and args.optimizer == optimizer
     assert args.moco_m_cos == (method != 'mocov3')
 

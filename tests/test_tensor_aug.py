@@ -1,5 +1,5 @@
-"""The batch-wise tensor augmentations (moco/tensor_aug.py) op by op against torchvision's tensor ops
-given the same parameters, and the in-memory data pipeline (moco/memory_data.py).
+"""The batch-wise tensor augmentations (moco/data/tensor_views.py) op by op against torchvision's tensor ops
+given the same parameters, and the in-memory data pipeline (moco/data/memory.py).
 
 Tolerances (float32, images in [0, 1]): 2e-5 for the colour ops, grayscale and solarize; 1e-5 for
 crops (bilinear, antialiased when shrinking). The blur is PIL's box approximation of a Gaussian, not
@@ -13,10 +13,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from moco import tensor_aug as ta
-from moco.data import EpochSampler, start_epoch
-from moco.dist import UserError
-from moco.memory_data import InMemoryLoader
+from moco.data import tensor_views as ta
+from moco.data.sampler import EpochSampler, start_epoch
+from moco.errors import UserError
+from moco.data.memory import InMemoryLoader
 
 
 def _images(n=6, size=20, seed=0):
@@ -171,20 +171,22 @@ def test_memory_pipeline_refuses_mixed_sizes(tmp_path):
 def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folder):
     """The memory pipeline's kNN monitor (no PIL at each evaluation) gives the reference path's
     features bit for bit when the images have the crop size (CIFAR at 32 px), else falls back."""
-    from moco.data import eval_transform, image_folder
-    from moco.knn import extract_features
-    from moco.memory_data import knn_sets_in_memory
+    from moco.data.folder import SafeImageFolder
+    from moco.knn import DecodedImages, extract_features, knn_sets
     from moco.models import BackboneFeatures, build_moco
     loader = InMemoryLoader(tiny_folder, 'train', 8, torch.device('cpu'), 32, seed=0)
-    in_memory = knn_sets_in_memory(loader, tiny_folder, 32)
-    reference = [image_folder(tiny_folder, split, eval_transform(32)) for split in ('train', 'val')]
+    in_memory = knn_sets(loader, tiny_folder, 32)
+    reference = knn_sets(None, tiny_folder, 32)
+    assert all(isinstance(s, DecodedImages) for s in in_memory)
+    assert all(isinstance(s, SafeImageFolder) for s in reference)
     torch.manual_seed(0)
     backbone = BackboneFeatures(build_moco('resnet18_cifar', 16, 32).base_encoder).eval()
     for ours, ref in zip(in_memory, reference):
         f_ours, y_ours = extract_features(backbone, ours, torch.device('cpu'), batch_size=16)
         f_ref, y_ref = extract_features(backbone, ref, torch.device('cpu'), batch_size=16)
         assert torch.equal(y_ours, y_ref) and torch.equal(f_ours, f_ref)
-    assert knn_sets_in_memory(loader, tiny_folder, 24) is None        # another crop size: the eval transform
+    # another crop size: the eval transform
+    assert all(isinstance(s, SafeImageFolder) for s in knn_sets(loader, tiny_folder, 24))
 
 
 def test_view_parameters_survive_the_one_transfer_packing():

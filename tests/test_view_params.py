@@ -1,6 +1,6 @@
 """The random parameters of the two views made by the in-memory and GPU pipelines
-(``moco.tensor_aug.sample_two_views``), checked directly against MoCo v3's augmentation (the paper's
-appendix, after BYOL; the reference PIL pipeline of moco/data.py declares the same numbers,
+(``moco.data.tensor_views.sample_two_views``), checked directly against MoCo v3's augmentation (the paper's
+appendix, after BYOL; the reference PIL pipeline of moco/data/views.py declares the same numbers,
 tests/test_data.py), and a pixel-level check that ``after_crop`` applies each op exactly to the
 images whose flag is set, in the reference order.
 
@@ -20,13 +20,13 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from moco import tensor_aug as ta
-from moco.data import IMAGENET_MEAN, IMAGENET_STD
+from moco.data import tensor_views as ta
+from moco.data.views import IMAGENET_MEAN, IMAGENET_STD
 
 N = 50_000
 P_TOL, QUARTER_TOL, ORDER_TOL, CORR_TOL = 0.01, 0.01, 0.005, 0.025
 
-# MoCo v3's two views (the paper's appendix; moco/data.py)
+# MoCo v3's two views (the paper's appendix; moco/data/views.py)
 COMMON = dict(jitter=0.8, gray=0.2, flip=0.5)
 VIEWS = [dict(COMMON, blur=1.0, solarize=0.0), dict(COMMON, blur=0.1, solarize=0.2)]
 RANGES = dict(brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.8, 1.2), hue=(-0.1, 0.1),
@@ -222,8 +222,8 @@ def _spy(monkeypatch):
 
 
 def test_the_loaders_pass_crop_min_and_blur(tiny_folder, monkeypatch):
-    from moco.data import start_epoch
-    from moco.pipelines import pretrain_loader
+    from moco.data.sampler import start_epoch
+    from moco.data.pipelines import pretrain_loader
     calls = _spy(monkeypatch)
     for pipeline in ('memory', 'gpu'):
         for crop_min, blur in ((0.08, True), (0.3, False)):

@@ -1,4 +1,4 @@
-"""Each tensor op of the in-memory and GPU pipelines (moco/tensor_aug.py) against the reference
+"""Each tensor op of the in-memory and GPU pipelines (moco/data/tensor_views.py) against the reference
 pipeline's PIL op with the same parameters, on real photographs: the shipped CIFAR-10 JPEGs upscaled
 to 224 px (smooth) and ImageNet-sized JPEGs (300-500 px, textured; ``moco.bench.make_fullsize_jpegs``).
 
@@ -18,8 +18,8 @@ import torch
 import torchvision.transforms.functional as TFP   # the PIL ops the reference pipeline calls
 from PIL import Image, ImageFilter, ImageOps
 
-from moco import tensor_aug as ta
-from moco.gpu_data import resized_crops
+from moco.data import tensor_views as ta
+from moco.data.gpu import resized_crops
 
 BORDER = 4
 

@@ -25,8 +25,9 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
-from moco.data import IMAGENET_MEAN, IMAGENET_STD, image_folder
-from moco.dist import UserError, first_line
+from moco.data import image_folder
+from moco.data.views import IMAGENET_MEAN, IMAGENET_STD
+from moco.errors import UserError, first_line
 
 DATA_SETS = ('imagenet', 'cifar10', 'cifar100', 'flowers', 'pets')
 

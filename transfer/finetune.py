@@ -35,7 +35,9 @@ from moco.checkpoint import (load_backbone, load_model_state, read_pretrained_en
                              resolve_resume, save_checkpoint, unwrap)
 from moco.data import make_loader, start_epoch  # noqa: E402
 from moco.engine_lincls import evaluate, sharded_eval_loader  # noqa: E402
+from moco.errors import UserError  # noqa: E402
 from moco.metrics import RunLog  # noqa: E402
+from moco.schedules import scaled_lr  # noqa: E402
 from transfer.datasets import DATA_SETS, build_dataset, deit_transform, transfer_transform  # noqa: E402
 from transfer.engine_finetune import train_one_epoch  # noqa: E402
 
@@ -140,7 +142,7 @@ def set_epoch_lr(scheduler, epoch):
 def load_pretrained(model, path, arch):
     state, pretrained_arch, _ = read_pretrained_encoder(path, 'head', allow_deit=True)
     if pretrained_arch is not None and pretrained_arch != arch:
-        raise dist.UserError(f'{path} was pretrained with -a {pretrained_arch}, not -a {arch}')
+        raise UserError(f'{path} was pretrained with -a {pretrained_arch}, not -a {arch}')
     load_backbone(model, state, 'head', path)
     print(f"=> loaded the pretrained backbone of '{path}' ({len(state)} tensors)")
 
@@ -153,14 +155,8 @@ def main_worker(args):
     stop = dist.stop_request(args)
     cli.warn_short_schedule(args.epochs, args.warmup_epochs)
 
-    base_lr, total_batch = args.lr, args.batch_size
-    args.lr = args.lr * args.batch_size / 512  # DeiT's linear scaling rule
-    if args.batch_size % args.world_size:
-        raise dist.UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
-    args.batch_size //= args.world_size
-    local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (torch.cuda.device_count() or 1
-                                                                 if args.multiprocessing_distributed else 1)
-    args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
+    base_lr, total_batch = args.lr, dist.share_batch(args)
+    args.lr = scaled_lr(base_lr, total_batch, reference_batch=512)  # DeiT's recipe
 
     aug = args.aug if args.aug != 'auto' else ('deit' if args.data_set == 'imagenet' else 'transfer')
     if aug == 'deit':
@@ -174,7 +170,7 @@ def main_worker(args):
     val_set, _ = build_dataset(args.data_set, args.data, False, val_tf, args.download)
     mixup_active = args.mixup > 0 or args.cutmix > 0
     if mixup_active and args.batch_size % 2:
-        raise dist.UserError(f'mixup/cutmix needs an even batch per process, not {args.batch_size}')
+        raise UserError(f'mixup/cutmix needs an even batch per process, not {args.batch_size}')
 
     model = build_model(args.arch, num_classes, args.input_size, args.drop_path)
     if args.pretrained:
@@ -190,7 +186,7 @@ def main_worker(args):
                                   'fine-tuning', allow_existing=args.evaluate)
     if resume:
         if not {'model', 'epoch', 'optimizer'} <= set(ckpt):
-            raise dist.UserError(f'{resume} is not a fine-tuning checkpoint (it needs model, epoch and optimizer); '
+            raise UserError(f'{resume} is not a fine-tuning checkpoint (it needs model, epoch and optimizer); '
                                  'pretrained weights go to --pretrained')
         load_model_state(model, ckpt['model'], resume)
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -238,7 +234,7 @@ def main_worker(args):
         train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
                                    seed=args.seed, pin_memory=pin)
     if len(train_loader) == 0:
-        raise dist.UserError(f'{len(train_set)} training images give no full batch of {total_batch}; lower -b')
+        raise UserError(f'{len(train_set)} training images give no full batch of {total_batch}; lower -b')
 
     run_log = RunLog(args.output_dir)
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)

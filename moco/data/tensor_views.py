@@ -1,5 +1,5 @@
 """MoCo v3's two views, computed batch-wise on tensors (the GPU, or the CPU): the same ops, order,
-probabilities and ranges as the reference PIL path of ``moco/data.py`` (the paper's appendix, after BYOL), each sample
+probabilities and ranges as the reference PIL path of ``moco/data/views.py`` (the paper's appendix, after BYOL), each sample
 with its own random parameters.
 
     RandomResizedCrop(size, scale=(crop_min, 1))  -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, the four
@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moco.data import IMAGENET_MEAN, IMAGENET_STD
+from moco.data.device_loader import to_device_async
+from moco.data.views import IMAGENET_MEAN, IMAGENET_STD
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
 
@@ -237,14 +238,6 @@ def params_to(p, device):
     if device.type == 'cpu':
         return p
     return _unpack(p, to_device_async(_pack(p), device))
-
-
-def to_device_async(cpu_tensor, device):
-    """Copy a CPU tensor to the device without waiting for the device (a plain ``.to('cuda')`` of
-    pageable memory waits for the stream's queued work)."""
-    if device.type != 'cuda':
-        return cpu_tensor.to(device)
-    return cpu_tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _pack(p):
