@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from moco import cli, dist
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (ddp_state_dict, load_backbone, load_checkpoint, load_model_state,
-                             read_pretrained_encoder, resolve_resume, save_checkpoint)
+from moco.checkpoint import (check_recorded, ddp_state_dict, load_checkpoint, load_pretrained, read_pretrained_encoder,
+                             resolve_resume, restore, save_last_and_best)
 from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
 from moco.errors import UserError
@@ -101,14 +101,6 @@ def build_model(arch, image_size, num_classes, **encoder_kwargs):
     return model, head
 
 
-def load_pretrained(model, encoder_state, path, head):
-    """Load the backbone read from a MoCo pretraining checkpoint; returns the loaded weights (for the
-    sanity check). Any mismatch is a one-line UserError."""
-    load_backbone(model, encoder_state, head, path)
-    print(f"=> loaded the pretrained backbone of '{path}' ({len(encoder_state)} tensors)")
-    return encoder_state
-
-
 def settle_arch_and_size(args, recorded_arch, recorded_size, path):
     """-a and --image-size: as given, else as the checkpoint records them, else resnet50 / 224; an -a
     other than the checkpoint's is a one-line error."""
@@ -171,17 +163,14 @@ def main_worker(args):
         if not {'state_dict', 'epoch', 'optimizer', 'best_acc1'} <= set(ckpt):
             raise UserError(f'{resume} is not a linear-probe checkpoint (it needs state_dict, epoch, '
                                  'optimizer and best_acc1); a pretraining checkpoint goes to --pretrained')
-        if ckpt.get('arch', args.arch) != args.arch:
-            raise UserError(f'{resume} is a probe of -a {ckpt["arch"]}, not -a {args.arch}')
-        load_model_state(model, ckpt['state_dict'], resume)
-        optimizer.load_state_dict(ckpt['optimizer'])
+        check_recorded(ckpt, resume, '-a', args.arch, what='is a probe of')
+        restore(ckpt, resume, model, optimizer)
         args.start_epoch, best_acc1, best_epoch = ckpt['epoch'], float(ckpt['best_acc1']), ckpt.get('best_epoch')
         print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']}, best top-1 {best_acc1:.2f})")
 
     classifier = None
     if args.distributed:  # only the classifier has gradients to average
-        classifier = torch.nn.parallel.DistributedDataParallel(
-            getattr(model, head), device_ids=[args.gpu] if device.type == 'cuda' else None)
+        classifier = dist.ddp(getattr(model, head), device, args.gpu)
     probe = LinearProbe(model, head, amp, classifier)
     criterion = nn.CrossEntropyLoss()
 
@@ -214,12 +203,9 @@ def main_worker(args):
         run_log.scalars(step, 'val', top1=acc1, top5=val_stats['acc5'], loss=val_stats['loss'])
         run_log.epoch({'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()},
                        **{f'val_{k}': v for k, v in val_stats.items()}, 'best_acc1': best_acc1})
-        if dist.is_main_process():
-            state = {'epoch': epoch + 1, 'arch': args.arch, 'image_size': args.image_size, 'state_dict': ddp_state_dict(model),
-                     'best_acc1': best_acc1, 'best_epoch': best_epoch, 'optimizer': optimizer.state_dict()}
-            save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT))
-            if is_best:
-                save_checkpoint(state, os.path.join(args.output_dir, BEST))
+        state = {'epoch': epoch + 1, 'arch': args.arch, 'image_size': args.image_size, 'state_dict': ddp_state_dict(model),
+                 'best_acc1': best_acc1, 'best_epoch': best_epoch, 'optimizer': optimizer.state_dict()}
+        save_last_and_best(state, args.output_dir, CHECKPOINT, BEST, is_best)
         if epoch == args.start_epoch and pretrained is not None:
             sanity_check(model, pretrained, head)
         print(f'epoch {epoch + 1}: top-1 {acc1:.2f}, best top-1 {best_acc1:.2f} (epoch {best_epoch or "?"})')

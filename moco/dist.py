@@ -12,6 +12,7 @@ world size 1 the gather is the identity.
 import atexit
 import builtins
 import datetime
+import inspect
 import multiprocessing
 import os
 import random
@@ -332,6 +333,18 @@ def share_batch(args):
         (torch.cuda.device_count() or 1) if args.multiprocessing_distributed else 1)
     args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
     return total_batch
+
+
+def ddp(module, device, gpu=None, sync_buffers=True, **kwargs):
+    """``module`` in DistributedDataParallel, on this process's GPU or on the CPU: the one wrapper of
+    the three scripts. ``sync_buffers=False`` keeps BatchNorm statistics per process (Momentum² Teacher's
+    momentum BN, as in its release under torch 1.5; torch >= 1.10 would impose rank 0's on every step)."""
+    if not sync_buffers:   # newer torch names the switch forward_sync_buffers
+        switch = ('forward_sync_buffers' if 'forward_sync_buffers' in
+                  inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else 'broadcast_buffers')
+        kwargs[switch] = False
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[gpu] if device.type == 'cuda' else None, **kwargs)
 
 
 def cleanup():

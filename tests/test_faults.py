@@ -433,6 +433,9 @@ class _Scripted(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(()))
         self.nan_at, self.calls, self.finite_losses = set(nan_at), 0, []
 
+    def before_step(self, progress):   # the per-step hook of every method class (moco/builder.py)
+        pass
+
     def forward(self, x1, x2, m):
         loss = self.w * x1.mean() * 0 + self.w ** 2
         if self.calls in self.nan_at:

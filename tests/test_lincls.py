@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 import main_lincls
 import main_moco
-from moco.checkpoint import ddp_state_dict, read_pretrained_encoder, save_checkpoint
+from moco.checkpoint import ddp_state_dict, load_pretrained, read_pretrained_encoder, save_checkpoint
 from moco.errors import UserError
 from moco.amp import Amp
 from moco.engine_lincls import LinearProbe, sanity_check
@@ -180,7 +180,7 @@ def test_loads_original_format(arch, tmp_path):
     assert head_attr == head
     encoder_state, recorded_arch, _ = read_pretrained_encoder(path, head)
     assert recorded_arch == arch
-    loaded = main_lincls.load_pretrained(model, encoder_state, path, head)
+    loaded = load_pretrained(model, encoder_state, path, head)
     expected = {k: v for k, v in moco.base_encoder.state_dict().items() if not k.startswith(head + '.')}
     assert loaded.keys() == expected.keys()
     got = model.state_dict()
@@ -203,7 +203,7 @@ def test_loads_original_format(arch, tmp_path):
     save_checkpoint(state, path)
     wrong, _ = main_lincls.build_model(other, 32, num_classes=7, **small)
     with pytest.raises(UserError, match='does not fit this model'):
-        main_lincls.load_pretrained(wrong, read_pretrained_encoder(path, head)[0], path, head)
+        load_pretrained(wrong, read_pretrained_encoder(path, head)[0], path, head)
 
 
 def test_sanity_check_catches_a_changed_backbone():

@@ -322,12 +322,12 @@ def test_resume_continues_the_schedules_exactly(tiny_folder, tmp_path, method):
 def _m2t_ddp_worker(rank, port, result_path):
     import torch.distributed as tdist
 
-    from main_moco import buffer_sync
+    from moco import dist
     tdist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=2, rank=rank)
     try:
         torch.manual_seed(0)                       # the same initial model on both ranks
         model = _small('m2t').train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model, **buffer_sync(model.sync_bn))
+        ddp = dist.ddp(model, torch.device('cpu'), sync_buffers=model.sync_bn)
         torch.manual_seed(100 + rank)              # different images on each rank
         for step in range(2):
             x = torch.randn(4, 3, 8, 8)

@@ -12,34 +12,29 @@ batch / 512 as in DeiT):
   several nodes:             ... --multiprocessing-distributed --world-size N --rank R --dist-url tcp://HOST:PORT DIR
   torchrun:                  torchrun --nproc_per_node=8 -m transfer.finetune ... DIR
   evaluate:                  python -m transfer.finetune -a vit_base -e --resume OUT/best_checkpoint.pth DIR
-(``python transfer/finetune.py`` works too.)
 """
 import os
-import sys
 
-if __package__ in (None, ''):  # run as a file: import from the repository root, not from transfer/
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 
-import torch  # noqa: E402
-from timm.data import Mixup  # noqa: E402
-from timm.data.distributed_sampler import RepeatAugSampler  # noqa: E402
-from timm.layers import trunc_normal_  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
-from timm.scheduler import CosineLRScheduler  # noqa: E402
-
-import vits  # noqa: E402
-from moco import cli, dist  # noqa: E402
-from moco.amp import Amp, NonFiniteSteps, add_training_precision_args  # noqa: E402
-from moco.checkpoint import (load_backbone, load_model_state, read_pretrained_encoder,  # noqa: E402
-                             resolve_resume, save_checkpoint, unwrap)
-from moco.data import make_loader, start_epoch  # noqa: E402
-from moco.engine_lincls import evaluate, sharded_eval_loader  # noqa: E402
-from moco.errors import UserError  # noqa: E402
-from moco.metrics import RunLog  # noqa: E402
-from moco.schedules import scaled_lr  # noqa: E402
-from transfer.datasets import DATA_SETS, build_dataset, deit_transform, transfer_transform  # noqa: E402
-from transfer.engine_finetune import train_one_epoch  # noqa: E402
+import vits
+from moco import cli, dist
+from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
+from moco.checkpoint import (check_recorded, load_pretrained, read_pretrained_encoder, resolve_resume,
+                             restore, save_last_and_best, unwrap)
+from moco.data import make_loader, start_epoch
+from moco.engine_lincls import evaluate, sharded_eval_loader
+from moco.errors import UserError
+from moco.metrics import RunLog
+from moco.schedules import scaled_lr
+from transfer.datasets import DATA_SETS, build_dataset, deit_transform, transfer_transform
+from transfer.engine_finetune import train_one_epoch
 
 CHECKPOINT, BEST = 'checkpoint.pth', 'best_checkpoint.pth'
 
@@ -139,14 +134,6 @@ def set_epoch_lr(scheduler, epoch):
     scheduler.step(max(epoch - 1, 0))
 
 
-def load_pretrained(model, path, arch):
-    state, pretrained_arch, _ = read_pretrained_encoder(path, 'head', allow_deit=True)
-    if pretrained_arch is not None and pretrained_arch != arch:
-        raise UserError(f'{path} was pretrained with -a {pretrained_arch}, not -a {arch}')
-    load_backbone(model, state, 'head', path)
-    print(f"=> loaded the pretrained backbone of '{path}' ({len(state)} tensors)")
-
-
 def main_worker(args):
     cli.require_positive(args, 'epochs', 'batch_size', 'input_size', 'print_freq', 'eval_freq')
     cli.require_output_folder(args.output_dir)
@@ -174,7 +161,9 @@ def main_worker(args):
 
     model = build_model(args.arch, num_classes, args.input_size, args.drop_path)
     if args.pretrained:
-        load_pretrained(model, args.pretrained, args.arch)
+        state, pretrained_arch, _ = read_pretrained_encoder(args.pretrained, 'head', allow_deit=True)
+        check_recorded({'arch': pretrained_arch}, args.pretrained, '-a', args.arch, what='was pretrained with')
+        load_pretrained(model, state, args.pretrained, 'head')
     model.to(device)
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
     scheduler = build_scheduler(optimizer, args)
@@ -188,17 +177,14 @@ def main_worker(args):
         if not {'model', 'epoch', 'optimizer'} <= set(ckpt):
             raise UserError(f'{resume} is not a fine-tuning checkpoint (it needs model, epoch and optimizer); '
                                  'pretrained weights go to --pretrained')
-        load_model_state(model, ckpt['model'], resume)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        amp.load_state_dict(ckpt.get('scaler'))
+        restore(ckpt, resume, model, optimizer, amp, model_key='model')
         args.start_epoch, max_accuracy = ckpt['epoch'], ckpt.get('max_accuracy', 0.)
         print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']})")
     else:
         args.start_epoch = 0
 
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model = dist.ddp(model, device, args.gpu)
 
     mixup_fn = None
     if mixup_active:  # label smoothing is part of the mixed targets
@@ -244,20 +230,17 @@ def main_worker(args):
         train_stats = train_one_epoch(model, train_loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log,
                                       nonfinite, stop)
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()}}
+        is_best = False
         state = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
                  'epoch': epoch + 1, 'arch': args.arch, 'max_accuracy': max_accuracy}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             test_stats = evaluate(model, val_loader, args, amp)
             record.update({f'test_{k}': v for k, v in test_stats.items()})
             run_log.scalars((epoch + 1) * len(train_loader), 'val', top1=test_stats['acc1'], top5=test_stats['acc5'])
-            best_path = os.path.join(args.output_dir, BEST)
-            is_best = test_stats['acc1'] > max_accuracy or not os.path.isfile(best_path)
+            is_best = test_stats['acc1'] > max_accuracy or not os.path.isfile(os.path.join(args.output_dir, BEST))
             max_accuracy = state['max_accuracy'] = max(max_accuracy, test_stats['acc1'])
-            if is_best and dist.is_main_process():
-                save_checkpoint(state, best_path)
             print(f'epoch {epoch + 1}: top-1 {test_stats["acc1"]:.2f}, max top-1 {max_accuracy:.2f}')
-        if dist.is_main_process():
-            save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT))
+        save_last_and_best(state, args.output_dir, CHECKPOINT, BEST, is_best)
         run_log.epoch({**record, 'max_accuracy': max_accuracy})
     run_log.close()
     dist.cleanup()
