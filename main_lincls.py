@@ -203,8 +203,9 @@ def main_worker(args):
         run_log.scalars(step, 'val', top1=acc1, top5=val_stats['acc5'], loss=val_stats['loss'])
         run_log.epoch({'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()},
                        **{f'val_{k}': v for k, v in val_stats.items()}, 'best_acc1': best_acc1})
-        state = {'epoch': epoch + 1, 'arch': args.arch, 'image_size': args.image_size, 'state_dict': ddp_state_dict(model),
-                 'best_acc1': best_acc1, 'best_epoch': best_epoch, 'optimizer': optimizer.state_dict()}
+        state = {'epoch': epoch + 1, 'arch': args.arch, 'image_size': args.image_size,
+                 'state_dict': ddp_state_dict(model), 'best_acc1': best_acc1, 'best_epoch': best_epoch,
+                 'optimizer': optimizer.state_dict()}
         save_last_and_best(state, args.output_dir, CHECKPOINT, BEST, is_best)
         if epoch == args.start_epoch and pretrained is not None:
             sanity_check(model, pretrained, head)

@@ -184,6 +184,18 @@ def resolve_resume(resume, output_dir, has_run, find_latest, kind, allow_existin
     return None, None
 
 
+def pretraining_resume(resume, output_dir, allow_existing=False):
+    """``resolve_resume`` for pretraining: a run in ``output_dir`` is any checkpoint_NNNN or
+    checkpoint_last file, 'auto' takes the furthest readable one; the partial files of killed saves are
+    removed (rank 0)."""
+    has_run = os.path.isdir(output_dir) and any(map(is_pretrain_checkpoint_name, os.listdir(output_dir)))
+    found = resolve_resume(resume, output_dir, has_run, lambda: latest_checkpoint(output_dir), 'pretraining',
+                           allow_existing)
+    if dist.is_main_process():
+        remove_stale_temporaries(output_dir)
+    return found
+
+
 def require_keys(ckpt, keys, path):
     missing = [k for k in keys if k not in ckpt]
     if missing:

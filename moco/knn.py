@@ -52,8 +52,9 @@ class DecodedImages:
 def knn_sets(loader, root, image_size, workers=0, strict=False):
     """(train, val) sets of the kNN monitor: root/train and root/val through the reference eval view or,
     when ``loader`` is the in-memory pipeline's, its decoded images (see ``_decoded_sets``)."""
-    decoded = _decoded_sets(loader, root, image_size, workers, strict) if isinstance(loader, InMemoryLoader) else None
-    return decoded or [image_folder(root, split, eval_transform(image_size), strict=strict) for split in ('train', 'val')]
+    if isinstance(loader, InMemoryLoader) and (decoded := _decoded_sets(loader, root, image_size, workers, strict)):
+        return decoded
+    return [image_folder(root, split, eval_transform(image_size), strict=strict) for split in ('train', 'val')]
 
 
 def _decoded_sets(loader, root, image_size, workers=0, strict=False):

@@ -8,9 +8,8 @@ import torch
 
 from moco import cli, dist, run_record
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
-from moco.checkpoint import (check_recorded, ddp_state_dict, is_pretrain_checkpoint_name, latest_checkpoint,
-                             pretrain_checkpoint_name, remove_stale_temporaries, require_keys, resolve_resume, restore,
-                             save_pretraining, unwrap)
+from moco.checkpoint import (check_recorded, ddp_state_dict, pretrain_checkpoint_name, pretraining_resume, require_keys,
+                             restore, save_pretraining, unwrap)
 from moco.data import is_unlabelled_folder, pipelines, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.errors import UserError
@@ -158,11 +157,7 @@ def main_worker(args):
     amp = Amp(args.amp, device, fast=args.fast)
     print(f'precision: {amp.precision}')
 
-    has_run = os.path.isdir(args.output_dir) and any(map(is_pretrain_checkpoint_name, os.listdir(args.output_dir)))
-    resume, ckpt = resolve_resume(args.resume, args.output_dir, has_run, lambda: latest_checkpoint(args.output_dir),
-                                  'pretraining', allow_existing=args.start_epoch > 0)
-    if dist.is_main_process():
-        remove_stale_temporaries(args.output_dir)
+    resume, ckpt = pretraining_resume(args.resume, args.output_dir, allow_existing=args.start_epoch > 0)
     start_iter, data_seed = 0, args.seed
     if resume:
         require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], resume)

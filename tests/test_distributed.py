@@ -36,6 +36,8 @@ from moco.models import build_moco
 from moco.norm import AllReduceBatchNorm, convert_sync_batchnorm
 from moco.optim import build_optimizer
 
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
+
 WORLD = 2
 B = 8                 # global batch; each process takes its half
 IMG = 16              # small images keep the ResNet cheap

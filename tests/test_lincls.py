@@ -9,15 +9,17 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
 import main_lincls
 import main_moco
-from moco.checkpoint import ddp_state_dict, load_pretrained, read_pretrained_encoder, save_checkpoint
-from moco.errors import UserError
+from conftest import ROOT
 from moco.amp import Amp
-from moco.engine_lincls import LinearProbe, sanity_check
 from moco.builder import MoCo_ResNet, MoCo_ViT
+from moco.checkpoint import ddp_state_dict, load_pretrained, read_pretrained_encoder, save_checkpoint
+from moco.engine_lincls import LinearProbe, sanity_check
+from moco.errors import UserError
 from moco.models import BackboneFeatures, encoder_factory
+
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
 CLASSES = ('airplane', 'cat', 'ship')
 

@@ -19,8 +19,10 @@ import pytest
 import torch
 
 import main_moco
-from moco import dist
 from conftest import ROOT, assert_identical, cli_env, kill_group, load, unassigned_port
+from moco import dist
+
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
 SMALL = ['-a', 'vit_tiny_patch4', '--image-size', '8', '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8',
          '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '1', '--seed', '0']
@@ -130,6 +132,8 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(tiny_folder, ref
 @pytest.mark.skipif(os.environ.get('MOCO_ELASTIC_TESTS') != '1',
                     reason='torchrun restart rounds are timing-sensitive on a loaded 2-core machine (one first '
                            'round hung at start-up in a full-suite run); run with MOCO_ELASTIC_TESTS=1')
+
+
 def test_torchrun_restarts_a_killed_worker_and_resumes_by_itself(tiny_folder, reference, tmp_path):
     proc = _start(_torchrun(2, tiny_folder, tmp_path / 'run', '--resume', 'auto', restarts=1))
     lines = []

@@ -1,6 +1,6 @@
 """MoCo v3's two views, computed batch-wise on tensors (the GPU, or the CPU): the same ops, order,
-probabilities and ranges as the reference PIL path of ``moco/data/views.py`` (the paper's appendix, after BYOL), each sample
-with its own random parameters.
+probabilities and ranges as the reference PIL path of ``moco/data/views.py`` (the paper's appendix, after
+BYOL), each sample with its own random parameters.
 
     RandomResizedCrop(size, scale=(crop_min, 1))  -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, the four
     adjustments in a random order per sample -> RandomGrayscale(0.2) -> GaussianBlur(sigma in [0.1, 2])
@@ -10,7 +10,7 @@ Parameters are drawn on the CPU from a torch.Generator (so a seeded run is repea
 and the ops run where the images are. The decisions (which ops run at all, kernel sizes) are read from
 the CPU copy; the arithmetic uses a device copy sent in one transfer (``params_to``), so making a view
 never waits for the GPU. Each op equals torchvision's tensor op for the same parameters
-(tests/test_tensor_aug.py states the tolerances); against the PIL path the difference is PIL's
+(tests/test_data_tensor_views.py states the tolerances); against the PIL path the difference is PIL's
 rounding to 8 bits after every op, and for the blur PIL's box-filter approximation of a Gaussian.
 """
 import math

@@ -26,9 +26,9 @@ TA, GPU, MEM = 'moco/data/tensor_views.py', 'moco/data/gpu.py', 'moco/data/memor
 DATA, SAMPLER = 'moco/data/views.py', 'moco/data/sampler.py'
 AMP, DIST, BENCH, CKPT = 'moco/amp.py', 'moco/dist.py', 'moco/bench.py', 'moco/checkpoint.py'
 
-VIEW_TESTS = ('tests/test_view_params.py', 'tests/test_tensor_aug.py',
-              'tests/test_gpu_data.py::test_gpu_loader_views_are_the_sampled_views')
-REFERENCE_TESTS = ('tests/test_data.py',)
+VIEW_TESTS = ('tests/test_data_view_params.py', 'tests/test_data_tensor_views.py', 'tests/test_data_memory.py',
+              'tests/test_data_gpu.py::test_gpu_loader_views_are_the_sampled_views')
+REFERENCE_TESTS = ('tests/test_data_views.py',)
 BF16_TEST = ('tests/test_fast_step.py::test_bf16_autocast_step_is_close_to_float32',)
 BENCH_TESTS = ('tests/test_bench.py::test_step_flops_count_forward_and_backward_per_image',
                'tests/test_bench.py::test_step_flops_of_a_real_model_are_per_image',
@@ -36,8 +36,8 @@ BENCH_TESTS = ('tests/test_bench.py::test_step_flops_count_forward_and_backward_
                'tests/test_bench.py::test_timed_counts_only_the_timed_steps')
 NONFINITE_TEST = ('tests/test_distributed.py::test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process',)
 PAIRING_TESTS = ('tests/test_distributed.py::test_each_image_is_read_as_with_one_process',)
-FOREIGN_TEST = ('tests/test_faults.py::test_foreign_and_wrong_arch_checkpoints_are_one_line_errors',)
-TORCHRUN_TEST = ('tests/test_faults.py::test_torchrun_job_ends_when_a_worker_dies',)
+FOREIGN_TEST = ('tests/test_cli_faults.py::test_foreign_and_wrong_arch_checkpoints_are_one_line_errors',)
+TORCHRUN_TEST = ('tests/test_cli_faults.py::test_torchrun_job_ends_when_a_worker_dies',)
 
 JITTER_ORDER = 'order=torch.argsort(torch.rand(n, 4, generator=generator), dim=1)'
 GRAY_OP = "    if p['gray'].any():\n        x = _where(d['gray'], grayscale(x).expand_as(x), x)\n"

@@ -1,7 +1,7 @@
 """The random parameters of the two views made by the in-memory and GPU pipelines
 (``moco.data.tensor_views.sample_two_views``), checked directly against MoCo v3's augmentation (the paper's
 appendix, after BYOL; the reference PIL pipeline of moco/data/views.py declares the same numbers,
-tests/test_data.py), and a pixel-level check that ``after_crop`` applies each op exactly to the
+tests/test_data_views.py), and a pixel-level check that ``after_crop`` applies each op exactly to the
 images whose flag is set, in the reference order.
 
 Sampler: N = 50,000 images per view. Each probability is within 0.01 of its value (the standard
@@ -143,11 +143,10 @@ def test_batches_of_one_generator_are_not_repeated():
 
 
 # ---------------------------------------------------------------- each op where its flag is set
-
 def _reference_view(x, p, k, blur_radius):
     """Image k's view built op by op in the reference pipeline's order, with torchvision's ops for the
-    colour ops, grayscale, solarize and flip (each equal to tensor_aug's, tests/test_tensor_aug.py) and
-    tensor_aug's blur (tested against PIL's in tests/test_views_vs_pil.py)."""
+    colour ops, grayscale, solarize and flip (each equal to tensor_views', tests/test_data_tensor_views.py) and
+    tensor_views' blur (tested against PIL's in tests/test_data_views_vs_pil.py)."""
     y = x[k]
     if p['jitter'][k]:
         for index in p['order'][k].tolist():
@@ -208,7 +207,7 @@ def test_memory_pipeline_views_are_the_sampled_views(monkeypatch):
 
 
 def _spy(monkeypatch):
-    """Record the arguments and results of every ``tensor_aug.sample_two_views`` call."""
+    """Record the arguments and results of every ``tensor_views.sample_two_views`` call."""
     calls = []
     real = ta.sample_two_views
 
@@ -232,4 +231,3 @@ def test_the_loaders_pass_crop_min_and_blur(tiny_folder, monkeypatch):
             start_epoch(loader, 0)
             next(iter(loader))
             assert len(calls) == 1 and calls[0][0][0] == 8 and calls[0][0][3:] == (crop_min, blur), (pipeline, calls)
-

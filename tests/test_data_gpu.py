@@ -3,8 +3,8 @@
 Decoding: torchvision's JPEG decoder gives PIL's pixels exactly (both libjpeg-turbo), and every file
 it refuses takes PIL's path. Crops: equal to torchvision's tensor resized_crop (1e-5); against PIL's
 resize of the reference path the difference is PIL's 8-bit rounding (at most 1/255 after rounding
-ours). The ops after the crop are tensor_aug's, tested in test_tensor_aug.py; the random parameters
-of the views in test_view_params.py."""
+ours). The ops after the crop are tensor_views', tested in test_data_tensor_views.py; the random parameters
+of the views in test_data_view_params.py."""
 import io
 
 import pytest
@@ -15,9 +15,9 @@ from PIL import Image
 from conftest import broken_folder, jpeg_bytes
 from moco.data import tensor_views as ta
 from moco.data.folder import BadImage, load_rgb
+from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, resized_crops
 from moco.data.sampler import start_epoch
 from moco.errors import UserError
-from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, resized_crops
 
 CPU = torch.device('cpu')
 
@@ -124,8 +124,8 @@ def test_gpu_loader_is_deterministic_and_resumes_mid_epoch(tiny_folder):
 
 def test_gpu_loader_views_are_the_sampled_views(tiny_folder, monkeypatch):
     """Each batch's two views are its images (PIL's pixels), cropped with ``resized_crops`` and augmented
-    by ``tensor_aug.after_crop`` with the parameters ``sample_two_views`` drew for the batch, with the
-    loader's crop_min and blur (the parameters themselves: tests/test_view_params.py)."""
+    by ``tensor_views.after_crop`` with the parameters ``sample_two_views`` drew for the batch, with the
+    loader's crop_min and blur (the parameters themselves: tests/test_data_view_params.py)."""
     calls = []
     real = ta.sample_two_views
 
