@@ -19,7 +19,6 @@ from moco.engine_lincls import LinearProbe, sanity_check
 from moco.errors import UserError
 from moco.models import BackboneFeatures, encoder_factory
 
-pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
 CLASSES = ('airplane', 'cat', 'ship')
 
@@ -77,6 +76,7 @@ def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_probe_end_to_end(probe_run, moco_ckpt):
     out, stdout = probe_run
     ckpt = load(out / 'checkpoint.pth.tar')  # plain types only: loads with weights_only=True
@@ -102,6 +102,7 @@ def test_probe_end_to_end(probe_run, moco_ckpt):
     assert f'last top-1 {log[0]["val_acc1"]:.2f}' in stdout and f'best top-1 {ckpt["best_acc1"]:.2f}' in stdout
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_resume_equals_uninterrupted(probe_run, probe_data, moco_ckpt, tmp_path):
     """1 epoch, then --resume to 2 == 2 epochs in one go (the per-epoch cosine has the same lr at epoch 0)."""
     first, _ = probe_run
@@ -121,6 +122,7 @@ def test_resume_equals_uninterrupted(probe_run, probe_data, moco_ckpt, tmp_path)
     assert call_main(*probe_args(probe_data, straight, '--epochs', 2, '--resume', 'auto')) == 0
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_evaluate_only(probe_run, probe_data, tmp_path, capsys):
     out, _ = probe_run
     log = json.loads(open(out / 'log.txt').readline())
@@ -132,6 +134,7 @@ def test_evaluate_only(probe_run, probe_data, tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'eval' / 'checkpoint.pth.tar')
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_wrong_arch_is_one_line_error(probe_data, moco_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert call_main(*probe_args(probe_data, tmp_path, '--pretrained', moco_ckpt)[2:], '-a', 'resnet50') == 2
@@ -139,6 +142,7 @@ def test_wrong_arch_is_one_line_error(probe_data, moco_ckpt, tmp_path, capsys):
         f'error: {moco_ckpt} was pretrained with -a resnet18_cifar, not -a resnet50 (leave -a out to use its own)']
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_bad_pretrained_files_are_one_line_errors(probe_run, probe_data, moco_ckpt, tmp_path, capsys):
     out, _ = probe_run
     text = tmp_path / 'notes.txt'

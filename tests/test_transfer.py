@@ -17,7 +17,6 @@ from moco.checkpoint import read_pretrained_encoder
 from transfer import finetune
 from transfer.datasets import Flowers, Pets, build_dataset, read_mat, transfer_transform
 
-pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
 
 # Written by scipy.io.savemat({'labels': [[77, 77, 3, 102, 1]] (double), 'trnid': [[1, 4]] (double),
@@ -150,6 +149,7 @@ RECIPES = {
 }
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 @pytest.mark.parametrize('data_set', sorted(RECIPES))
 def test_finetune_one_step(data_set, layouts, pretrained, tmp_path, capsys):
     source, recipe = RECIPES[data_set]
