@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 
-.PHONY: demo test env clean gpu-check gpu-check-dry gpu-check-prepare
+.PHONY: demo test test-fast env clean gpu-check gpu-check-dry gpu-check-prepare
 
 # `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.demo (--help lists them)
 DEMO_FLAGS ?=
@@ -13,6 +13,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# the edit-test loop: every test but the slow ones (script launches, several processes), under 2 minutes
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 env: $(VENV)/.installed
 

@@ -13,7 +13,7 @@ import sys
 
 from moco import cli
 from moco.checkpoint import read_pretrained_encoder, save_checkpoint
-from moco.dist import UserError
+from moco.errors import UserError
 
 
 def get_args_parser():

@@ -21,12 +21,14 @@ import torch.nn as nn
 
 from moco import cli, dist
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (ddp_state_dict, load_backbone, load_checkpoint, load_model_state,
-                             read_pretrained_encoder, resolve_resume, save_checkpoint)
+from moco.checkpoint import (check_recorded, ddp_state_dict, load_checkpoint, load_pretrained, read_pretrained_encoder,
+                             resolve_resume, restore, save_last_and_best)
 from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
+from moco.errors import UserError
 from moco.metrics import RunLog
 from moco.models import arch_names, encoder_factory, head_name
+from moco.schedules import scaled_lr
 
 CHECKPOINT, BEST = 'checkpoint.pth.tar', 'model_best.pth.tar'
 
@@ -99,19 +101,11 @@ def build_model(arch, image_size, num_classes, **encoder_kwargs):
     return model, head
 
 
-def load_pretrained(model, encoder_state, path, head):
-    """Load the backbone read from a MoCo pretraining checkpoint; returns the loaded weights (for the
-    sanity check). Any mismatch is a one-line UserError."""
-    load_backbone(model, encoder_state, head, path)
-    print(f"=> loaded the pretrained backbone of '{path}' ({len(encoder_state)} tensors)")
-    return encoder_state
-
-
 def settle_arch_and_size(args, recorded_arch, recorded_size, path):
     """-a and --image-size: as given, else as the checkpoint records them, else resnet50 / 224; an -a
     other than the checkpoint's is a one-line error."""
     if args.arch is not None and recorded_arch is not None and args.arch != recorded_arch:
-        raise dist.UserError(f'{path} was pretrained with -a {recorded_arch}, not -a {args.arch} '
+        raise UserError(f'{path} was pretrained with -a {recorded_arch}, not -a {args.arch} '
                              '(leave -a out to use its own)')
     args.arch = args.arch or recorded_arch or 'resnet50'
     if args.image_size is None:
@@ -127,7 +121,8 @@ def main_worker(args):
     device = dist.init_process(args)
     stop = dist.stop_request(args)
 
-    base_lr, total_batch = dist.scale_lr_and_divide_batch(args)
+    base_lr, total_batch = args.lr, dist.share_batch(args)
+    args.lr = scaled_lr(base_lr, total_batch)
 
     encoder_state = None
     if args.pretrained:
@@ -143,10 +138,10 @@ def main_worker(args):
     train_set = image_folder(args.data, 'train', lincls_train_transform(args.image_size))
     val_set = image_folder(args.data, 'val', eval_transform(args.image_size))
     if is_unlabelled(train_set) or is_unlabelled(val_set):
-        raise dist.UserError(f'a linear probe needs labels: {args.data}/train and {args.data}/val must hold class '
+        raise UserError(f'a linear probe needs labels: {args.data}/train and {args.data}/val must hold class '
                              'folders (python -m moco.split_folder makes them from a folder of class folders)')
     if val_set.classes != train_set.classes:
-        raise dist.UserError(f'{args.data}/val has other classes than {args.data}/train')
+        raise UserError(f'{args.data}/val has other classes than {args.data}/train')
     num_classes = len(train_set.classes)
     if len(train_set) < total_batch:
         print(f'warning: the {len(train_set)} training images are fewer than one batch (-b {total_batch}): each epoch '
@@ -166,19 +161,16 @@ def main_worker(args):
                                   'linear-probe', allow_existing=args.evaluate)
     if resume:
         if not {'state_dict', 'epoch', 'optimizer', 'best_acc1'} <= set(ckpt):
-            raise dist.UserError(f'{resume} is not a linear-probe checkpoint (it needs state_dict, epoch, '
+            raise UserError(f'{resume} is not a linear-probe checkpoint (it needs state_dict, epoch, '
                                  'optimizer and best_acc1); a pretraining checkpoint goes to --pretrained')
-        if ckpt.get('arch', args.arch) != args.arch:
-            raise dist.UserError(f'{resume} is a probe of -a {ckpt["arch"]}, not -a {args.arch}')
-        load_model_state(model, ckpt['state_dict'], resume)
-        optimizer.load_state_dict(ckpt['optimizer'])
+        check_recorded(ckpt, resume, '-a', args.arch, what='is a probe of')
+        restore(ckpt, resume, model, optimizer)
         args.start_epoch, best_acc1, best_epoch = ckpt['epoch'], float(ckpt['best_acc1']), ckpt.get('best_epoch')
         print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']}, best top-1 {best_acc1:.2f})")
 
     classifier = None
     if args.distributed:  # only the classifier has gradients to average
-        classifier = torch.nn.parallel.DistributedDataParallel(
-            getattr(model, head), device_ids=[args.gpu] if device.type == 'cuda' else None)
+        classifier = dist.ddp(getattr(model, head), device, args.gpu)
     probe = LinearProbe(model, head, amp, classifier)
     criterion = nn.CrossEntropyLoss()
 
@@ -211,12 +203,10 @@ def main_worker(args):
         run_log.scalars(step, 'val', top1=acc1, top5=val_stats['acc5'], loss=val_stats['loss'])
         run_log.epoch({'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()},
                        **{f'val_{k}': v for k, v in val_stats.items()}, 'best_acc1': best_acc1})
-        if dist.is_main_process():
-            state = {'epoch': epoch + 1, 'arch': args.arch, 'image_size': args.image_size, 'state_dict': ddp_state_dict(model),
-                     'best_acc1': best_acc1, 'best_epoch': best_epoch, 'optimizer': optimizer.state_dict()}
-            save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT))
-            if is_best:
-                save_checkpoint(state, os.path.join(args.output_dir, BEST))
+        state = {'epoch': epoch + 1, 'arch': args.arch, 'image_size': args.image_size,
+                 'state_dict': ddp_state_dict(model), 'best_acc1': best_acc1, 'best_epoch': best_epoch,
+                 'optimizer': optimizer.state_dict()}
+        save_last_and_best(state, args.output_dir, CHECKPOINT, BEST, is_best)
         if epoch == args.start_epoch and pretrained is not None:
             sanity_check(model, pretrained, head)
         print(f'epoch {epoch + 1}: top-1 {acc1:.2f}, best top-1 {best_acc1:.2f} (epoch {best_epoch or "?"})')

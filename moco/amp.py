@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import torch
 
 from moco import dist
-from moco.dist import UserError
+from moco.errors import UserError
 
 PRECISIONS = ('auto', 'fp16', 'bf16', 'fp32')
 

@@ -14,7 +14,7 @@ ours: main_moco.py --fast: bf16 autocast where supported (no GradScaler), and it
     non-finite-loss check of ``Amp.backward_step`` (one host sync per step).
 Both run the same model (MoCo v3 forward of both views through both encoders, backward, step) on
 synthetic input, and with ``--data`` from image files: the reference loader (PIL in workers) against
-ours (the GPU pipeline of moco/gpu_data.py; for images of <= 64 px the in-memory one). Printed per
+ours (the GPU pipeline of moco/data/gpu.py; for images of <= 64 px the in-memory one). Printed per
 row: img/s, model TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode), the fraction of
 ``--peak-tflops``, peak GPU memory, and ours / reference. ``--configs`` chooses the rows (ours_compiled:
 ours with ``torch.compile``, a row of its own), ``--inputs`` the inputs; ``--out`` is rewritten after
@@ -30,7 +30,7 @@ import time
 import torch
 
 from moco.amp import Amp
-from moco.dist import UserError
+from moco.errors import UserError
 from moco.models import build_moco, compile_networks, is_vit
 from moco.optim import LARS, build_optimizer
 
@@ -107,7 +107,7 @@ def synthetic(batch, image_size, device):
 
 def from_files(data, batch, image_size, workers, device, pipeline):
     """Endless batches of both views of DIR/train through a data pipeline (made now: errors raise here)."""
-    from moco.pipelines import pretrain_loader
+    from moco.data.pipelines import pretrain_loader
     loader, _ = pretrain_loader(pipeline, data, batch, device, image_size, blur=image_size > 64, seed=0,
                                 workers=workers)
     return _endless(loader)

@@ -19,13 +19,16 @@ BYOL and Momentum² Teacher are the same loop with a different loss and heads (s
 file): BYOL is MoCo v3 without negatives; Momentum² Teacher also normalises the teacher with momentum
 BatchNorm statistics instead of synchronised BatchNorm.
 
+Each method class declares what the scripts need to know about it (``sync_bn``, ``eval_encoder``,
+``zero_init_residual``, ``before_step``), so no script, engine or checkpoint asks for the method's name.
+
 References: facebookresearch/moco-v3 moco/builder.py (CC-BY-NC 4.0; re-written).
 """
 import torch
 import torch.nn as nn
 
 from moco.losses import infonce, regression_loss
-from moco.momentum_bn import convert_to_momentum_bn, set_alpha
+from moco.momentum_bn import convert_to_momentum_bn, mbn_alpha, set_alpha
 
 
 class MoCo(nn.Module):
@@ -38,7 +41,8 @@ class MoCo(nn.Module):
     mlp_bias = (False, False)   # bias of the (hidden, last) Linear layers of both MLP heads
     last_bn = True              # the BN after the last Linear (projector always, predictor of ViTs)
     sync_bn = True              # every BatchNorm is synchronised across processes
-    eval_encoder = 'base_encoder'  # what linear probing and the kNN monitor read
+    eval_encoder = 'base_encoder'  # what linear probing, the kNN monitor and conversion read
+    zero_init_residual = True   # ResNets start with the last BN of each residual block at zero
 
     def __init__(self, base_encoder, dim=256, mlp_dim=4096, T=1.0):
         super().__init__()
@@ -77,6 +81,9 @@ class MoCo(nn.Module):
 
     def _build_projector_and_predictor_mlps(self, dim, mlp_dim):
         raise NotImplementedError('use MoCo_ResNet or MoCo_ViT')
+
+    def before_step(self, progress):
+        """Called by the training loop before each step; ``progress``: the fraction of training done."""
 
     @torch.no_grad()
     def _update_momentum_encoder(self, m):
@@ -144,10 +151,12 @@ class BYOL:
         loss = mean_i [(2 - 2 cos(p1_i, z'2_i)) + (2 - 2 cos(p2_i, z'1_i))]     (about 4 at init)
 
     Heads: Linear(bias) -> BN -> ReLU -> Linear(no bias), no BN at the end. BatchNorm is synchronised
-    and each view is forwarded on its own, as in MoCo v3 and the official BYOL.
+    and each view is forwarded on its own, as in MoCo v3 and the official BYOL. Residual branches keep
+    torchvision's initialisation.
     """
     mlp_bias = (True, False)
     last_bn = False
+    zero_init_residual = False
 
     def pair_loss(self, p, z):
         return regression_loss(p, z)
@@ -158,8 +167,9 @@ class MomentumSquaredTeacher(BYOL):
     BatchNorm in the student and momentum BatchNorm (``moco/momentum_bn.py``) in the teacher, so no
     BatchNorm is synchronised. Every Linear has a bias. The teacher is what is evaluated.
 
-    ``forward(x1, x2, m, alpha)``: alpha is the momentum-BN coefficient of this step, from the global
-    step (``moco.momentum_bn.mbn_alpha``). The teacher's two passes update each momentum BN once.
+    The momentum-BN coefficient alpha of each step comes from the global step (``before_step``, with
+    ``moco.momentum_bn.mbn_alpha``), or is given to ``forward(x1, x2, m, alpha)``. The teacher's two
+    passes update each momentum BN once.
     """
     mlp_bias = (True, True)
     sync_bn = False
@@ -169,8 +179,12 @@ class MomentumSquaredTeacher(BYOL):
         super().__init__(*args, **kwargs)
         convert_to_momentum_bn(self.momentum_encoder, faithful=mbn_faithful)
 
-    def forward(self, x1, x2, m, alpha=1.0):
-        set_alpha(self.momentum_encoder, alpha)
+    def before_step(self, progress):
+        set_alpha(self.momentum_encoder, mbn_alpha(progress))
+
+    def forward(self, x1, x2, m, alpha=None):
+        if alpha is not None:
+            set_alpha(self.momentum_encoder, alpha)
         return super().forward(x1, x2, m)
 
 
@@ -188,3 +202,10 @@ class M2T_ResNet(MomentumSquaredTeacher, MoCo_ResNet):
 
 class M2T_ViT(MomentumSquaredTeacher, MoCo_ViT):
     pass
+
+
+MODEL_CLASSES = {  # --method -> (ResNet class, ViT class)
+    'mocov3': (MoCo_ResNet, MoCo_ViT),
+    'byol': (BYOL_ResNet, BYOL_ViT),
+    'm2t': (M2T_ResNet, M2T_ViT),
+}

@@ -10,7 +10,9 @@ import re
 
 import torch
 
-from moco.dist import UserError, first_line
+from moco import dist
+from moco.builder import MODEL_CLASSES
+from moco.errors import UserError, first_line
 
 DDP_PREFIX = 'module.'
 
@@ -182,6 +184,18 @@ def resolve_resume(resume, output_dir, has_run, find_latest, kind, allow_existin
     return None, None
 
 
+def pretraining_resume(resume, output_dir, allow_existing=False):
+    """``resolve_resume`` for pretraining: a run in ``output_dir`` is any checkpoint_NNNN or
+    checkpoint_last file, 'auto' takes the furthest readable one; the partial files of killed saves are
+    removed (rank 0)."""
+    has_run = os.path.isdir(output_dir) and any(map(is_pretrain_checkpoint_name, os.listdir(output_dir)))
+    found = resolve_resume(resume, output_dir, has_run, lambda: latest_checkpoint(output_dir), 'pretraining',
+                           allow_existing)
+    if dist.is_main_process():
+        remove_stale_temporaries(output_dir)
+    return found
+
+
 def require_keys(ckpt, keys, path):
     missing = [k for k in keys if k not in ckpt]
     if missing:
@@ -199,6 +213,55 @@ def load_model_state(model, state_dict, path):
         raise UserError(f'{path} does not match this model: {str(e).splitlines()[1].strip()[:200]}') from None
 
 
+def restore(ckpt, path, model, optimizer, amp=None, model_key='state_dict', optimizer_flag=None):
+    """Load a training checkpoint's model, optimizer and (with ``amp``) GradScaler state: what every
+    script resumes. An optimizer state that does not fit (another --optimizer) is a one-line error."""
+    load_model_state(model, ckpt[model_key], path)
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (KeyError, ValueError, RuntimeError) as e:
+        which = f'--optimizer {optimizer_flag}' if optimizer_flag else 'this optimizer'
+        raise UserError(f'{path}: its optimizer state does not fit {which} ({type(e).__name__}: '
+                        f'{first_line(e, 80)}); resume with the optimizer the run was started with') from None
+    if amp is not None:
+        amp.load_state_dict(ckpt.get('scaler'))
+
+
+def check_recorded(ckpt, path, flag, value, default=None, what='was trained with'):
+    """A one-line error when the checkpoint records another value of ``flag`` (e.g. ``-a``) than
+    ``value``; files that do not record it (``default`` None) pass."""
+    key = flag.lstrip('-').replace('-', '_')
+    if key == 'a':
+        key = 'arch'
+    recorded = ckpt.get(key, default)
+    if recorded is not None and recorded != value:
+        raise UserError(f'{path} {what} {flag} {recorded}, not {flag} {value}')
+
+
+def save_last_and_best(state, output_dir, last, best, is_best):
+    """The probe's and fine-tuning's files: ``last`` after every epoch and ``best`` when the epoch is the
+    best so far; rank 0 writes them."""
+    if dist.is_main_process():
+        save_checkpoint(state, os.path.join(output_dir, last))
+        if is_best:
+            save_checkpoint(state, os.path.join(output_dir, best))
+
+
+def save_pretraining(state, output_dir, epochs_done, iters_done=0, keep=0):
+    """Pretraining's files (the original's naming): at an epoch's end ``checkpoint_NNNN.pth.tar``
+    (NNNN = epochs done - 1), which makes a rolling mid-epoch ``checkpoint_last.pth.tar`` obsolete, and
+    only the ``keep`` newest numbered files kept (0: all); inside an epoch (``iters_done`` > 0) the
+    rolling file. Rank 0 writes them."""
+    if not dist.is_main_process():
+        return
+    if iters_done:
+        save_checkpoint({**state, 'iter': iters_done}, os.path.join(output_dir, LAST_CHECKPOINT))
+        return
+    save_checkpoint(state, os.path.join(output_dir, pretrain_checkpoint_name(epochs_done - 1)))
+    remove_file(os.path.join(output_dir, LAST_CHECKPOINT))  # older than the file just written
+    thin_checkpoints(output_dir, keep)
+
+
 def thin_checkpoints(folder, keep):
     """Delete all but the ``keep`` newest checkpoint_NNNN.pth.tar of folder (keep <= 0: keep all)."""
     if keep <= 0:
@@ -212,9 +275,10 @@ def thin_checkpoints(folder, keep):
 
 
 def evaluated_encoder(method):
-    """The encoder of a pretraining checkpoint that is evaluated: the online one, except for
-    Momentum² Teacher, whose teacher (the momentum encoder, with its momentum-BN statistics) is."""
-    return 'momentum_encoder' if method == 'm2t' else 'base_encoder'
+    """The encoder of a pretraining checkpoint that is evaluated, as its method's class declares it
+    (``eval_encoder``: for Momentum² Teacher the teacher, with its momentum-BN statistics); files
+    without a method (the original release's) are MoCo v3's."""
+    return MODEL_CLASSES.get(method, MODEL_CLASSES['mocov3'])[0].eval_encoder
 
 
 def load_encoder_from_moco(state_dict, head, path='checkpoint', encoder='base_encoder'):
@@ -274,3 +338,11 @@ def load_backbone(model, encoder_state, head, path='checkpoint'):
         if not expected <= set(msg.missing_keys):
             problems.append(f'it holds a classifier {head}.*')
         raise UserError(f'{path} does not fit this model: {"; ".join(problems)}')
+
+
+def load_pretrained(model, encoder_state, path, head):
+    """Load backbone weights read by ``read_pretrained_encoder`` into a fresh model with the classifier
+    ``head`` (the probe and fine-tuning); returns the weights (for the probe's sanity check)."""
+    load_backbone(model, encoder_state, head, path)
+    print(f"=> loaded the pretrained backbone of '{path}' ({len(encoder_state)} tensors)")
+    return encoder_state

@@ -5,7 +5,7 @@ import argparse
 import difflib
 import os
 
-from moco.dist import UserError
+from moco.errors import UserError
 
 
 class HelpFormatter(argparse.HelpFormatter):

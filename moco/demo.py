@@ -58,8 +58,8 @@ def knn_history(run_dir):
 
 
 def normalised(images_uint8):
-    from moco import tensor_aug
-    return tensor_aug.normalize(images_uint8.float() / 255)
+    from moco.data import tensor_views
+    return tensor_views.normalize(images_uint8.float() / 255)
 
 
 @torch.no_grad()
@@ -121,9 +121,9 @@ def linear_probe(train_f, train_y, val_f, val_y, epochs=30, iters_per_epoch=5, w
 def main(args, moco_overrides=()):
     """Runs the demo; returns a dict of the figures it printed. ``moco_overrides``: main_moco.py flags
     appended to the demo's (tests make the run tiny with them)."""
-    import main_moco
+    from moco import pretrain
     from moco.knn import raw_pixel_knn_accuracy
-    from moco.memory_data import decode_folder
+    from moco.data.memory import decode_folder
     from moco.models import encoder_factory
 
     tic = time.time()
@@ -144,10 +144,10 @@ def main(args, moco_overrides=()):
     print(f'kNN top-1 of raw pixels: {raw:.2f}; of the network with the default initialisation: {default_knn:.2f}\n')
 
     pre_tic = time.time()
-    moco_args = main_moco.get_args_parser().parse_args(
+    moco_args = pretrain.get_args_parser().parse_args(
         DEMO_ARGS + ['--epochs', str(args.epochs), '--knn-freq', str(args.knn_freq), '--seed', str(args.seed),
                      '--output-dir', run_dir, *moco_overrides, data])
-    main_moco.main(moco_args)
+    pretrain.main(moco_args)
     pretrain_min = (time.time() - pre_tic) / 60
 
     history = knn_history(run_dir)

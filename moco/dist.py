@@ -12,6 +12,7 @@ world size 1 the gather is the identity.
 import atexit
 import builtins
 import datetime
+import inspect
 import multiprocessing
 import os
 import random
@@ -19,12 +20,10 @@ import signal
 import sys
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-
-class UserError(Exception):
-    """A mistake in the command line, the data or a file: reported as one line, exit code 2."""
+from moco.errors import UserError, first_line
 
 
 EXIT_STOPPED = 75   # EX_TEMPFAIL: stopped on request (a preemption warning) with a resumable checkpoint
@@ -56,8 +55,8 @@ class StopRequest:
         """Whether any process received a stop signal (the same answer on every process)."""
         flag = self.received is not None
         if world_size() > 1:
-            t = torch.tensor([int(flag)], device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t = torch.tensor([int(flag)], device='cuda' if tdist.get_backend() == 'nccl' else 'cpu')
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
             flag = bool(t.item())
         return flag
 
@@ -117,12 +116,6 @@ def stop_signal_names(value):
         if not hasattr(signal, 'SIG' + n) or n in ('KILL', 'STOP'):
             raise UserError(f'--stop-signals: {n} is not a signal that can be caught (e.g. TERM,USR1 or none)')
     return names
-
-
-def first_line(exc, limit=200):
-    """The first non-empty line of an exception's message (its type name if it has none), for one-line
-    errors."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
 def add_distributed_args(parser):
@@ -234,7 +227,7 @@ def fatal_error(e):
             msg = msg.strip().splitlines()[-1].split('Error: ', 1)[-1]
         return 2, msg
     text = str(e)
-    if isinstance(e, (RuntimeError, dist.DistError)) and any(p in text for p in _PEER_FAILURES):
+    if isinstance(e, (RuntimeError, tdist.DistError)) and any(p in text for p in _PEER_FAILURES):
         detail = first_line(e, limit=None).split('] ', 1)[-1][:200]  # drop the source location gloo puts first
         return 1, (f'another process of the job, or a data-loading worker, died or became unreachable '
                    f'({detail}); stopping. Checkpoints already written are intact: restart every process '
@@ -302,8 +295,8 @@ def _store_of_this_restart(args, timeout):
     restart = os.environ.get('TORCHELASTIC_RESTART_COUNT')
     if restart is None or args.dist_url != 'env://':
         return None
-    store, _, _ = next(dist.rendezvous('env://', rank=args.rank, world_size=args.world_size, timeout=timeout))
-    return dist.PrefixStore(f'moco/restart_{restart}', store)
+    store, _, _ = next(tdist.rendezvous('env://', rank=args.rank, world_size=args.world_size, timeout=timeout))
+    return tdist.PrefixStore(f'moco/restart_{restart}', store)
 
 
 def init_process(args):
@@ -325,8 +318,8 @@ def init_process(args):
         timeout = datetime.timedelta(minutes=args.dist_timeout)
         try:
             store = _store_of_this_restart(args, timeout)
-            dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
-                                    world_size=args.world_size, rank=args.rank, timeout=timeout)
+            tdist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
+                                     world_size=args.world_size, rank=args.rank, timeout=timeout)
         except RuntimeError as e:
             if 'address already in use' in str(e).lower():
                 raise UserError(f'cannot start the process group: {args.dist_url} is already in use '
@@ -343,23 +336,34 @@ def init_process(args):
     return device
 
 
-def scale_lr_and_divide_batch(args):
-    """The original's conventions: the actual lr is base lr x TOTAL batch / 256 (computed before the
-    division), then -b and -j are divided among the processes. Returns (base_lr, total_batch)."""
-    base_lr, total_batch = args.lr, args.batch_size
-    args.lr = args.lr * args.batch_size / 256
+def share_batch(args):
+    """The original's convention: -b (and -j) are totals, divided among the processes (-j among those
+    of a node). Returns the total batch."""
+    total_batch = args.batch_size
     if args.batch_size % args.world_size:
         raise UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
     args.batch_size = args.batch_size // args.world_size
     local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (
         (torch.cuda.device_count() or 1) if args.multiprocessing_distributed else 1)
     args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
-    return base_lr, total_batch
+    return total_batch
+
+
+def ddp(module, device, gpu=None, sync_buffers=True, **kwargs):
+    """``module`` in DistributedDataParallel, on this process's GPU or on the CPU: the one wrapper of
+    the three scripts. ``sync_buffers=False`` keeps BatchNorm statistics per process (Momentum² Teacher's
+    momentum BN, as in its release under torch 1.5; torch >= 1.10 would impose rank 0's on every step)."""
+    if not sync_buffers:   # newer torch names the switch forward_sync_buffers
+        switch = ('forward_sync_buffers' if 'forward_sync_buffers' in
+                  inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else 'broadcast_buffers')
+        kwargs[switch] = False
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[gpu] if device.type == 'cuda' else None, **kwargs)
 
 
 def cleanup():
     if is_initialized():
-        dist.destroy_process_group()
+        tdist.destroy_process_group()
 
 
 def setup_for_distributed(is_master):
@@ -376,24 +380,19 @@ def setup_for_distributed(is_master):
 
 
 def is_initialized():
-    return dist.is_available() and dist.is_initialized()
+    return tdist.is_available() and tdist.is_initialized()
 
 
 def rank():
-    return dist.get_rank() if is_initialized() else 0
+    return tdist.get_rank() if is_initialized() else 0
 
 
 def world_size():
-    return dist.get_world_size() if is_initialized() else 1
+    return tdist.get_world_size() if is_initialized() else 1
 
 
 def is_main_process():
     return rank() == 0
-
-
-def barrier():
-    if is_initialized():
-        dist.barrier()
 
 
 @torch.no_grad()
@@ -403,7 +402,7 @@ def concat_all_gather(tensor):
         return tensor
     tensor = tensor.contiguous()
     gathered = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(gathered, tensor)
+    tdist.all_gather(gathered, tensor)
     return torch.cat(gathered, dim=0)
 
 
@@ -412,7 +411,7 @@ def all_true(flag):
     all processes take the same branch); reads it on the host."""
     if world_size() > 1:
         flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
     return bool(flag)
 
 
@@ -421,6 +420,6 @@ def all_reduce_mean(value):
     if world_size() == 1:
         return value
     t = torch.as_tensor(value, dtype=torch.float64,
-                        device='cuda' if dist.get_backend() == 'nccl' else 'cpu').clone()
-    dist.all_reduce(t)
+                        device='cuda' if tdist.get_backend() == 'nccl' else 'cpu').clone()
+    tdist.all_reduce(t)
     return (t / world_size()).item() if not torch.is_tensor(value) else t / world_size()

@@ -4,9 +4,8 @@ import time
 
 from moco import dist, schedules
 from moco.amp import NonFiniteSteps
-from moco.checkpoint import LAST_CHECKPOINT
+from moco.checkpoint import LAST_CHECKPOINT, unwrap
 from moco.metrics import MetricLogger, SmoothedValue
-from moco.momentum_bn import mbn_alpha
 
 
 def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=0,
@@ -25,6 +24,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     progress lines.
     """
     model.train()
+    method = unwrap(model)   # the MoCo/BYOL/M2T model under DDP and compile wrappers
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     logger.add_meter('m', SmoothedValue(window_size=1, fmt='{value:.5f}'))
@@ -44,13 +44,12 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         schedules.set_lr(optimizer, lr)
         m = schedules.moco_momentum(t, args.moco_m, args.epochs) if args.moco_m_cos else args.moco_m
 
-        # Momentum² Teacher: the momentum-BN coefficient, from the global step like everything else
-        extra = (mbn_alpha(t / args.epochs),) if args.method == 'm2t' else ()
+        method.before_step(t / args.epochs)   # e.g. Momentum² Teacher's momentum-BN coefficient
 
         x1 = images[0].to(device, non_blocking=True, memory_format=args.memory_format)
         x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
-            loss = model(x1, x2, m, *extra)
+            loss = model(x1, x2, m)
         if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr, m=m)
         skipped_images += int(skipped.sum())  # a CPU tensor: no device sync

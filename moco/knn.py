@@ -1,10 +1,21 @@
 """Weighted k-nearest-neighbour accuracy of frozen features (Wu et al. 2018, InstDisc; as in lightly
 and DINO): cosine similarity, the k most similar training images vote for their class with weight
-exp(similarity / T)."""
+exp(similarity / T).
+
+The monitor's two sets (``knn_sets``): the training images as memory and the held-out ones to classify,
+read through the evaluation view of the reference path, or, for a run on the in-memory pipeline, the
+images it already holds on the device (``DecodedImages``: the same features bit for bit, tested).
+"""
 import torch
 import torch.nn.functional as F
 
 from moco import dist
+from moco.data.device_loader import to_device_async
+from moco.data.folder import image_folder
+from moco.data.memory import InMemoryLoader, decode_folder
+from moco.data.tensor_views import normalize
+from moco.data.views import eval_transform
+from moco.errors import UserError
 
 
 def knn_classify(train_features, train_labels, test_features, num_classes, k=200, T=0.1, chunk=1024):
@@ -22,6 +33,48 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=200
     return torch.cat(preds)
 
 
+class DecodedImages:
+    """A decoded folder as the kNN monitor reads it: uint8 images (N, 3, S, S) on the device, whose eval
+    view is the image normalised (``eval_transform`` at S px is the identity before ToTensor)."""
+
+    def __init__(self, images, targets):
+        self.images, self.targets = images, targets
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, indices, batch_size):
+        for start in range(0, len(indices), batch_size):
+            index = to_device_async(torch.tensor(indices[start:start + batch_size]), self.images.device)
+            yield normalize(self.images[index].float() / 255), self.targets[index]
+
+
+def knn_sets(loader, root, image_size, workers=0, strict=False):
+    """(train, val) sets of the kNN monitor: root/train and root/val through the reference eval view or,
+    when ``loader`` is the in-memory pipeline's, its decoded images (see ``_decoded_sets``)."""
+    if isinstance(loader, InMemoryLoader) and (decoded := _decoded_sets(loader, root, image_size, workers, strict)):
+        return decoded
+    return [image_folder(root, split, eval_transform(image_size), strict=strict) for split in ('train', 'val')]
+
+
+def _decoded_sets(loader, root, image_size, workers=0, strict=False):
+    """(train, val) DecodedImages for a run on the memory pipeline: the training images it already holds
+    and root/val decoded once; None when the images are not image_size square (then the monitor resizes
+    them through the reference eval view)."""
+    if tuple(loader.images.shape[2:]) != (image_size, image_size):
+        return None
+    try:
+        val_images, val_targets, skipped = decode_folder(root, 'val', workers, strict)
+    except UserError:  # no val/, or images of several sizes: the reference path says what is wrong
+        return None
+    if tuple(val_images.shape[2:]) != (image_size, image_size):
+        return None
+    if skipped:
+        print(f'{skipped} unreadable image(s) replaced while decoding {root}/val')
+    device = loader.images.device
+    return DecodedImages(loader.images, loader.targets), DecodedImages(val_images.to(device), val_targets.to(device))
+
+
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, workers=0, amp=None):
     """Features and labels of a whole dataset, in dataset order, computed by all processes together
@@ -31,7 +84,7 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=0, amp=N
     per_rank = (n + ws - 1) // ws
     indices = list(range(rk, n, ws))
     indices += indices[:1] * (per_rank - len(indices))   # pad so every rank gathers the same size
-    if hasattr(dataset, 'batches'):  # already decoded on the device (memory_data.DecodedImages)
+    if isinstance(dataset, DecodedImages):  # already decoded on the device
         loader = dataset.batches(indices, batch_size)
     else:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,

@@ -14,8 +14,8 @@ import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
 import vits
-from moco.builder import BYOL_ResNet, BYOL_ViT, M2T_ResNet, M2T_ViT, MoCo_ResNet, MoCo_ViT
-from moco.dist import UserError
+from moco.builder import MODEL_CLASSES
+from moco.errors import UserError
 
 
 def _cifar_resnet(name, **kwargs):
@@ -101,20 +101,14 @@ def encoder_factory(arch, image_size=None, stop_grad_conv1=False, zero_init_resi
     return partial(builder, **kwargs)
 
 
-MODEL_CLASSES = {  # method -> (ResNet class, ViT class)
-    'mocov3': (MoCo_ResNet, MoCo_ViT),
-    'byol': (BYOL_ResNet, BYOL_ViT),
-    'm2t': (M2T_ResNet, M2T_ViT),
-}
-
-
 def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, image_size=None, stop_grad_conv1=False, method='mocov3'):
     """The model of ``method`` for an arch name; for mocov3 the one of the original ``main_moco.py``.
-    Only MoCo v3 zero-initialises the residual branches (BYOL and Momentum² Teacher do not)."""
-    factory = encoder_factory(arch, image_size=image_size, stop_grad_conv1=stop_grad_conv1,
-                              zero_init_residual=method == 'mocov3')
+    The method's class says whether ResNets zero-initialise their residual branches (only MoCo v3's do)."""
     resnet_cls, vit_cls = MODEL_CLASSES[method]
-    return (vit_cls if is_vit(arch) else resnet_cls)(factory, dim, mlp_dim, T)
+    cls = vit_cls if is_vit(arch) else resnet_cls
+    factory = encoder_factory(arch, image_size=image_size, stop_grad_conv1=stop_grad_conv1,
+                              zero_init_residual=cls.zero_init_residual)
+    return cls(factory, dim, mlp_dim, T)
 
 
 class BackboneFeatures(nn.Module):

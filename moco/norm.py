@@ -6,7 +6,7 @@ same semantics (global mean and biased variance for normalisation, unbiased vari
 estimate, gradients summed across processes) built from a differentiable all-reduce.
 """
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
@@ -31,10 +31,10 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
         xf = at_least_fp32(x)
         count = xf.new_tensor([xf.numel() // C])
         # two passes (sum, then squared deviations) for a numerically stable variance
-        sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]), op=dist.ReduceOp.SUM)
+        sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]), op=tdist.ReduceOp.SUM)
         n = sums[C]
         mean = sums[:C] / n                                                           # (C,)
-        var = dist_nn.all_reduce((xf - mean.view(shape)).pow(2).sum(dims), op=dist.ReduceOp.SUM) / n
+        var = dist_nn.all_reduce((xf - mean.view(shape)).pow(2).sum(dims), op=tdist.ReduceOp.SUM) / n
 
         if self.track_running_stats:
             with torch.no_grad():

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from moco.dist import first_line
+from moco.errors import first_line
 
 DATASETS = {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100'}
 

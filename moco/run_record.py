@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from moco.dist import UserError
+from moco.errors import UserError
 
 SETTINGS_FILE = 'args.json'
 

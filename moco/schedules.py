@@ -2,6 +2,12 @@
 import math
 
 
+def scaled_lr(base_lr, total_batch, reference_batch=256):
+    """The linear scaling rule: the actual lr is base lr x total batch / reference batch (Goyal et al.
+    2017). MoCo v3's pretraining and probe use 256; DeiT's fine-tuning recipe (transfer/) uses 512."""
+    return base_lr * total_batch / reference_batch
+
+
 def pretrain_lr(t, lr, warmup_epochs, epochs):
     """Pretraining: linear warmup from 0, then half-cycle cosine to 0 (per iteration).
 

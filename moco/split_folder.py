@@ -13,7 +13,7 @@ import shutil
 import sys
 
 from moco import cli
-from moco.data import image_files
+from moco.data.folder import image_files
 
 
 def get_args_parser():

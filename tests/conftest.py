@@ -18,6 +18,17 @@ if ROOT not in sys.path:
 from moco import demo_data  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a test that launches the scripts or several processes, or trains '
+                                       'for a while; `make test-fast` (pytest -m "not slow") leaves it out')
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:   # the demo's end-to-end run (its file marks nothing itself)
+        if item.module.__name__ == 'test_demo':
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():
     """The test machine's 2 cores may be shared with parallel runs: one thread is several times faster
@@ -82,8 +93,7 @@ def cli_env(gpu=False):
     return env
 
 
-# ---- command-line runs (tests/test_resume.py, tests/test_faults.py) ----
-
+# ---- command-line runs (tests/test_resume.py, tests/test_cli_faults.py) ----
 def start(args, gpu=False):
     # own process group, so that the data-loading workers die with the main process when it is killed
     return subprocess.Popen(args, cwd=ROOT, env=cli_env(gpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -126,7 +136,6 @@ def assert_identical(a, b, where=''):
 
 
 # ---------------------------------------------------------------- awkward image files
-
 def jpeg_bytes(mode='RGB', size=(12, 10), color=(200, 30, 60)):
     buf = io.BytesIO()
     Image.new(mode, size, color if mode != 'L' else 128).save(buf, 'JPEG')
@@ -164,6 +173,7 @@ def broken_folder(root):
     return root
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: takes minutes (tests/test_gpu_check.py\'s dry run); '
-                                       'deselect with -m "not slow"')
+def small_moco(method, arch='resnet18_cifar', **kw):
+    """The model of ``method`` with small heads (and 8 px images for a ViT): quick to build and run."""
+    from moco.models import build_moco
+    return build_moco(arch, dim=16, mlp_dim=32, image_size=8 if 'vit' in arch else None, method=method, **kw)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from moco import bench
-from moco.dist import UserError
+from moco.errors import UserError
 
 
+@pytest.mark.slow   # a whole benchmark run
 def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):
     out = tmp_path / 'bench.json'
     rows = bench.main(['--tiny', '--models', 'resnet18_cifar:8', 'vit_tiny_patch4:8', '--steps', '1',

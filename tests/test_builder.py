@@ -1,4 +1,7 @@
-"""MoCo / MoCo_ResNet / MoCo_ViT as in the paper (Alg. 1) and the original moco/builder.py: heads, momentum encoder, momentum update, gradients."""
+"""moco/builder.py: MoCo / MoCo_ResNet / MoCo_ViT as in the paper (Alg. 1) and the original release (heads,
+momentum encoder, momentum update, gradients); BYOL and Momentum² Teacher (heads, initialisation, initial
+loss, EMA step) and what each method class declares for the scripts."""
+import math
 from functools import partial
 
 import pytest
@@ -7,8 +10,10 @@ import torch.nn as nn
 import torchvision
 
 import vits
+from conftest import small_moco
 from moco.builder import MoCo_ResNet, MoCo_ViT
 from moco.models import build_moco
+from moco.momentum_bn import MomentumBatchNorm, mbn_alpha
 from moco.optim import build_optimizer
 
 DIM, MLP_DIM = 16, 32
@@ -60,7 +65,6 @@ def _perturb_base(model, seed=1):
 
 
 # ---------------------------------------------------------------- structure
-
 def _layers(seq):
     return [type(m) for m in seq]
 
@@ -158,7 +162,6 @@ def test_resnets_zero_init_residual(arch, block_attr):
 
 
 # ---------------------------------------------------------------- momentum update
-
 def _expected_update(model, m):
     base = [p.detach().clone() for p in model.base_encoder.parameters()]
     mom = [p.detach().clone() for p in model.momentum_encoder.parameters()]
@@ -226,7 +229,6 @@ def test_momentum_one_keeps_momentum_encoder():
 
 
 # ---------------------------------------------------------------- gradients
-
 def _check_gradients(model, x1, x2):
     loss = model(x1, x2, 0.99)
     assert loss.dim() == 0 and torch.isfinite(loss)
@@ -265,3 +267,105 @@ def test_forward_backward_vit_and_frozen_params_not_updated(optimizer):
         assert torch.equal(p, before['momentum_encoder.' + n]), n
     assert not torch.equal(params['base_encoder.cls_token'], before['base_encoder.cls_token'])
     assert not torch.equal(params['predictor.0.weight'], before['predictor.0.weight'])
+
+
+def test_heads_of_each_method():
+    def layers(seq):
+        return [(type(m).__name__, getattr(m, 'bias', None) is not None) for m in seq]
+    moco, byol, m2t = (small_moco(m) for m in ('mocov3', 'byol', 'm2t'))
+    assert layers(moco.base_encoder.fc) == [('Linear', False), ('BatchNorm1d', True), ('ReLU', False),
+                                            ('Linear', False), ('BatchNorm1d', False)]
+    assert layers(byol.base_encoder.fc) == [('Linear', True), ('BatchNorm1d', True), ('ReLU', False),
+                                            ('Linear', False)]
+    assert layers(byol.predictor) == layers(byol.base_encoder.fc)
+    assert layers(m2t.base_encoder.fc) == [('Linear', True), ('BatchNorm1d', True), ('ReLU', False), ('Linear', True)]
+    assert layers(m2t.predictor) == layers(m2t.base_encoder.fc)
+    # Momentum² Teacher: momentum BN everywhere in the teacher, plain BN in the student
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in m2t.momentum_encoder.modules())
+    n_mbn = sum(isinstance(m, MomentumBatchNorm) for m in m2t.momentum_encoder.modules())
+    n_bn = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in m2t.base_encoder.modules())
+    assert n_mbn == n_bn == 21   # resnet18: 20 in the backbone + 1 in the projector
+    vit = small_moco('byol', 'vit_tiny_patch4')
+    assert [type(m).__name__ for m in vit.base_encoder.head] == ['Linear', 'BatchNorm1d', 'ReLU', 'Linear',
+                                                                  'BatchNorm1d', 'ReLU', 'Linear']
+
+
+def test_only_mocov3_zero_initialises_residual_branches():
+    gammas = {m: small_moco(m).base_encoder.layer1[0].bn2.weight for m in ('mocov3', 'byol', 'm2t')}
+    assert torch.all(gammas['mocov3'] == 0)
+    assert torch.all(gammas['byol'] == 1) and torch.all(gammas['m2t'] == 1)
+
+
+@pytest.mark.slow   # full-size ResNet-50 with 4096-d heads
+@pytest.mark.parametrize('method', ['byol', 'm2t'])
+def test_initial_loss_about_four(method):
+    """Random R50 at 64 px, batch 64, two views of the same random images: the sum of both directions
+    is 4 - 2 cos(p1, z'2) - 2 cos(p2, z'1), about 4. At init p and z' point along unrelated directions
+    (each net has its own common ReLU-mean component), so the mean cosine is a few hundredths either
+    side of 0 depending on the seed: the reference notes measured 3.78-3.92 (seeds 0-2), this code
+    3.94-4.02 (seeds 0-2). Far outside that band means a wrong convention (BYOL-PyTorch's halved loss
+    gives ~1.9) or a broken head."""
+    torch.manual_seed(0)
+    model = build_moco('resnet50', method=method).train()
+    x = torch.randn(64, 3, 64, 64)
+    with torch.no_grad():
+        loss = model(x, x.flip(3), 0.99).item()
+    assert 3.7 < loss < 4.15, loss
+
+
+@pytest.mark.slow   # full-size ResNet-50 with 4096-d heads
+def test_mocov3_initial_loss_is_about_4_log_batch():
+    torch.manual_seed(0)
+    model = build_moco('resnet50').train()
+    with torch.no_grad():
+        loss = model(torch.randn(32, 3, 64, 64), torch.randn(32, 3, 64, 64), 0.99).item()
+    assert abs(loss - 4 * math.log(32)) < 0.1, loss
+
+
+@pytest.mark.parametrize('method', ['byol', 'm2t'])
+def test_one_ema_step_is_exact_and_leaves_buffers(method):
+    torch.manual_seed(0)
+    model = small_moco(method)
+    with torch.no_grad():
+        for p in model.base_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    theta = [p.clone() for p in model.base_encoder.parameters()]
+    xi = [p.clone() for p in model.momentum_encoder.parameters()]
+    buffers = {k: v.clone() for k, v in model.momentum_encoder.named_buffers()}
+    tau = 0.97
+    model._update_momentum_encoder(tau)
+    for t, x, new in zip(theta, xi, model.momentum_encoder.parameters()):
+        assert torch.equal(new, x * tau + t * (1 - tau))
+    for k, v in model.momentum_encoder.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_teacher_passes_update_each_momentum_bn_once_per_step():
+    model = small_moco('m2t').train()
+    x = torch.randn(4, 3, 8, 8)
+    model(x, x.flip(3), 0.99, mbn_alpha(0.25))
+    counts = {m.num_batches_tracked.item() for m in model.momentum_encoder.modules() if isinstance(m, MomentumBatchNorm)}
+    alphas = {m.alpha for m in model.momentum_encoder.modules() if isinstance(m, MomentumBatchNorm)}
+    assert counts == {1} and alphas == {mbn_alpha(0.25)}
+
+
+def test_each_method_declares_what_the_scripts_need():
+    """Synchronised BN, the evaluated encoder, zero-initialised residuals and the per-step hook are
+    attributes of the method's class: nothing else asks for the method's name."""
+    from moco.builder import MODEL_CLASSES
+    from moco.checkpoint import evaluated_encoder
+    declared = {'mocov3': (True, 'base_encoder', True), 'byol': (True, 'base_encoder', False),
+                'm2t': (False, 'momentum_encoder', False)}
+    for method, expected in declared.items():
+        for cls in MODEL_CLASSES[method]:
+            assert (cls.sync_bn, cls.eval_encoder, cls.zero_init_residual) == expected, cls
+        assert evaluated_encoder(method) == expected[1]
+    assert evaluated_encoder(None) == 'base_encoder'      # a file of the original release records no method
+    m2t = small_moco('m2t')
+    m2t.before_step(0.25)                                 # Momentum² Teacher: alpha from the fraction done
+    alphas = {m.alpha for m in m2t.momentum_encoder.modules() if isinstance(m, MomentumBatchNorm)}
+    assert alphas == {mbn_alpha(0.25)}
+    moco = small_moco('mocov3')
+    before = {k: v.clone() for k, v in moco.state_dict().items()}
+    moco.before_step(0.25)                                # MoCo v3 and BYOL: nothing to do
+    assert all(torch.equal(v, before[k]) for k, v in moco.state_dict().items())

@@ -69,6 +69,7 @@ def test_plot_from_logs(tmp_path):
         plot.read_log(str(tmp_path / 'missing'))
 
 
+@pytest.mark.slow   # unpacks 6,000 files
 def test_demo_data_is_present_and_well_formed(tmp_path):
     archive = os.path.join(os.path.dirname(demo_data.__file__), 'cifar10_demo.tar.gz')
     assert os.path.getsize(archive) < 5 * 2 ** 20            # a few MB at most
@@ -99,6 +100,7 @@ def test_knn_on_a_problem_with_a_known_answer():
     assert pred.tolist() == [0, 1, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recipe', ['mocov3', 'byol', 'm2t', 'vit'])
 def test_cifar_recipes_run_a_few_steps(tiny_folder, tmp_path, recipe):
     """The CONFIG.md CIFAR-10 commands, shrunk (batch, widths, epochs) to a few CPU steps, with --fast as

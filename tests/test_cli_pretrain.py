@@ -27,6 +27,8 @@ import torch
 
 from conftest import ROOT, cli_env, unassigned_port
 
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
+
 ARCH, IMG = 'vit_tiny_patch4', 8
 SMALL = ['-a', ARCH, '--image-size', str(IMG), '--moco-dim', '16', '--moco-mlp-dim', '32',
          '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '2', '--seed', '0']
@@ -184,7 +186,6 @@ def _one_error_line(run):
 
 # ----------------------------------------------------------------------------------------------------
 # launch modes
-
 def test_plain_cpu_process(runs, tiny_state_keys):
     [run] = runs['plain'].result()
     assert run.rc == 0, run
@@ -269,7 +270,6 @@ def test_two_nodes_by_hand_equals_torchrun(runs):
 
 # ----------------------------------------------------------------------------------------------------
 # error paths: exit code 2 and one line on stderr that starts with 'error:'; nothing written
-
 def test_missing_data_folder(runs):
     [run] = runs['missing_data'].result()
     assert run.rc == 2, run

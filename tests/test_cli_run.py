@@ -29,6 +29,8 @@ import main_moco
 from conftest import ROOT, cli_env, wait_output
 from moco import plot, split_folder
 
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
+
 TINY = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco-mlp-dim', '16', '-b', '8',
         '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '1', '--seed', '0']
 

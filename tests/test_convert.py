@@ -39,7 +39,7 @@ def moco_vit_checkpoint(arch, path):
     return encoder.eval()
 
 
-@pytest.mark.parametrize('arch,dim', [('vit_small', 384), ('vit_base', 768)])
+@pytest.mark.parametrize('arch,dim', [('vit_small', 384), pytest.param('vit_base', 768, marks=pytest.mark.slow)])
 def test_round_trip_to_timm(arch, dim, tmp_path):
     src, dst = tmp_path / 'moco.pth.tar', tmp_path / 'deit' / 'converted.pth'
     ours = moco_vit_checkpoint(arch, src)

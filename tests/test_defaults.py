@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import main_moco
-from moco import pipelines
 from moco.amp import Amp, at_least_fp32, resolve_precision
+from moco.data import pipelines
 from moco.losses import regression_loss
 from moco.momentum_bn import MomentumBatchNorm
 
@@ -50,6 +50,7 @@ def test_auto_pipeline_is_reference_unless_fast(tiny_folder, tmp_path):
     assert pipelines.resolve('auto', CPU, str(tmp_path / 'missing'), fast=True) == 'reference'
 
 
+@pytest.mark.slow
 def test_pretraining_without_flags_reports_the_original_numerics(tiny_folder, tmp_path, capsys):
     """A CPU run with no precision or pipeline flags: fp32, the reference (PIL) pipeline."""
     args = main_moco.get_args_parser().parse_args([

@@ -36,6 +36,8 @@ from moco.models import build_moco
 from moco.norm import AllReduceBatchNorm, convert_sync_batchnorm
 from moco.optim import build_optimizer
 
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
+
 WORLD = 2
 B = 8                 # global batch; each process takes its half
 IMG = 16              # small images keep the ResNet cheap
@@ -117,8 +119,8 @@ def _nonfinite_steps(rank):
 
 def _epoch_batches(data, batch_size, pipeline):
     """Every batch of epoch 1 of this process's loader: (views or None, targets)."""
-    from moco.data import start_epoch
-    from moco.pipelines import pretrain_loader
+    from moco.data.sampler import start_epoch
+    from moco.data.pipelines import pretrain_loader
     loader, _ = pretrain_loader(pipeline, data, batch_size, torch.device('cpu'), IMG, seed=DATA_SEED)
     start_epoch(loader, 1)
     return [(views if pipeline == 'reference' else None, targets) for views, targets, _ in loader]

@@ -82,6 +82,7 @@ def test_fused_attention_equals_explicit_softmax_attention():
     _assert_close(_step(explicit, x1, x2), _step(fused, x1, x2), 1e-4)
 
 
+@pytest.mark.slow   # torch.compile takes a while
 @pytest.mark.parametrize('build', [_tiny_resnet, _tiny_vit], ids=['resnet', 'vit'])
 def test_compiled_networks_step_equals_eager(build):
     ref, fast = _pair(build)
@@ -95,6 +96,7 @@ def test_compiled_networks_step_equals_eager(build):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow   # several full steps
 def test_bf16_autocast_step_is_close_to_float32():
     ref, fast = _pair(_tiny_resnet)
     x1, x2 = _inputs(8)                # (bf16 convolutions are slow on CPUs without bf16 units)

@@ -16,9 +16,10 @@ import torchvision.transforms.v2.functional as TF
 
 from conftest import start, wait_output
 from moco.amp import Amp
-from moco.data import image_folder, load_rgb, start_epoch
-from moco.gpu_data import EncodedFiles, GpuJpegLoader, decode_on_device
-from moco.memory_data import InMemoryLoader
+from moco.data.folder import image_folder, load_rgb
+from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device
+from moco.data.memory import InMemoryLoader
+from moco.data.sampler import start_epoch
 from moco.models import build_moco, compile_networks
 from moco.optim import build_optimizer
 

@@ -9,15 +9,16 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
 import main_lincls
 import main_moco
-from moco.checkpoint import ddp_state_dict, read_pretrained_encoder, save_checkpoint
-from moco.dist import UserError
+from conftest import ROOT
 from moco.amp import Amp
-from moco.engine_lincls import LinearProbe, sanity_check
 from moco.builder import MoCo_ResNet, MoCo_ViT
+from moco.checkpoint import ddp_state_dict, load_pretrained, read_pretrained_encoder, save_checkpoint
+from moco.engine_lincls import LinearProbe, sanity_check
+from moco.errors import UserError
 from moco.models import BackboneFeatures, encoder_factory
+
 
 CLASSES = ('airplane', 'cat', 'ship')
 
@@ -75,6 +76,7 @@ def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_probe_end_to_end(probe_run, moco_ckpt):
     out, stdout = probe_run
     ckpt = load(out / 'checkpoint.pth.tar')  # plain types only: loads with weights_only=True
@@ -100,6 +102,7 @@ def test_probe_end_to_end(probe_run, moco_ckpt):
     assert f'last top-1 {log[0]["val_acc1"]:.2f}' in stdout and f'best top-1 {ckpt["best_acc1"]:.2f}' in stdout
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_resume_equals_uninterrupted(probe_run, probe_data, moco_ckpt, tmp_path):
     """1 epoch, then --resume to 2 == 2 epochs in one go (the per-epoch cosine has the same lr at epoch 0)."""
     first, _ = probe_run
@@ -119,6 +122,7 @@ def test_resume_equals_uninterrupted(probe_run, probe_data, moco_ckpt, tmp_path)
     assert call_main(*probe_args(probe_data, straight, '--epochs', 2, '--resume', 'auto')) == 0
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_evaluate_only(probe_run, probe_data, tmp_path, capsys):
     out, _ = probe_run
     log = json.loads(open(out / 'log.txt').readline())
@@ -130,6 +134,7 @@ def test_evaluate_only(probe_run, probe_data, tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'eval' / 'checkpoint.pth.tar')
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_wrong_arch_is_one_line_error(probe_data, moco_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert call_main(*probe_args(probe_data, tmp_path, '--pretrained', moco_ckpt)[2:], '-a', 'resnet50') == 2
@@ -137,6 +142,7 @@ def test_wrong_arch_is_one_line_error(probe_data, moco_ckpt, tmp_path, capsys):
         f'error: {moco_ckpt} was pretrained with -a resnet18_cifar, not -a resnet50 (leave -a out to use its own)']
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 def test_bad_pretrained_files_are_one_line_errors(probe_run, probe_data, moco_ckpt, tmp_path, capsys):
     out, _ = probe_run
     text = tmp_path / 'notes.txt'
@@ -180,7 +186,7 @@ def test_loads_original_format(arch, tmp_path):
     assert head_attr == head
     encoder_state, recorded_arch, _ = read_pretrained_encoder(path, head)
     assert recorded_arch == arch
-    loaded = main_lincls.load_pretrained(model, encoder_state, path, head)
+    loaded = load_pretrained(model, encoder_state, path, head)
     expected = {k: v for k, v in moco.base_encoder.state_dict().items() if not k.startswith(head + '.')}
     assert loaded.keys() == expected.keys()
     got = model.state_dict()
@@ -203,7 +209,7 @@ def test_loads_original_format(arch, tmp_path):
     save_checkpoint(state, path)
     wrong, _ = main_lincls.build_model(other, 32, num_classes=7, **small)
     with pytest.raises(UserError, match='does not fit this model'):
-        main_lincls.load_pretrained(wrong, read_pretrained_encoder(path, head)[0], path, head)
+        load_pretrained(wrong, read_pretrained_encoder(path, head)[0], path, head)
 
 
 def test_sanity_check_catches_a_changed_backbone():

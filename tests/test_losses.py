@@ -1,4 +1,5 @@
-"""The contrastive loss ctr(q, k) of the paper (Alg. 1) and the pairing of views in MoCo.forward."""
+"""moco/losses.py: the contrastive loss ctr(q, k) of the paper (Alg. 1), BYOL's regression loss, and the
+pairing of views in MoCo.forward."""
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch.nn as nn
 
 import moco.dist
 from moco.builder import MoCo_ResNet
-from moco.losses import infonce
+from moco.losses import infonce, regression_loss
 
 
 def _infonce_by_hand(q, keys, T, positives):
@@ -145,3 +146,15 @@ def test_contrastive_loss_uses_model_temperature():
     q, k = torch.randn(4, 16, generator=gen), torch.randn(4, 16, generator=gen)
     assert model.contrastive_loss(q, k).item() == pytest.approx(infonce(q, k, 0.2).item(), rel=1e-6)
     assert model.contrastive_loss(q, k).item() != pytest.approx(infonce(q, k, 1.0).item(), rel=1e-3)
+
+
+def test_regression_loss_range_and_values():
+    p = torch.randn(64, 16)
+    assert regression_loss(p, p).abs() < 1e-6                           # aligned: 0
+    assert abs(regression_loss(p, -p).item() - 4) < 1e-6                 # opposite: 4 per direction
+    q = torch.tensor([[1., 0.], [0., 2.]])
+    z = torch.tensor([[0., 3.], [0., 1.]])                               # cos 0 and 1
+    assert abs(regression_loss(q, z).item() - (2 + 0) / 2) < 1e-6
+    both = regression_loss(p, torch.randn(64, 16)) + regression_loss(torch.randn(64, 16), p)
+    assert 0 <= both <= 8
+    assert regression_loss(p.half(), p.half()).dtype == torch.float32   # computed in fp32

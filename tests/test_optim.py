@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from moco.models import build_moco
 from moco.optim import LARS, build_optimizer
 
 LR, WD, MOM, ETA = 0.5, 0.1, 0.9, 0.001
@@ -189,3 +190,15 @@ def test_lars_foreach_step_is_bit_identical_to_the_loop():
     assert opt_loop['state'].keys() == opt_fe['state'].keys()
     for i in opt_loop['state']:
         assert torch.equal(opt_loop['state'][i]['mu'], opt_fe['state'][i]['mu']), i
+
+
+@pytest.mark.parametrize('method, adapted, excluded', [('mocov3', 57, 110), ('byol', 57, 112), ('m2t', 57, 114)])
+def test_lars_partition_resnet50(method, adapted, excluded):
+    """Tensors LARS adapts (ndim > 1: 53 convs + 4 Linear weights) and excludes (BN and biases). The
+    reference's 171 = 57 + 114 is for heads with a bias on every Linear (the BYOL-PyTorch and M2 heads);
+    official BYOL heads have no bias on the last Linear, hence 112."""
+    with torch.device('meta'):   # only the structure is checked
+        model = build_moco('resnet50', method=method)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.ndim > 1 for p in trained) == adapted
+    assert sum(p.ndim <= 1 for p in trained) == excluded

@@ -20,8 +20,10 @@ import pytest
 import torch
 
 import main_moco
-from moco import dist
 from conftest import ROOT, assert_identical, cli_env, kill_group, load, unassigned_port
+from moco import dist
+
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
 SMALL = ['-a', 'vit_tiny_patch4', '--image-size', '8', '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8',
          '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '1', '--seed', '0']
@@ -138,7 +140,6 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(tiny_folder, ref
     _same_final(tmp_path / 'run', reference['two'])
 
 
-@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_resumes_by_itself(tiny_folder, reference, tmp_path):
     proc = _start(_torchrun(2, tiny_folder, tmp_path / 'run', '--resume', 'auto', restarts=1))
     lines = []

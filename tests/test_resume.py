@@ -4,11 +4,13 @@ once it has written checkpoint_0001.pth.tar (epoch 2) and then resumed to epoch 
 
 ``--epochs`` is 3 in both runs (the lr and momentum schedules depend on it). Variants: -j 0 with LARS
 and ``--resume auto``; -j 2 (data-loading worker processes) with AdamW and ``--resume PATH``. Both
-use ``--moco-m-cos``, so the momentum schedule also has to pick up at the right point.
+use ``--moco-m-cos``, so the momentum schedule also has to pick up at the right point. BYOL and
+Momentum² Teacher resume exactly too (their schedules and momentum-BN statistics).
 """
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -17,6 +19,8 @@ import pytest
 import torch
 
 from conftest import assert_identical, kill_group, load, start, wait_output
+
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
 ARCH, IMG = 'vit_tiny_patch4', 8
 TIMEOUT = 300  # seconds a CLI run may take
@@ -107,3 +111,35 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(resume_runs, variant):
     assert_identical(a['scaler'], b['scaler'], 'scaler')
     # and the third epoch saw the same batches and augmentations: the same mean loss, bit for bit
     assert _last_train_record(full_dir) == _last_train_record(cut_dir)
+
+
+def _method_command(data, out_dir, method, epochs=2):
+    return [sys.executable, 'main_moco.py', str(data), '--method', method, '-a', 'resnet18_cifar', '--image-size', '8',
+            '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', str(epochs), '--warmup-epochs', '1',
+            '-j', '0', '-p', '100', '--seed', '2', '--data-pipeline', 'gpu', '--output-dir', str(out_dir)]
+
+
+@pytest.mark.parametrize('method', ['byol', 'm2t'])
+def test_resume_continues_the_schedules_exactly(tiny_folder, tmp_path, method):
+    """A 2-epoch run, and the same run resumed from its epoch-1 checkpoint, end identical: the target
+    momentum and (m2t) the momentum-BN alpha come from the global step, and the momentum-BN statistics
+    are in the checkpoint. (Read through the GPU data pipeline, run on the CPU: its views resume too.)"""
+    rc, out = wait_output(start(_method_command(tiny_folder, tmp_path / 'full', method)))
+    assert rc == 0, out
+    assert f'{method} model:' in out and '(cosine to 1)' in out and '(gpu data pipeline)' in out
+    os.makedirs(tmp_path / 'cut')
+    shutil.copy(tmp_path / 'full' / 'checkpoint_0000.pth.tar', tmp_path / 'cut')
+    rc, out = wait_output(start(_method_command(tiny_folder, tmp_path / 'cut', method) + ['--resume', 'auto']))
+    assert rc == 0, out
+    a, b = load(tmp_path / 'full' / 'checkpoint_0001.pth.tar'), load(tmp_path / 'cut' / 'checkpoint_0001.pth.tar')
+    assert a['method'] == method
+    assert_identical(a['state_dict'], b['state_dict'])
+    assert_identical(a['optimizer'], b['optimizer'])
+    if method == 'm2t':
+        key = 'module.momentum_encoder.bn1.running_mean'
+        assert not torch.equal(load(tmp_path / 'full' / 'checkpoint_0000.pth.tar')['state_dict'][key], a['state_dict'][key])
+
+    if method == 'byol':  # resuming with another --method is a one-line error (once is enough)
+        cmd = _method_command(tiny_folder, tmp_path / 'cut', 'mocov3', epochs=3) + ['--resume', 'auto']
+        rc, out = wait_output(start(cmd))
+        assert rc == 2 and 'Traceback' not in out and 'was trained with --method byol' in out, out

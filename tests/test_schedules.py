@@ -68,3 +68,11 @@ def test_set_lr_sets_every_group():
     opt = torch.optim.SGD([{'params': [a]}, {'params': [b], 'lr': 5.0}], lr=1.0)
     set_lr(opt, 0.123)
     assert [g['lr'] for g in opt.param_groups] == [0.123, 0.123]
+
+
+@pytest.mark.parametrize('base', [0.99, 0.996, 0.97])
+def test_target_momentum_at_0_half_and_end(base):
+    K = 100
+    assert moco_momentum(0, base, K) == pytest.approx(base, abs=1e-12)
+    assert moco_momentum(K / 2, base, K) == pytest.approx((1 + base) / 2, abs=1e-12)
+    assert moco_momentum(K, base, K) == pytest.approx(1, abs=1e-12)

@@ -1,12 +1,12 @@
 """transfer/: the data set layouts (CIFAR folders, Flowers-102 .mat files, Pets annotations), the
 .mat reader, and one fine-tuning step from a converted and from a pretraining checkpoint."""
-import base64
 import json
 import os
 import shutil
 import struct
 import zlib
 
+import base64
 import numpy as np
 import pytest
 import torch
@@ -16,6 +16,7 @@ import main_moco
 from moco.checkpoint import read_pretrained_encoder
 from transfer import finetune
 from transfer.datasets import Flowers, Pets, build_dataset, read_mat, transfer_transform
+
 
 
 # Written by scipy.io.savemat({'labels': [[77, 77, 3, 102, 1]] (double), 'trnid': [[1, 4]] (double),
@@ -148,6 +149,7 @@ RECIPES = {
 }
 
 
+@pytest.mark.slow   # pretrains, then runs the script
 @pytest.mark.parametrize('data_set', sorted(RECIPES))
 def test_finetune_one_step(data_set, layouts, pretrained, tmp_path, capsys):
     source, recipe = RECIPES[data_set]

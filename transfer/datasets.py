@@ -25,8 +25,9 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
-from moco.data import IMAGENET_MEAN, IMAGENET_STD, image_folder
-from moco.dist import UserError, first_line
+from moco.data import image_folder
+from moco.data.views import IMAGENET_MEAN, IMAGENET_STD
+from moco.errors import UserError, first_line
 
 DATA_SETS = ('imagenet', 'cifar10', 'cifar100', 'flowers', 'pets')
 
@@ -108,7 +109,12 @@ def _require(path):
 
 
 class Flowers(_ImageList):
-    """Oxford Flowers-102 (Nilsback & Zisserman 2008) from the files of its home page."""
+    """Oxford Flowers-102 (Nilsback & Zisserman 2008) from the files of its home page.
+
+    Not torchvision's ``Flowers102``: it reads ``DIR/flowers-102/`` (another meaning of DIR than the
+    recipes' in transfer/README.md), needs scipy for the two .mat files, and checks their MD5, so a
+    test cannot build a small folder of that layout (it answers "Dataset not found or corrupted"). The
+    .mat reader below is the part of scipy this needs; ``Pets`` follows for the same layout reason."""
     NUM_CLASSES = 102
 
     def __init__(self, root, train, transform=None):

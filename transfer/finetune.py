@@ -12,32 +12,29 @@ batch / 512 as in DeiT):
   several nodes:             ... --multiprocessing-distributed --world-size N --rank R --dist-url tcp://HOST:PORT DIR
   torchrun:                  torchrun --nproc_per_node=8 -m transfer.finetune ... DIR
   evaluate:                  python -m transfer.finetune -a vit_base -e --resume OUT/best_checkpoint.pth DIR
-(``python transfer/finetune.py`` works too.)
 """
 import os
-import sys
 
-if __package__ in (None, ''):  # run as a file: import from the repository root, not from transfer/
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 
-import torch  # noqa: E402
-from timm.data import Mixup  # noqa: E402
-from timm.data.distributed_sampler import RepeatAugSampler  # noqa: E402
-from timm.layers import trunc_normal_  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
-from timm.scheduler import CosineLRScheduler  # noqa: E402
-
-import vits  # noqa: E402
-from moco import cli, dist  # noqa: E402
-from moco.amp import Amp, NonFiniteSteps, add_training_precision_args  # noqa: E402
-from moco.checkpoint import (load_backbone, load_model_state, read_pretrained_encoder,  # noqa: E402
-                             resolve_resume, save_checkpoint, unwrap)
-from moco.data import make_loader, start_epoch  # noqa: E402
-from moco.engine_lincls import evaluate, sharded_eval_loader  # noqa: E402
-from moco.metrics import RunLog  # noqa: E402
-from transfer.datasets import DATA_SETS, build_dataset, deit_transform, transfer_transform  # noqa: E402
-from transfer.engine_finetune import train_one_epoch  # noqa: E402
+import vits
+from moco import cli, dist
+from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
+from moco.checkpoint import (check_recorded, load_pretrained, read_pretrained_encoder, resolve_resume,
+                             restore, save_last_and_best, unwrap)
+from moco.data import make_loader, start_epoch
+from moco.engine_lincls import evaluate, sharded_eval_loader
+from moco.errors import UserError
+from moco.metrics import RunLog
+from moco.schedules import scaled_lr
+from transfer.datasets import DATA_SETS, build_dataset, deit_transform, transfer_transform
+from transfer.engine_finetune import train_one_epoch
 
 CHECKPOINT, BEST = 'checkpoint.pth', 'best_checkpoint.pth'
 
@@ -137,14 +134,6 @@ def set_epoch_lr(scheduler, epoch):
     scheduler.step(max(epoch - 1, 0))
 
 
-def load_pretrained(model, path, arch):
-    state, pretrained_arch, _ = read_pretrained_encoder(path, 'head', allow_deit=True)
-    if pretrained_arch is not None and pretrained_arch != arch:
-        raise dist.UserError(f'{path} was pretrained with -a {pretrained_arch}, not -a {arch}')
-    load_backbone(model, state, 'head', path)
-    print(f"=> loaded the pretrained backbone of '{path}' ({len(state)} tensors)")
-
-
 def main_worker(args):
     cli.require_positive(args, 'epochs', 'batch_size', 'input_size', 'print_freq', 'eval_freq')
     cli.require_output_folder(args.output_dir)
@@ -153,14 +142,8 @@ def main_worker(args):
     stop = dist.stop_request(args)
     cli.warn_short_schedule(args.epochs, args.warmup_epochs)
 
-    base_lr, total_batch = args.lr, args.batch_size
-    args.lr = args.lr * args.batch_size / 512  # DeiT's linear scaling rule
-    if args.batch_size % args.world_size:
-        raise dist.UserError(f'-b {args.batch_size} is not divisible by the {args.world_size} processes')
-    args.batch_size //= args.world_size
-    local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 0)) or (torch.cuda.device_count() or 1
-                                                                 if args.multiprocessing_distributed else 1)
-    args.workers = min((args.workers + local_procs - 1) // local_procs, os.cpu_count() or 1)
+    base_lr, total_batch = args.lr, dist.share_batch(args)
+    args.lr = scaled_lr(base_lr, total_batch, reference_batch=512)  # DeiT's recipe
 
     aug = args.aug if args.aug != 'auto' else ('deit' if args.data_set == 'imagenet' else 'transfer')
     if aug == 'deit':
@@ -174,11 +157,13 @@ def main_worker(args):
     val_set, _ = build_dataset(args.data_set, args.data, False, val_tf, args.download)
     mixup_active = args.mixup > 0 or args.cutmix > 0
     if mixup_active and args.batch_size % 2:
-        raise dist.UserError(f'mixup/cutmix needs an even batch per process, not {args.batch_size}')
+        raise UserError(f'mixup/cutmix needs an even batch per process, not {args.batch_size}')
 
     model = build_model(args.arch, num_classes, args.input_size, args.drop_path)
     if args.pretrained:
-        load_pretrained(model, args.pretrained, args.arch)
+        state, pretrained_arch, _ = read_pretrained_encoder(args.pretrained, 'head', allow_deit=True)
+        check_recorded({'arch': pretrained_arch}, args.pretrained, '-a', args.arch, what='was pretrained with')
+        load_pretrained(model, state, args.pretrained, 'head')
     model.to(device)
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
     scheduler = build_scheduler(optimizer, args)
@@ -190,19 +175,16 @@ def main_worker(args):
                                   'fine-tuning', allow_existing=args.evaluate)
     if resume:
         if not {'model', 'epoch', 'optimizer'} <= set(ckpt):
-            raise dist.UserError(f'{resume} is not a fine-tuning checkpoint (it needs model, epoch and optimizer); '
+            raise UserError(f'{resume} is not a fine-tuning checkpoint (it needs model, epoch and optimizer); '
                                  'pretrained weights go to --pretrained')
-        load_model_state(model, ckpt['model'], resume)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        amp.load_state_dict(ckpt.get('scaler'))
+        restore(ckpt, resume, model, optimizer, amp, model_key='model')
         args.start_epoch, max_accuracy = ckpt['epoch'], ckpt.get('max_accuracy', 0.)
         print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']})")
     else:
         args.start_epoch = 0
 
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model = dist.ddp(model, device, args.gpu)
 
     mixup_fn = None
     if mixup_active:  # label smoothing is part of the mixed targets
@@ -238,7 +220,7 @@ def main_worker(args):
         train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
                                    seed=args.seed, pin_memory=pin)
     if len(train_loader) == 0:
-        raise dist.UserError(f'{len(train_set)} training images give no full batch of {total_batch}; lower -b')
+        raise UserError(f'{len(train_set)} training images give no full batch of {total_batch}; lower -b')
 
     run_log = RunLog(args.output_dir)
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
@@ -248,20 +230,17 @@ def main_worker(args):
         train_stats = train_one_epoch(model, train_loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log,
                                       nonfinite, stop)
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()}}
+        is_best = False
         state = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
                  'epoch': epoch + 1, 'arch': args.arch, 'max_accuracy': max_accuracy}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             test_stats = evaluate(model, val_loader, args, amp)
             record.update({f'test_{k}': v for k, v in test_stats.items()})
             run_log.scalars((epoch + 1) * len(train_loader), 'val', top1=test_stats['acc1'], top5=test_stats['acc5'])
-            best_path = os.path.join(args.output_dir, BEST)
-            is_best = test_stats['acc1'] > max_accuracy or not os.path.isfile(best_path)
+            is_best = test_stats['acc1'] > max_accuracy or not os.path.isfile(os.path.join(args.output_dir, BEST))
             max_accuracy = state['max_accuracy'] = max(max_accuracy, test_stats['acc1'])
-            if is_best and dist.is_main_process():
-                save_checkpoint(state, best_path)
             print(f'epoch {epoch + 1}: top-1 {test_stats["acc1"]:.2f}, max top-1 {max_accuracy:.2f}')
-        if dist.is_main_process():
-            save_checkpoint(state, os.path.join(args.output_dir, CHECKPOINT))
+        save_last_and_best(state, args.output_dir, CHECKPOINT, BEST, is_best)
         run_log.epoch({**record, 'max_accuracy': max_accuracy})
     run_log.close()
     dist.cleanup()

@@ -6,8 +6,8 @@ fail (caught) or pass (missed).
     .venv/bin/python tests/tools/mutate.py -k views:    # the view parameters only (about 6 minutes)
     .venv/bin/python tests/tools/mutate.py -k hue       # the mutations whose name contains 'hue'
 
-Groups: 'views' (the random parameters and ops of the in-memory and GPU pipelines, moco/tensor_aug.py,
-and the reference pipeline's declared ones, moco/data.py), 'step' (bf16, moco/amp.py), 'bench'
+Groups: 'views' (the random parameters and ops of the in-memory and GPU pipelines, moco/data/tensor_views.py,
+and the reference pipeline's declared ones, moco/data/views.py), 'step' (bf16, moco/amp.py), 'bench'
 (moco/bench.py), 'dist' (what each process reads and decides with two processes) and 'faults'
 (foreign checkpoints, a dying peer under torchrun). Exit status 0 when every mutation is caught, 1
 when one is missed or no longer applies (its source text changed: update the mutation). Not a test
@@ -22,12 +22,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TA, GPU, MEM, DATA = 'moco/tensor_aug.py', 'moco/gpu_data.py', 'moco/memory_data.py', 'moco/data.py'
+TA, GPU, MEM = 'moco/data/tensor_views.py', 'moco/data/gpu.py', 'moco/data/memory.py'
+DATA, SAMPLER = 'moco/data/views.py', 'moco/data/sampler.py'
 AMP, DIST, BENCH, CKPT = 'moco/amp.py', 'moco/dist.py', 'moco/bench.py', 'moco/checkpoint.py'
 
-VIEW_TESTS = ('tests/test_view_params.py', 'tests/test_tensor_aug.py',
-              'tests/test_gpu_data.py::test_gpu_loader_views_are_the_sampled_views')
-REFERENCE_TESTS = ('tests/test_data.py',)
+VIEW_TESTS = ('tests/test_data_view_params.py', 'tests/test_data_tensor_views.py', 'tests/test_data_memory.py',
+              'tests/test_data_gpu.py::test_gpu_loader_views_are_the_sampled_views')
+REFERENCE_TESTS = ('tests/test_data_views.py',)
 BF16_TEST = ('tests/test_fast_step.py::test_bf16_autocast_step_is_close_to_float32',)
 BENCH_TESTS = ('tests/test_bench.py::test_step_flops_count_forward_and_backward_per_image',
                'tests/test_bench.py::test_step_flops_of_a_real_model_are_per_image',
@@ -35,8 +36,8 @@ BENCH_TESTS = ('tests/test_bench.py::test_step_flops_count_forward_and_backward_
                'tests/test_bench.py::test_timed_counts_only_the_timed_steps')
 NONFINITE_TEST = ('tests/test_distributed.py::test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process',)
 PAIRING_TESTS = ('tests/test_distributed.py::test_each_image_is_read_as_with_one_process',)
-FOREIGN_TEST = ('tests/test_faults.py::test_foreign_and_wrong_arch_checkpoints_are_one_line_errors',)
-TORCHRUN_TEST = ('tests/test_faults.py::test_torchrun_job_ends_when_a_worker_dies',)
+FOREIGN_TEST = ('tests/test_cli_faults.py::test_foreign_and_wrong_arch_checkpoints_are_one_line_errors',)
+TORCHRUN_TEST = ('tests/test_cli_faults.py::test_torchrun_job_ends_when_a_worker_dies',)
 
 JITTER_ORDER = 'order=torch.argsort(torch.rand(n, 4, generator=generator), dim=1)'
 GRAY_OP = "    if p['gray'].any():\n        x = _where(d['gray'], grayscale(x).expand_as(x), x)\n"
@@ -126,11 +127,11 @@ MUTATIONS = [
         ('        it = iter(batches)\n', '        it = iter(batches)\n        tic = time.perf_counter()\n'),
         ('        tic = time.perf_counter()\n        for _ in range(steps):', '        for _ in range(steps):')],
      BENCH_TESTS),
-    ('dist: a non-finite loss decided per process', DIST, [('        dist.all_reduce(flag, op=dist.ReduceOp.MIN)\n',
+    ('dist: a non-finite loss decided per process', DIST, [('        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)\n',
                                                             '        pass\n')], NONFINITE_TEST),
     # a bijection of the positions that depends on the number of processes: the seeds of an epoch are the
     # same set with one or two processes, and a resume repeats them, but images are paired with others
-    ('dist: views paired with another position', DATA, [
+    ('dist: views paired with another position', SAMPLER, [
         ('yield order[pos % self.n], sample_seed(self.seed, self.epoch, pos)',
          'yield order[pos % self.n], sample_seed(self.seed, self.epoch, '
          '(pos + self.world_size - 1) % self._positions().stop)')], PAIRING_TESTS),

@@ -1,16 +1,18 @@
 """The three input pipelines of pretraining behind one call (``--data-pipeline``).
 
-reference: PIL/torchvision ops in loader workers, the original's pixels (moco/data.py).
+reference: PIL/torchvision ops in loader workers, the original's pixels (moco/data/views.py).
 memory:    the whole folder decoded once into (GPU) memory, views made batch-wise on the device;
-           small images of one size such as CIFAR (moco/memory_data.py).
+           small images of one size such as CIFAR (moco/data/memory.py).
 gpu:       workers read JPEG bytes, the batch is decoded and both views made on the GPU; full-size
-           folders such as ImageNet (moco/gpu_data.py).
+           folders such as ImageNet (moco/data/gpu.py).
 auto:      reference, the original's pixels. With --fast: memory when the training images share one
            small size (CIFAR, STL-10), else gpu with CUDA, else reference.
 """
 import os
 
-from moco.data import image_folder, make_loader, pretrain_transform
+from moco.data.folder import image_folder
+from moco.data.sampler import make_loader
+from moco.data.views import pretrain_transform
 
 PIPELINES = ('auto', 'reference', 'memory', 'gpu')
 MEMORY_MAX_SIDE = 96      # --fast keeps folders of images up to this size (and of one size) in memory
@@ -55,12 +57,12 @@ def pretrain_loader(pipeline, root, batch_size, device, image_size, crop_min=0.0
     """(loader of ``([view1, view2], targets, skipped)`` batches of root/train, number of images)."""
     pipeline = resolve(pipeline, device, root)
     if pipeline == 'memory':
-        from moco.memory_data import InMemoryLoader
+        from moco.data.memory import InMemoryLoader
         loader = InMemoryLoader(root, 'train', batch_size, device, image_size, crop_min, blur=blur, seed=seed,
                                 workers=workers, strict=strict)
         return loader, len(loader.images)
     if pipeline == 'gpu':
-        from moco.gpu_data import GpuJpegLoader
+        from moco.data.gpu import GpuJpegLoader
         loader = GpuJpegLoader(root, 'train', batch_size, device, image_size, crop_min, blur=blur, seed=seed,
                                workers=workers, strict=strict)
         return loader, len(loader.folder)

@@ -1,6 +1,6 @@
 """MoCo v3's two views, computed batch-wise on tensors (the GPU, or the CPU): the same ops, order,
-probabilities and ranges as the reference PIL path of ``moco/data.py`` (the paper's appendix, after BYOL), each sample
-with its own random parameters.
+probabilities and ranges as the reference PIL path of ``moco/data/views.py`` (the paper's appendix, after
+BYOL), each sample with its own random parameters.
 
     RandomResizedCrop(size, scale=(crop_min, 1))  -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8, the four
     adjustments in a random order per sample -> RandomGrayscale(0.2) -> GaussianBlur(sigma in [0.1, 2])
@@ -10,7 +10,7 @@ Parameters are drawn on the CPU from a torch.Generator (so a seeded run is repea
 and the ops run where the images are. The decisions (which ops run at all, kernel sizes) are read from
 the CPU copy; the arithmetic uses a device copy sent in one transfer (``params_to``), so making a view
 never waits for the GPU. Each op equals torchvision's tensor op for the same parameters
-(tests/test_tensor_aug.py states the tolerances); against the PIL path the difference is PIL's
+(tests/test_data_tensor_views.py states the tolerances); against the PIL path the difference is PIL's
 rounding to 8 bits after every op, and for the blur PIL's box-filter approximation of a Gaussian.
 """
 import math
@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moco.data import IMAGENET_MEAN, IMAGENET_STD
+from moco.data.device_loader import to_device_async
+from moco.data.views import IMAGENET_MEAN, IMAGENET_STD
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
 
@@ -237,14 +238,6 @@ def params_to(p, device):
     if device.type == 'cpu':
         return p
     return _unpack(p, to_device_async(_pack(p), device))
-
-
-def to_device_async(cpu_tensor, device):
-    """Copy a CPU tensor to the device without waiting for the device (a plain ``.to('cuda')`` of
-    pageable memory waits for the stream's queued work)."""
-    if device.type != 'cuda':
-        return cpu_tensor.to(device)
-    return cpu_tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _pack(p):

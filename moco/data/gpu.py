@@ -4,16 +4,16 @@ Loader workers only read files: a JPEG's bytes travel to the training process as
 batch is decoded there at once on the GPU (``torchvision.io.decode_jpeg`` on CUDA, nvJPEG). Both
 views are then made on the device: each image's random resized crop is resized on its own (images
 differ in size; bilinear with antialiasing, torchvision's tensor op), and the crops of the batch go
-through the rest of the view together (``moco.tensor_aug``: colour jitter, grayscale, blur,
+through the rest of the view together (``moco.data.tensor_views``: colour jitter, grayscale, blur,
 solarize, flip, normalise; same order, probabilities and ranges as the reference PIL path).
 
 What the GPU decoder should not or cannot take goes the CPU way, with the reference path's own
-decoder (PIL, ``moco.data.load_rgb``): files that are not JPEGs, CMYK/YCCK JPEGs (decoded by the
+decoder (PIL, ``moco.data.folder.load_rgb``): files that are not JPEGs, CMYK/YCCK JPEGs (decoded by the
 workers), and any JPEG the GPU decoder rejects (decoded in the training process). An image nobody
-can decode is reported once and replaced by the next readable image of its batch, as the reference
-path replaces it by the next readable file (``--strict-data``: a one-line error instead).
+can decode is reported once and replaced by the next readable file in the folder's order, the rule of
+every pipeline (``SafeImageFolder.load``; ``--strict-data``: a one-line error instead).
 
-On CUDA the batches are made two ahead in a thread on their own CUDA stream (moco/device_loader.py),
+On CUDA the batches are made two ahead in a thread on their own CUDA stream (moco/data/device_loader.py),
 so that decoding and augmenting overlap the training step and its one host sync.
 Without CUDA the same code runs on the CPU, the workers decoding (what the tests exercise).
 Order and randomness are the in-memory pipeline's: the order is ``EpochSampler``'s (a function of
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from moco import dist, tensor_aug
-from moco.data import MAX_CONSECUTIVE_BAD, BadImage, image_folder, load_rgb, too_many_unreadable
-from moco.device_loader import DeviceLoader
+from moco import dist
+from moco.data import tensor_views
+from moco.data.device_loader import DeviceLoader, to_device_async
+from moco.data.folder import BadImage, image_folder, load_rgb
 
 JPEG_START = b'\xff\xd8'
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame (not DHT, JPG, DAC)
@@ -127,7 +128,7 @@ def _decode_one(data, path, device):
 def resized_crops(images, top, left, h, w, size):
     """Each uint8 image (3, H_i, W_i) cropped to its box and resized to size x size: float in [0, 1]
     (N, 3, size, size). Bilinear with antialiasing: torch's kernel computes PIL's resize weights, the
-    ones ``tensor_aug.resize_weights`` builds for the in-memory pipeline (equal within 1e-5, tested).
+    ones ``tensor_views.resize_weights`` builds for the in-memory pipeline (equal within 1e-5, tested).
     One kernel call per image, since the images differ in size; the in-memory pipeline's two batched
     matrix products would need each image's weights built on the device, several launches each."""
     boxes = torch.stack([top, left, h, w], 1).tolist()   # one host copy for the whole batch
@@ -139,11 +140,11 @@ def resized_crops(images, top, left, h, w, size):
 
 
 def two_views_of_list(images, size, crop_min=0.08, blur=True, generator=None):
-    """``tensor_aug.two_views`` for a list of uint8 images of different sizes on one device."""
+    """``tensor_views.two_views`` for a list of uint8 images of different sizes on one device."""
     heights = torch.tensor([im.shape[1] for im in images])
     widths = torch.tensor([im.shape[2] for im in images])
-    return [tensor_aug.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], size), p)
-            for p in tensor_aug.sample_two_views(len(images), heights, widths, crop_min, blur, generator)]
+    return [tensor_views.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], size), p)
+            for p in tensor_views.sample_two_views(len(images), heights, widths, crop_min, blur, generator)]
 
 
 class GpuJpegLoader(DeviceLoader):
@@ -168,28 +169,17 @@ class GpuJpegLoader(DeviceLoader):
             payloads, targets, indices, seeds = zip(*items)
             paths = [self.folder.samples[i][0] for i in indices]
             images = decode_on_device(payloads, paths, self.device)
-            images, targets, skipped = self._replace_unreadable(images, list(targets), paths)
+            images, targets, skipped = self._replace_unreadable(images, list(targets), indices)
             generator = torch.Generator().manual_seed(seeds[0])
             views = two_views_of_list(images, self.image_size, self.crop_min, self.blur, generator)
-            yield views, tensor_aug.to_device_async(torch.tensor(targets), self.device), skipped
+            yield views, to_device_async(torch.tensor(targets), self.device), skipped
 
-    def _replace_unreadable(self, images, targets, paths):
-        """An unreadable image (and its label) is replaced by the next readable one of the batch."""
-        bad = [isinstance(im, BadImage) for im in images]
+    def _replace_unreadable(self, images, targets, indices):
+        """An unreadable image (and its label) is replaced as in every pipeline: by the next readable file
+        in the folder's order (``SafeImageFolder.load``, here decoded on the CPU)."""
         skipped = torch.zeros(len(images), dtype=torch.long)
-        if not any(bad):
-            return images, targets, skipped
-        for path, image in zip(paths, images):
-            if isinstance(image, BadImage):
-                self.folder.report_bad(path, image)
-        if all(bad):
-            raise too_many_unreadable(f'a whole batch of {len(images)}', self.folder.root)
-        n = len(images)
-        for i in range(n):
-            for s in range(min(n, MAX_CONSECUTIVE_BAD)):
-                if not bad[(i + s) % n]:
-                    images[i], targets[i], skipped[i] = images[(i + s) % n], targets[(i + s) % n], s
-                    break
-            else:
-                raise too_many_unreadable(f'{MAX_CONSECUTIVE_BAD} consecutive', self.folder.root)
+        for k, image in enumerate(images):
+            if isinstance(image, BadImage):   # reported (once) by ``load``, which reads the file again
+                replacement, targets[k], skipped[k] = self.folder.load(indices[k])
+                images[k] = pil_to_tensor(replacement).to(self.device)
         return images, targets, skipped

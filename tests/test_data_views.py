@@ -1,18 +1,16 @@
-"""Augmentations (the paper's appendix), dataset errors, kNN classifier and the CPU all-reduce BatchNorm at world size 1."""
+"""moco/data/views.py: MoCo v3's two PIL views (the paper's appendix), the eval and probe views, and
+odd images through the pretraining views."""
 import os
 import random
 
 import pytest
 import torch
-import torch.nn as nn
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
-import moco.dist
-from moco.data import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Solarize, TwoCropsTransform, eval_transform,
-                       image_folder, lincls_train_transform, pretrain_transform)
-from moco.knn import knn_classify
-from moco.norm import AllReduceBatchNorm, convert_sync_batchnorm
+from moco.data.folder import SafeImageFolder
+from moco.data.views import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Solarize, TwoCropsTransform, eval_transform,
+                             lincls_train_transform, pretrain_transform)
 
 
 @pytest.fixture(scope='module')
@@ -23,7 +21,6 @@ def image(tiny_folder):
 
 
 # ---------------------------------------------------------------- augmentation
-
 def _random_apply_p(compose, op_type):
     """Probabilities of the RandomApply wrappers holding an op of ``op_type``."""
     return [t.p for t in compose.transforms
@@ -147,112 +144,14 @@ def test_lincls_train_transform(image):
 
 # ---------------------------------------------------------------- datasets
 
-def test_image_folder_reads_tiny_folder(tiny_folder):
-    ds = image_folder(tiny_folder, 'train', eval_transform(32))
-    assert len(ds) == 40 and len(ds.classes) == 10
-    x, y = ds[0]
-    assert x.shape == (3, 32, 32) and 0 <= y < 10
-
-
-def test_image_folder_missing_raises_user_error(tmp_path):
-    with pytest.raises(moco.dist.UserError) as exc:
-        image_folder(str(tmp_path), 'train', None)
-    msg = str(exc.value)
-    assert '\n' not in msg and os.path.join(str(tmp_path), 'train') in msg
-
-
-@pytest.mark.parametrize('with_class_dir', [False, True])
-def test_image_folder_empty_raises_user_error(tmp_path, with_class_dir):
-    os.makedirs(tmp_path / 'val')
-    if with_class_dir:
-        os.makedirs(tmp_path / 'val' / 'cat')      # a class folder without images
-    with pytest.raises(moco.dist.UserError) as exc:
-        image_folder(str(tmp_path), 'val', None)
-    msg = str(exc.value)
-    assert '\n' not in msg and msg.strip() and 'val' in msg
-
 
 # ---------------------------------------------------------------- kNN
 
-def test_knn_two_separated_clusters():
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
-    train = torch.cat([centers[0] + 0.3 * torch.randn(10, 3, generator=gen),
-                       centers[1] + 0.3 * torch.randn(10, 3, generator=gen)])
-    labels = torch.tensor([0] * 10 + [1] * 10)
-    test = torch.cat([centers[0] + 0.3 * torch.randn(5, 3, generator=gen),
-                      centers[1] + 0.3 * torch.randn(5, 3, generator=gen)])
-    expected = torch.tensor([0] * 5 + [1] * 5)
-    for k in (1, 5, 200):
-        assert torch.equal(knn_classify(train, labels, test, num_classes=2, k=k), expected)
-    # chunking does not change the answer
-    assert torch.equal(knn_classify(train, labels, test, num_classes=2, k=5, chunk=3), expected)
-
-
-def _unit(angle_deg):
-    a = torch.tensor(angle_deg, dtype=torch.float32) * torch.pi / 180
-    return torch.stack([a.cos(), a.sin()])
-
-
-def test_knn_weighting_by_exp_similarity_decides():
-    # one class-1 neighbour at similarity 1.0, two class-0 neighbours at similarity cos(36.87 deg) = 0.8
-    train = torch.stack([_unit(0.0), _unit(36.8699), _unit(-36.8699)])
-    labels = torch.tensor([1, 0, 0])
-    test = _unit(0.0)[None]
-    # T = 0.1: e^10 > 2 e^8 -> class 1 wins despite being outnumbered
-    assert knn_classify(train, labels, test, num_classes=2, k=3, T=0.1).tolist() == [1]
-    # T = 1: e^1 < 2 e^0.8 -> the majority wins
-    assert knn_classify(train, labels, test, num_classes=2, k=3, T=1.0).tolist() == [0]
-
-
-def test_knn_k_limits_voters_and_features_need_not_be_normalised():
-    # nearest: class 1 (sim 0.99); next two: class 0 (sim 0.98)
-    train = torch.stack([_unit(8.1096), _unit(11.4783), _unit(-11.4783)])
-    labels = torch.tensor([1, 0, 0])
-    test = _unit(0.0)[None]
-    assert knn_classify(train, labels, test, num_classes=2, k=1, T=1.0).tolist() == [1]
-    assert knn_classify(train, labels, test, num_classes=2, k=3, T=1.0).tolist() == [0]
-    scaled = train * torch.tensor([[100.0], [0.01], [3.0]])     # cosine similarity ignores the scale
-    assert knn_classify(scaled, labels, test * 42, num_classes=2, k=1, T=1.0).tolist() == [1]
-    assert knn_classify(scaled, labels, test * 42, num_classes=2, k=3, T=1.0).tolist() == [0]
-
 
 # ---------------------------------------------------------------- AllReduceBatchNorm at world size 1
-
-@pytest.mark.parametrize('bn_cls,shape', [(nn.BatchNorm2d, (4, 3, 5, 5)), (nn.BatchNorm1d, (6, 3))])
-def test_allreduce_bn_world_size_1_equals_batchnorm(bn_cls, shape):
-    assert not moco.dist.is_initialized() and moco.dist.world_size() == 1
-    torch.manual_seed(0)
-    ref = bn_cls(3, momentum=0.2)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5)
-        ref.bias.uniform_(-0.5, 0.5)
-    ours = AllReduceBatchNorm(3, momentum=0.2)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(*shape) * 2 + 1
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = ref(xa), ours(xb)
-    assert torch.equal(ya, yb)
-    g = torch.randn(*shape)
-    ya.backward(g)
-    yb.backward(g)
-    assert torch.equal(xa.grad, xb.grad)
-    assert torch.equal(ref.weight.grad, ours.weight.grad) and torch.equal(ref.bias.grad, ours.bias.grad)
-    for k, v in ref.state_dict().items():
-        assert torch.equal(v, ours.state_dict()[k]), k
-    assert ours.num_batches_tracked.item() == 1
-    ref.eval()
-    ours.eval()
-    assert torch.equal(ref(x), ours(x))
-
-
-def test_convert_sync_batchnorm_cpu_keeps_parameters_and_keys():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 5),
-                          nn.BatchNorm1d(5, affine=False))
-    keys = list(model.state_dict())
-    bn_weight = model[1].weight
-    converted = convert_sync_batchnorm(model, torch.device('cpu'))
-    assert list(converted.state_dict()) == keys
-    assert isinstance(converted[1], AllReduceBatchNorm) and isinstance(converted[4], AllReduceBatchNorm)
-    assert converted[1].weight is bn_weight and converted[4].weight is None
-    assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in converted.modules())
+def test_odd_images_go_through_the_pretraining_views(odd_images):
+    ds = SafeImageFolder(str(odd_images), pretrain_transform(16, blur=True))
+    assert len(ds) == 7                                    # notes.txt is not an image
+    for i in range(len(ds)):
+        views, _, skipped = ds.load(i)
+        assert skipped == 0 and [v.shape for v in views] == [(3, 16, 16)] * 2

@@ -1,7 +1,7 @@
 """The random parameters of the two views made by the in-memory and GPU pipelines
-(``moco.tensor_aug.sample_two_views``), checked directly against MoCo v3's augmentation (the paper's
-appendix, after BYOL; the reference PIL pipeline of moco/data.py declares the same numbers,
-tests/test_data.py), and a pixel-level check that ``after_crop`` applies each op exactly to the
+(``moco.data.tensor_views.sample_two_views``), checked directly against MoCo v3's augmentation (the paper's
+appendix, after BYOL; the reference PIL pipeline of moco/data/views.py declares the same numbers,
+tests/test_data_views.py), and a pixel-level check that ``after_crop`` applies each op exactly to the
 images whose flag is set, in the reference order.
 
 Sampler: N = 50,000 images per view. Each probability is within 0.01 of its value (the standard
@@ -20,13 +20,13 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from moco import tensor_aug as ta
-from moco.data import IMAGENET_MEAN, IMAGENET_STD
+from moco.data import tensor_views as ta
+from moco.data.views import IMAGENET_MEAN, IMAGENET_STD
 
 N = 50_000
 P_TOL, QUARTER_TOL, ORDER_TOL, CORR_TOL = 0.01, 0.01, 0.005, 0.025
 
-# MoCo v3's two views (the paper's appendix; moco/data.py)
+# MoCo v3's two views (the paper's appendix; moco/data/views.py)
 COMMON = dict(jitter=0.8, gray=0.2, flip=0.5)
 VIEWS = [dict(COMMON, blur=1.0, solarize=0.0), dict(COMMON, blur=0.1, solarize=0.2)]
 RANGES = dict(brightness=(0.6, 1.4), contrast=(0.6, 1.4), saturation=(0.8, 1.2), hue=(-0.1, 0.1),
@@ -143,11 +143,10 @@ def test_batches_of_one_generator_are_not_repeated():
 
 
 # ---------------------------------------------------------------- each op where its flag is set
-
 def _reference_view(x, p, k, blur_radius):
     """Image k's view built op by op in the reference pipeline's order, with torchvision's ops for the
-    colour ops, grayscale, solarize and flip (each equal to tensor_aug's, tests/test_tensor_aug.py) and
-    tensor_aug's blur (tested against PIL's in tests/test_views_vs_pil.py)."""
+    colour ops, grayscale, solarize and flip (each equal to tensor_views', tests/test_data_tensor_views.py) and
+    tensor_views' blur (tested against PIL's in tests/test_data_views_vs_pil.py)."""
     y = x[k]
     if p['jitter'][k]:
         for index in p['order'][k].tolist():
@@ -208,7 +207,7 @@ def test_memory_pipeline_views_are_the_sampled_views(monkeypatch):
 
 
 def _spy(monkeypatch):
-    """Record the arguments and results of every ``tensor_aug.sample_two_views`` call."""
+    """Record the arguments and results of every ``tensor_views.sample_two_views`` call."""
     calls = []
     real = ta.sample_two_views
 
@@ -222,8 +221,8 @@ def _spy(monkeypatch):
 
 
 def test_the_loaders_pass_crop_min_and_blur(tiny_folder, monkeypatch):
-    from moco.data import start_epoch
-    from moco.pipelines import pretrain_loader
+    from moco.data.sampler import start_epoch
+    from moco.data.pipelines import pretrain_loader
     calls = _spy(monkeypatch)
     for pipeline in ('memory', 'gpu'):
         for crop_min, blur in ((0.08, True), (0.3, False)):
@@ -232,4 +231,3 @@ def test_the_loaders_pass_crop_min_and_blur(tiny_folder, monkeypatch):
             start_epoch(loader, 0)
             next(iter(loader))
             assert len(calls) == 1 and calls[0][0][0] == 8 and calls[0][0][3:] == (crop_min, blur), (pipeline, calls)
-

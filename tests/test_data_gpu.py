@@ -1,10 +1,10 @@
-"""The GPU data pipeline (moco/gpu_data.py), run on the CPU: the same code decodes and augments on a GPU.
+"""The GPU data pipeline (moco/data/gpu.py), run on the CPU: the same code decodes and augments on a GPU.
 
 Decoding: torchvision's JPEG decoder gives PIL's pixels exactly (both libjpeg-turbo), and every file
 it refuses takes PIL's path. Crops: equal to torchvision's tensor resized_crop (1e-5); against PIL's
 resize of the reference path the difference is PIL's 8-bit rounding (at most 1/255 after rounding
-ours). The ops after the crop are tensor_aug's, tested in test_tensor_aug.py; the random parameters
-of the views in test_view_params.py."""
+ours). The ops after the crop are tensor_views', tested in test_data_tensor_views.py; the random parameters
+of the views in test_data_view_params.py."""
 import io
 
 import pytest
@@ -13,10 +13,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from conftest import broken_folder, jpeg_bytes
-from moco import tensor_aug as ta
-from moco.data import BadImage, load_rgb, start_epoch
-from moco.dist import UserError
-from moco.gpu_data import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, resized_crops
+from moco.data import tensor_views as ta
+from moco.data.folder import BadImage, load_rgb
+from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, resized_crops
+from moco.data.sampler import start_epoch
+from moco.errors import UserError
 
 CPU = torch.device('cpu')
 
@@ -123,8 +124,8 @@ def test_gpu_loader_is_deterministic_and_resumes_mid_epoch(tiny_folder):
 
 def test_gpu_loader_views_are_the_sampled_views(tiny_folder, monkeypatch):
     """Each batch's two views are its images (PIL's pixels), cropped with ``resized_crops`` and augmented
-    by ``tensor_aug.after_crop`` with the parameters ``sample_two_views`` drew for the batch, with the
-    loader's crop_min and blur (the parameters themselves: tests/test_view_params.py)."""
+    by ``tensor_views.after_crop`` with the parameters ``sample_two_views`` drew for the batch, with the
+    loader's crop_min and blur (the parameters themselves: tests/test_data_view_params.py)."""
     calls = []
     real = ta.sample_two_views
 
@@ -146,14 +147,22 @@ def test_gpu_loader_views_are_the_sampled_views(tiny_folder, monkeypatch):
             assert torch.equal(got, expected), b
 
 
-def test_unreadable_files_are_replaced_within_the_batch(tmp_path, capsys):
+@pytest.mark.parametrize('decode_in_workers', [False, True])
+def test_unreadable_files_are_replaced_by_the_next_readable_file(tmp_path, capsys, decode_in_workers):
+    """The rule of every pipeline (SafeImageFolder.load): an unreadable file is replaced by the next
+    readable file in the folder's order, and the files passed over are counted."""
     root = tmp_path / 'data'
     broken_folder(root / 'train')
-    loader = GpuJpegLoader(str(root), 'train', 5, CPU, 8, seed=0, decode_in_workers=False)
+    loader = GpuJpegLoader(str(root), 'train', 5, CPU, 8, seed=0, decode_in_workers=decode_in_workers)
+    good = TF.pil_to_tensor(load_rgb(str(root / 'train' / 'c' / '4_good.jpg')))
     for epoch in range(3):
         views, targets, skipped = _epoch(loader, epoch)[0]
         assert views[0].shape == (5, 3, 8, 8) and torch.isfinite(views[0]).all()
-        assert sorted(skipped.tolist()).count(0) == 2 and skipped.sum() > 0   # the two good files are kept
+        order = [i for i, _ in loader.sampler]
+        # 0_good and 4_good are kept; 1_truncated, 2_text and 3_empty pass over 3, 2 and 1 files to 4_good
+        assert skipped.tolist() == [(0, 3, 2, 1, 0)[i] for i in order]
+    images = loader.folder
+    assert all(torch.equal(TF.pil_to_tensor(images.load(i)[0]), good) for i in (1, 2, 3))
     err = capsys.readouterr().err
     for name in ('1_truncated.jpg', '2_text.jpg', '3_empty.jpg'):
         assert err.count(name) == 1, err        # reported once per file and process
@@ -173,7 +182,7 @@ def test_a_batch_of_only_unreadable_files_is_a_user_error(tmp_path):
 
 def test_a_decoder_answer_that_is_not_rgb_takes_the_pil_path(tiny_folder, monkeypatch):
     """Should the batched decoder hand back a one-channel image (or raise), the file is decoded again."""
-    import moco.gpu_data as gd
+    import moco.data.gpu as gd
     samples = GpuJpegLoader(tiny_folder, 'train', 4, CPU, 8).folder.samples[:3]
     payloads = [EncodedFiles(samples)[(i, 0)][0] for i in range(3)]
     real = gd.decode_jpeg

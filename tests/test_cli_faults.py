@@ -1,7 +1,8 @@
-"""Fault injection: kills, failed saves, bad images, non-finite losses, dying, out-of-memory or silent
-processes, busy ports, foreign and malicious checkpoints. Each test names the fault it injects; README
-"When things go wrong" has the table, each row naming its tests. Everything runs on CPU with tiny
-models (ViT-Tiny/4 at 8 px)."""
+"""Fault injection through the command line: kills (also during a save), foreign checkpoints, a corrupt
+JPEG, a non-finite loss, dying, out-of-memory or silent processes, busy ports, the run folder. Each test
+names the fault it injects; README "When things go wrong" has the table, each row naming its tests (the
+unit checks of a fault sit in the test file of its module). Everything runs on CPU with tiny models
+(ViT-Tiny/4 at 8 px)."""
 import json
 import os
 import re
@@ -10,22 +11,17 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import (ROOT, assert_identical, broken_folder, cli_env, kill_group, load, start, unassigned_port,
-                      wait_output)
-from moco import dist
-from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                             save_checkpoint, thin_checkpoints)
-from moco.data import (EpochSampler, SafeImageFolder, image_folder, load_rgb, make_loader, pretrain_transform,
-                       start_epoch)
-from moco.dist import UserError
-from moco.amp import NonFiniteLoss, NonFiniteSteps
-from moco.engine_pretrain import train_one_epoch
+from conftest import ROOT, assert_identical, cli_env, kill_group, load, start, unassigned_port, wait_output
+from moco.checkpoint import LAST_CHECKPOINT, load_checkpoint
+from moco.data.folder import image_folder
+from moco.data.sampler import EpochSampler
+from moco.errors import UserError
+
+pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
 TIMEOUT = 300
 
@@ -81,7 +77,6 @@ def uninterrupted(tiny_folder, tmp_path_factory):
 
 
 # ---------------------------------------------------------------- kill -9 and resume
-
 def _epochs_done(path, _seen={}):  # noqa: B006 (a cache of the files read, on purpose)
     """The 'epoch' field of a checkpoint, or None when there is none (saves rename whole files into
     place); each version of the file is read once."""
@@ -127,6 +122,8 @@ _KILL_DURING_SAVE = r'''
 import io, os, runpy, signal, sys
 import torch
 real_save = torch.save
+
+
 def save(obj, f, *args, **kwargs):
     if '.checkpoint_0001.pth.tar.tmp.' in os.path.basename(getattr(f, 'name', '')):
         buf = io.BytesIO()
@@ -163,76 +160,6 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes(tiny_folder, tmp
 
 
 # ---------------------------------------------------------------- checkpoint files
-
-def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
-    """Disk full in the middle of a save: one-line UserError, the previous file is byte-identical, no
-    temporary file is left."""
-    path = tmp_path / 'checkpoint_0000.pth.tar'
-    save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, str(path))
-    before = path.read_bytes()
-
-    def disk_full(obj, f):
-        f.write(b'PK\x03\x04 partial')
-        raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(torch, 'save', disk_full)
-    with pytest.raises(UserError, match='No space left on device'):
-        save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, str(path))
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ['checkpoint_0000.pth.tar']
-
-
-def test_latest_checkpoint_takes_the_furthest_readable_one(tmp_path, capsys):
-    def put(name, **fields):
-        save_checkpoint({'state_dict': {}, **fields}, str(tmp_path / name))
-    put('checkpoint_0000.pth.tar', epoch=1)
-    put('checkpoint_0001.pth.tar', epoch=2)
-    put(LAST_CHECKPOINT, epoch=2, iter=3)
-    path, ckpt = latest_checkpoint(str(tmp_path))
-    assert path == str(tmp_path / LAST_CHECKPOINT) and ckpt['iter'] == 3   # mid-epoch 3 beats end of 2
-    put(LAST_CHECKPOINT, epoch=1, iter=3)                                        # stale: older than 0001
-    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0001.pth.tar')
-    (tmp_path / LAST_CHECKPOINT).write_bytes(b'garbage')                         # unreadable: skipped
-    data = (tmp_path / 'checkpoint_0001.pth.tar').read_bytes()
-    (tmp_path / 'checkpoint_0001.pth.tar').write_bytes(data[:len(data) // 2])    # truncated: skipped
-    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
-    assert capsys.readouterr().out.count('warning: skipping') == 2
-    torch.save({'some': 'dict'}, tmp_path / 'checkpoint_0002.pth.tar')           # not a pretraining file
-    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
-
-
-def test_thinning_keeps_the_newest_numbered_files_and_checkpoint_last(tmp_path):
-    for name in ['checkpoint_0000.pth.tar', 'checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar', LAST_CHECKPOINT,
-                 'model_best.pth.tar']:
-        (tmp_path / name).write_bytes(b'x')
-    thin_checkpoints(str(tmp_path), 2)
-    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar',
-                                            LAST_CHECKPOINT, 'model_best.pth.tar']
-
-
-def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.Popen(['true'])
-    dead.wait()
-    (tmp_path / f'.checkpoint_0003.pth.tar.tmp.{dead.pid}').write_bytes(b'partial')
-    (tmp_path / f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}').write_bytes(b'being written')
-    (tmp_path / 'notes.tmp.1').write_bytes(b'not ours')
-    remove_stale_temporaries(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}', 'notes.tmp.1']
-
-
-class _RunsCode:
-    def __reduce__(self):
-        return (os.system, ('touch PWNED',))
-
-
-def test_a_checkpoint_cannot_run_code(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / 'evil.pth.tar'
-    torch.save({'state_dict': {}, 'epoch': 1, 'payload': _RunsCode()}, path)
-    with pytest.raises(UserError, match='cannot read checkpoint'):
-        load_checkpoint(str(path))
-    assert not (tmp_path / 'PWNED').exists()
-
-
 def _in_process(script, argv, capsys):
     """``script.main`` (main_moco or main_lincls) in this process, as its command line would run it:
     (exit code, the lines of stderr that start with 'error:')."""
@@ -297,82 +224,6 @@ def test_foreign_and_wrong_arch_checkpoints_are_one_line_errors(tiny_folder, tmp
 
 
 # ---------------------------------------------------------------- bad images
-
-def test_every_image_mode_becomes_rgb(odd_images):
-    expected = {'rgb.jpg': None, 'cmyk.jpg': None, 'gray.jpg': (128, 128, 128), 'rgba.png': (10, 20, 30),
-                'palette.png': (250, 5, 5), 'gray16.png': (127, 127, 127), 'one_pixel.png': (0, 255, 0)}
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')  # e.g. PIL's "Palette images with Transparency" warning
-        for name, rgb in expected.items():
-            path = next(odd_images.rglob(name))
-            img = load_rgb(str(path))
-            assert img.mode == 'RGB', name
-            if rgb is not None:
-                assert img.getpixel((0, 0)) == rgb, name
-    cmyk = load_rgb(str(odd_images / 'a' / 'cmyk.jpg')).getpixel((0, 0))
-    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60, cmyk   # CMYK (0, 255, 255, 0) is red
-
-
-def test_odd_images_go_through_the_pretraining_views(odd_images):
-    ds = SafeImageFolder(str(odd_images), pretrain_transform(16, blur=True))
-    assert len(ds) == 7                                    # notes.txt is not an image
-    for i in range(len(ds)):
-        views, _, skipped = ds.load(i)
-        assert skipped == 0 and [v.shape for v in views] == [(3, 16, 16)] * 2
-
-
-def test_unreadable_images_are_replaced_reported_once_and_counted(tmp_path, capsys):
-    ds = SafeImageFolder(str(broken_folder(tmp_path / 'train')), pretrain_transform(8))
-    got = [ds.load(i)[2] for i in range(len(ds))]
-    assert got == [0, 3, 2, 1, 0]      # a bad file is replaced by the next readable one
-    ds.load(1)
-    err = capsys.readouterr().err
-    for name in ('1_truncated.jpg', '2_text.jpg', '3_empty.jpg'):
-        assert err.count(name) == 1, err    # once per file and process
-    assert err.count('warning: skipping unreadable image') == 3
-
-
-def test_memory_pipeline_replaces_unreadable_images_when_it_decodes(tmp_path, capsys):
-    """--data-pipeline memory decodes the folder once: each unreadable file is replaced by the next
-    readable one there, reported once, and the number replaced is printed; --strict-data: an error."""
-    from moco.memory_data import InMemoryLoader
-    root = tmp_path / 'data'
-    broken_folder(root / 'train')
-    loader = InMemoryLoader(str(root), 'train', 5, torch.device('cpu'), 8, seed=0)
-    assert len(loader.images) == 5 and loader.images.shape[1:] == (3, 10, 12)
-    good = loader.images[0]
-    assert all(torch.equal(image, good) for image in loader.images)      # both good files are the same image
-    captured = capsys.readouterr()
-    assert '6 unreadable image(s) replaced while decoding' in captured.out     # 3 + 2 + 1 files passed over
-    for name in ('1_truncated.jpg', '2_text.jpg', '3_empty.jpg'):
-        assert captured.err.count(name) == 1, captured.err
-    with pytest.raises(UserError, match='1_truncated.jpg'):
-        InMemoryLoader(str(root), 'train', 5, torch.device('cpu'), 8, seed=0, strict=True)
-
-
-def test_strict_data_makes_an_unreadable_image_an_error(tmp_path):
-    ds = SafeImageFolder(str(broken_folder(tmp_path / 'train')), pretrain_transform(8), strict=True)
-    ds.load(0)
-    with pytest.raises(UserError, match='1_truncated.jpg'):
-        ds.load(1)
-
-
-def test_a_folder_of_broken_files_is_an_error(tmp_path):
-    (tmp_path / 'train' / 'c').mkdir(parents=True)
-    for i in range(60):
-        (tmp_path / 'train' / 'c' / f'{i}.jpg').write_bytes(b'junk')
-    ds = image_folder(str(tmp_path), 'train', None)
-    with pytest.raises(UserError, match='consecutive unreadable images'):
-        ds.load(0)
-
-
-def test_class_folders_without_images_are_an_error(tmp_path):
-    (tmp_path / 'train' / 'c').mkdir(parents=True)
-    (tmp_path / 'train' / 'c' / 'README.txt').write_text('no images here')
-    with pytest.raises(UserError, match='no images in'):
-        image_folder(str(tmp_path), 'train', None)
-
-
 def test_corrupt_jpeg_in_training_folder_does_not_stop_the_run(tiny_folder, tmp_path):
     """Real run: a truncated and a fake JPEG among the training images are skipped, warned about and
     counted in log.txt; with --strict-data the same folder is a one-line error."""
@@ -399,86 +250,8 @@ def test_corrupt_jpeg_in_training_folder_does_not_stop_the_run(tiny_folder, tmp_
 
 # ---------------------------------------------------------------- data order and views
 
-def test_sampler_partitions_the_epoch_and_resumes_mid_epoch():
-    full = list(EpochSampler(21, 4, shuffle=True, drop_last=True, seed=7))
-    shards = [EpochSampler(21, 2, shuffle=True, drop_last=True, seed=7, rank=r, world_size=2) for r in (0, 1)]
-    parts = [list(s) for s in shards]
-    assert sorted(i for p in parts for i, _ in p) == sorted(i for i, _ in full[:20])   # 20: drop_last
-    assert sorted(s for p in parts for _, s in p) == sorted(s for _, s in full[:20])   # same views per image
-    shards[0].set_epoch(0, skip_batches=2)
-    assert list(shards[0]) == parts[0][4:] and len(shards[0]) == 6
-    shards[0].set_epoch(1)
-    assert list(shards[0]) != parts[0]
-
-
-def test_views_do_not_depend_on_the_number_of_workers(tiny_folder):
-    ds = image_folder(tiny_folder, 'train', pretrain_transform(8))
-    batches = []
-    for workers in (0, 2):
-        loader = make_loader(ds, 8, workers, shuffle=True, drop_last=True, seed=1)
-        start_epoch(loader, 3, skip_batches=1)
-        batches.append(next(iter(loader)))
-    assert_identical(batches[0][0], batches[1][0])
-    assert_identical(batches[0][1], batches[1][1])
-
 
 # ---------------------------------------------------------------- non-finite loss
-
-class _Scripted(torch.nn.Module):
-    """A one-parameter 'MoCo' whose loss is NaN at the listed iterations."""
-
-    def __init__(self, nan_at):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(()))
-        self.nan_at, self.calls, self.finite_losses = set(nan_at), 0, []
-
-    def forward(self, x1, x2, m):
-        loss = self.w * x1.mean() * 0 + self.w ** 2
-        if self.calls in self.nan_at:
-            loss = loss * float('nan')
-        else:
-            self.finite_losses.append(loss.item())
-        self.calls += 1
-        return loss
-
-
-def _train(model, n_iters, max_nonfinite, tmp_path):
-    from types import SimpleNamespace
-
-    from moco.amp import Amp
-    x = torch.zeros(2, 3, 2, 2)
-    loader = [([x, x], torch.zeros(2), torch.zeros(2, dtype=torch.long))] * n_iters
-    args = SimpleNamespace(lr=0.1, batch_size=2, warmup_epochs=0, epochs=1, moco_m=0.99, moco_m_cos=False,
-                           device=torch.device('cpu'), memory_format=torch.contiguous_format, print_freq=100,
-                           world_size=1, save_every_iters=0,
-                           max_nonfinite_steps=max_nonfinite, output_dir=str(tmp_path), method='mocov3')
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    history = []
-    orig_step = opt.step
-    opt.step = lambda *a, **k: (orig_step(*a, **k), history.append(model.calls - 1))
-    log = SimpleNamespace(scalars=lambda *a, **k: None)
-    nonfinite = NonFiniteSteps(max_nonfinite, str(tmp_path))
-    stats = train_one_epoch(model, loader, opt, Amp('fp32', torch.device('cpu')), 0, args, log, n_iters,
-                            nonfinite=nonfinite)
-    return stats, nonfinite.streak, history
-
-
-def test_nonfinite_steps_are_skipped(tmp_path):
-    model = _Scripted(nan_at=[1, 2, 4])
-    stats, streak, stepped = _train(model, 6, max_nonfinite=3, tmp_path=tmp_path)
-    assert stepped == [0, 3, 5] and streak == 0
-    assert stats['skipped_steps'] == 3 and torch.isfinite(model.w)
-    assert len(set(model.finite_losses)) == 3                               # the skipped steps changed nothing
-    assert abs(stats['loss'] - np.mean(model.finite_losses)) < 1e-6         # the average of finite losses only
-
-
-def test_k_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
-    model = _Scripted(nan_at=[2, 3, 4])
-    with pytest.raises(NonFiniteLoss, match='3 consecutive steps'):
-        _train(model, 6, max_nonfinite=3, tmp_path=tmp_path)
-    assert model.calls == 5 and torch.isfinite(model.w) and model.w.item() < 1
-
-
 def test_nonfinite_loss_in_a_real_run_stops_it_and_keeps_the_checkpoint(tiny_folder, tmp_path):
     rc, out = _run(_command(tiny_folder, tmp_path, '-j', '0', '--optimizer', 'adamw', epochs=1))
     assert rc == 0, out
@@ -499,6 +272,8 @@ import runpy, sys
 import torch
 import moco.amp
 real, calls = moco.amp.Amp.backward_step, []
+
+
 def backward_step(self, *args, **kwargs):
     calls.append(1)
     if len(calls) == 3:   # as a GPU that runs out of memory in the backward of the third step
@@ -611,18 +386,6 @@ def test_address_already_in_use_is_a_one_line_error(tiny_folder, tmp_path):
         rc, out = _run(_command(tiny_folder, tmp_path, '-j', '0', '--multiprocessing-distributed',
                                 '--dist-url', f'tcp://127.0.0.1:{port}', epochs=1), timeout=120)
     _assert_one_line_error(rc, out, 'already in use')
-
-
-def test_fatal_errors_are_one_line():
-    wrapped = UserError('Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
-                        'last):\n  File "x.py", line 1\nmoco.dist.UserError: unreadable image a.jpg: broken')
-    assert dist.fatal_error(wrapped) == (2, 'unreadable image a.jpg: broken')
-    gloo = RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: '
-                        'Connection reset by peer. This is typically caused by ...\nmore')
-    code, msg = dist.fatal_error(gloo)
-    assert code == 1 and '\n' not in msg and msg.count('Connection reset by peer') == 1 and 'pair.cc' not in msg
-    assert dist.fatal_error(RuntimeError('shape mismatch')) is None   # bugs keep their traceback
-    assert dist.fatal_error(ValueError('Connection reset by peer')) is None
 
 
 def test_run_folder_is_only_what_the_user_gave(tiny_folder, tmp_path):

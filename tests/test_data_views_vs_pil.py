@@ -1,10 +1,10 @@
-"""Each tensor op of the in-memory and GPU pipelines (moco/tensor_aug.py) against the reference
+"""Each tensor op of the in-memory and GPU pipelines (moco/data/tensor_views.py) against the reference
 pipeline's PIL op with the same parameters, on real photographs: the shipped CIFAR-10 JPEGs upscaled
 to 224 px (smooth) and ImageNet-sized JPEGs (300-500 px, textured; ``moco.bench.make_fullsize_jpegs``).
 
 Differences are in 8-bit levels (0-255) of the output, split into the interior and a 4-pixel border;
 each bound sits just above what the code measures (README "What differs from the original" gives the
-table; ``python tests/test_views_vs_pil.py`` prints it). Most of what remains is PIL rounding to 8
+table; ``python tests/test_data_views_vs_pil.py`` prints it). Most of what remains is PIL rounding to 8
 bits inside an op (hue works on 8-bit HSV, contrast on the rounded mean), which a float pipeline does
 not do.
 
@@ -18,8 +18,8 @@ import torch
 import torchvision.transforms.functional as TFP   # the PIL ops the reference pipeline calls
 from PIL import Image, ImageFilter, ImageOps
 
-from moco import tensor_aug as ta
-from moco.gpu_data import resized_crops
+from moco.data import tensor_views as ta
+from moco.data.gpu import resized_crops
 
 BORDER = 4
 
@@ -55,7 +55,7 @@ def _worst(rows):
 
 
 def crop_differences(photos, size=224):
-    """RandomResizedCrop: PIL's crop + bilinear resize vs ``tensor_aug.resized_crop`` (in-memory
+    """RandomResizedCrop: PIL's crop + bilinear resize vs ``tensor_views.resized_crop`` (in-memory
     pipeline) and ``gpu_data.resized_crops`` (GPU pipeline), over 8 crops per photo."""
     g = torch.Generator().manual_seed(0)
     memory, gpu = [], []

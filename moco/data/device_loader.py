@@ -1,4 +1,4 @@
-"""What the two device pipelines (moco/memory_data.py, moco/gpu_data.py) share: the reference
+"""What the two device pipelines (moco/data/memory.py, moco/data/gpu.py) share: the reference
 loader's sampler (order a function of seed and epoch, sharded over processes, resumable mid-epoch) and,
 on CUDA, batches made ahead in a thread on their own stream, so that the step's host sync does not
 leave the GPU idle while the next views are launched."""
@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-from moco.data import epoch_sampler
+from moco.data.sampler import epoch_sampler
 
 
 class DeviceLoader:
@@ -32,6 +32,14 @@ class DeviceLoader:
 
     def _batches(self):
         raise NotImplementedError
+
+
+def to_device_async(cpu_tensor, device):
+    """Copy a CPU tensor to the device without waiting for the device (a plain ``.to('cuda')`` of
+    pageable memory waits for the stream's queued work)."""
+    if device.type != 'cuda':
+        return cpu_tensor.to(device)
+    return cpu_tensor.pin_memory().to(device, non_blocking=True)
 
 
 _END = object()

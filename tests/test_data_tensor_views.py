@@ -1,22 +1,17 @@
-"""The batch-wise tensor augmentations (moco/tensor_aug.py) op by op against torchvision's tensor ops
-given the same parameters, and the in-memory data pipeline (moco/memory_data.py).
+"""The batch-wise tensor augmentations (moco/data/tensor_views.py) op by op against torchvision's tensor ops
+given the same parameters.
 
 Tolerances (float32, images in [0, 1]): 2e-5 for the colour ops, grayscale and solarize; 1e-5 for
 crops (bilinear, antialiased when shrinking). The blur is PIL's box approximation of a Gaussian, not
 torchvision's Gaussian kernel: it is checked against a plain per-pixel loop of PIL's algorithm here, and
-against PIL itself, like every op, in tests/test_views_vs_pil.py."""
+against PIL itself, like every op, in tests/test_data_views_vs_pil.py."""
 import math
-import os
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 
-from moco import tensor_aug as ta
-from moco.data import EpochSampler, start_epoch
-from moco.dist import UserError
-from moco.memory_data import InMemoryLoader
+from moco.data import tensor_views as ta
 
 
 def _images(n=6, size=20, seed=0):
@@ -73,6 +68,8 @@ def test_shrinking_crops_equal_torchvision_antialiasing():
     ('contrast', ta.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
     ('saturation', ta.adjust_saturation, TF.adjust_saturation, 0.8, 1.2),
     ('hue', ta.adjust_hue, TF.adjust_hue, -0.1, 0.1)])
+
+
 def test_colour_ops_equal_torchvision(name, ours, reference, low, high):
     x = _images(n=8)
     factors = torch.linspace(low, high, 8)
@@ -136,55 +133,6 @@ def test_blur_is_pils_three_box_passes_per_axis():
                 cols = [_pil_box_blur_line(col, r) for col in cols]
             ref = torch.tensor(cols, dtype=torch.float32).t()
             assert torch.allclose(out[k, c], ref, atol=1e-5), (k, c)
-
-
-def test_memory_loader_order_resume_and_determinism(tiny_folder):
-    loader = InMemoryLoader(tiny_folder, 'train', 8, torch.device('cpu'), 16, seed=3)
-    assert len(loader) == 5 and loader.images.dtype == torch.uint8
-    start_epoch(loader, 2)
-    full = list(loader)
-    sampler = EpochSampler(40, 8, True, True, seed=3)
-    sampler.set_epoch(2)
-    expected = torch.tensor([i for i, _ in sampler])
-    assert torch.equal(torch.cat([t for _, t, _ in full]), loader.targets[expected])
-    start_epoch(loader, 2, skip_batches=3)
-    resumed = list(loader)
-    assert len(resumed) == 2
-    for (va, ta_, _), (vb, tb, _) in zip(full[3:], resumed):
-        assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1]) and torch.equal(ta_, tb)
-    ahead = InMemoryLoader(tiny_folder, 'train', 8, torch.device('cpu'), 16, seed=3, prefetch=2)  # CUDA's way
-    start_epoch(ahead, 2)
-    made_ahead = list(ahead)
-    assert len(made_ahead) == len(full)
-    for (va, ta_, _), (vb, tb, _) in zip(full, made_ahead):
-        assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1]) and torch.equal(ta_, tb)
-
-
-def test_memory_pipeline_refuses_mixed_sizes(tmp_path):
-    for i, size in enumerate((8, 8, 12)):
-        os.makedirs(tmp_path / 'train' / 'c', exist_ok=True)
-        Image.new('RGB', (size, size)).save(tmp_path / 'train' / 'c' / f'{i}.png')
-    with pytest.raises(UserError, match='one size'):
-        InMemoryLoader(str(tmp_path), 'train', 2, torch.device('cpu'), 8)
-
-
-def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folder):
-    """The memory pipeline's kNN monitor (no PIL at each evaluation) gives the reference path's
-    features bit for bit when the images have the crop size (CIFAR at 32 px), else falls back."""
-    from moco.data import eval_transform, image_folder
-    from moco.knn import extract_features
-    from moco.memory_data import knn_sets_in_memory
-    from moco.models import BackboneFeatures, build_moco
-    loader = InMemoryLoader(tiny_folder, 'train', 8, torch.device('cpu'), 32, seed=0)
-    in_memory = knn_sets_in_memory(loader, tiny_folder, 32)
-    reference = [image_folder(tiny_folder, split, eval_transform(32)) for split in ('train', 'val')]
-    torch.manual_seed(0)
-    backbone = BackboneFeatures(build_moco('resnet18_cifar', 16, 32).base_encoder).eval()
-    for ours, ref in zip(in_memory, reference):
-        f_ours, y_ours = extract_features(backbone, ours, torch.device('cpu'), batch_size=16)
-        f_ref, y_ref = extract_features(backbone, ref, torch.device('cpu'), batch_size=16)
-        assert torch.equal(y_ours, y_ref) and torch.equal(f_ours, f_ref)
-    assert knn_sets_in_memory(loader, tiny_folder, 24) is None        # another crop size: the eval transform
 
 
 def test_view_parameters_survive_the_one_transfer_packing():

@@ -1,6 +1,6 @@
 """The fast path for small images (``--data-pipeline memory``): the whole training folder decoded once
 into one uint8 tensor on the training device (GPU memory when there is one: CIFAR-10 takes 150 MB),
-and both views computed batch-wise there by ``moco.tensor_aug``. A 32 px epoch then costs no JPEG
+and both views computed batch-wise there by ``moco.data.tensor_views``. A 32 px epoch then costs no JPEG
 decoding, no PIL and no per-image Python.
 
 The order of the images is the reference path's (``EpochSampler``: a function of seed and epoch,
@@ -10,10 +10,10 @@ from the batch's first sample seed, so a seeded run is repeatable and resumes ex
 import torch
 import torchvision.transforms as transforms
 
-from moco import tensor_aug
-from moco.data import image_folder
-from moco.device_loader import DeviceLoader
-from moco.dist import UserError
+from moco.data import tensor_views
+from moco.data.device_loader import DeviceLoader, to_device_async
+from moco.data.folder import image_folder
+from moco.errors import UserError
 
 MAX_IMAGES = 2_000_000  # beyond this, decoding everything up front is not what a user wants
 
@@ -74,41 +74,7 @@ class InMemoryLoader(DeviceLoader):
         no_skips = torch.zeros(self.batch_size, dtype=torch.long)
         for b in range(len(self)):
             chunk = pairs[b * self.batch_size:(b + 1) * self.batch_size]
-            index = tensor_aug.to_device_async(torch.tensor([i for i, _ in chunk]), self.device)
+            index = to_device_async(torch.tensor([i for i, _ in chunk]), self.device)
             generator = torch.Generator().manual_seed(chunk[0][1])
-            views = tensor_aug.two_views(self.images[index], self.image_size, self.crop_min, self.blur, generator)
+            views = tensor_views.two_views(self.images[index], self.image_size, self.crop_min, self.blur, generator)
             yield views, self.targets[index], no_skips
-
-
-class DecodedImages:
-    """A decoded folder as the kNN monitor reads it: uint8 images (N, 3, S, S) on the device, whose eval
-    view is the image normalised (``eval_transform`` at S px is the identity before ToTensor)."""
-
-    def __init__(self, images, targets):
-        self.images, self.targets = images, targets
-
-    def __len__(self):
-        return len(self.images)
-
-    def batches(self, indices, batch_size):
-        for start in range(0, len(indices), batch_size):
-            index = tensor_aug.to_device_async(torch.tensor(indices[start:start + batch_size]), self.images.device)
-            yield tensor_aug.normalize(self.images[index].float() / 255), self.targets[index]
-
-
-def knn_sets_in_memory(loader, root, image_size, workers=0, strict=False):
-    """(train, val) DecodedImages for the kNN monitor of a run on the memory pipeline: the training images
-    it already holds and root/val decoded once; None when the images are not image_size square (then the
-    monitor resizes them through the reference eval transform)."""
-    if tuple(loader.images.shape[2:]) != (image_size, image_size):
-        return None
-    try:
-        val_images, val_targets, skipped = decode_folder(root, 'val', workers, strict)
-    except UserError:  # no val/, or images of several sizes: the reference path says what is wrong
-        return None
-    if tuple(val_images.shape[2:]) != (image_size, image_size):
-        return None
-    if skipped:
-        print(f'{skipped} unreadable image(s) replaced while decoding {root}/val')
-    device = loader.images.device
-    return DecodedImages(loader.images, loader.targets), DecodedImages(val_images.to(device), val_targets.to(device))

@@ -1,0 +1,21 @@
+"""The input of every script, as one package, in the order a batch is made:
+
+folder.py         image folders (class folders or images alone), any image mode as RGB, and the one
+                  rule for an unreadable file: reported once, replaced by the next readable one
+views.py          MoCo v3's two augmented views on PIL images (the reference path) and the eval views
+sampler.py        the order of an epoch and each image's view seed, from (seed, epoch, position);
+                  the reference loader (``make_loader``) and ``start_epoch``
+tensor_views.py   the same two views computed batch-wise on tensors (CPU or GPU)
+device_loader.py  what the device pipelines share: the sampler, batches made ahead in a thread
+memory.py         --data-pipeline memory: a folder of small images decoded once into (GPU) memory
+gpu.py            --data-pipeline gpu: JPEGs decoded (nvJPEG) and augmented on the GPU
+pipelines.py      --data-pipeline: which of the three a run uses
+
+The names the scripts use are importable from ``moco.data`` itself.
+"""
+from moco.data.folder import image_folder, is_unlabelled, is_unlabelled_folder
+from moco.data.sampler import make_loader, start_epoch
+from moco.data.views import eval_transform, lincls_train_transform, pretrain_transform
+
+__all__ = ['image_folder', 'is_unlabelled', 'is_unlabelled_folder', 'make_loader', 'start_epoch', 'eval_transform',
+           'lincls_train_transform', 'pretrain_transform']

@@ -1,0 +1,102 @@
+"""moco/checkpoint.py: atomic saves, the newest readable checkpoint, thinning, stale temporaries, loads
+that cannot run code, and which encoder of a pretraining checkpoint is evaluated."""
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import small_moco
+from moco.checkpoint import load_backbone, read_pretrained_encoder
+from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+                             save_checkpoint, thin_checkpoints)
+from moco.errors import UserError
+from moco.momentum_bn import mbn_alpha
+
+
+def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
+    """Disk full in the middle of a save: one-line UserError, the previous file is byte-identical, no
+    temporary file is left."""
+    path = tmp_path / 'checkpoint_0000.pth.tar'
+    save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, str(path))
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b'PK\x03\x04 partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(UserError, match='No space left on device'):
+        save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ['checkpoint_0000.pth.tar']
+
+
+def test_latest_checkpoint_takes_the_furthest_readable_one(tmp_path, capsys):
+    def put(name, **fields):
+        save_checkpoint({'state_dict': {}, **fields}, str(tmp_path / name))
+    put('checkpoint_0000.pth.tar', epoch=1)
+    put('checkpoint_0001.pth.tar', epoch=2)
+    put(LAST_CHECKPOINT, epoch=2, iter=3)
+    path, ckpt = latest_checkpoint(str(tmp_path))
+    assert path == str(tmp_path / LAST_CHECKPOINT) and ckpt['iter'] == 3   # mid-epoch 3 beats end of 2
+    put(LAST_CHECKPOINT, epoch=1, iter=3)                                        # stale: older than 0001
+    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0001.pth.tar')
+    (tmp_path / LAST_CHECKPOINT).write_bytes(b'garbage')                         # unreadable: skipped
+    data = (tmp_path / 'checkpoint_0001.pth.tar').read_bytes()
+    (tmp_path / 'checkpoint_0001.pth.tar').write_bytes(data[:len(data) // 2])    # truncated: skipped
+    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
+    assert capsys.readouterr().out.count('warning: skipping') == 2
+    torch.save({'some': 'dict'}, tmp_path / 'checkpoint_0002.pth.tar')           # not a pretraining file
+    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
+
+
+def test_thinning_keeps_the_newest_numbered_files_and_checkpoint_last(tmp_path):
+    for name in ['checkpoint_0000.pth.tar', 'checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar', LAST_CHECKPOINT,
+                 'model_best.pth.tar']:
+        (tmp_path / name).write_bytes(b'x')
+    thin_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar',
+                                            LAST_CHECKPOINT, 'model_best.pth.tar']
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    (tmp_path / f'.checkpoint_0003.pth.tar.tmp.{dead.pid}').write_bytes(b'partial')
+    (tmp_path / f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}').write_bytes(b'being written')
+    (tmp_path / 'notes.tmp.1').write_bytes(b'not ours')
+    remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}', 'notes.tmp.1']
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ('touch PWNED',))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'epoch': 1, 'payload': _RunsCode()}, path)
+    with pytest.raises(UserError, match='cannot read checkpoint'):
+        load_checkpoint(str(path))
+    assert not (tmp_path / 'PWNED').exists()
+
+
+def test_linear_probe_reads_the_m2t_teacher_with_its_statistics(tmp_path):
+    model = small_moco('m2t').train()
+    x = torch.randn(8, 3, 8, 8)
+    for step in range(3):
+        model(x, x.flip(3), 0.99, mbn_alpha(step / 3))
+    state = {'module.' + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / 'm2t.pth.tar'
+    torch.save({'state_dict': state, 'epoch': 1, 'arch': 'resnet18_cifar', 'method': 'm2t'}, path)
+    encoder, arch, _ = read_pretrained_encoder(str(path), 'fc')
+    assert arch == 'resnet18_cifar'
+    teacher_mean = model.momentum_encoder.bn1.running_mean
+    assert torch.equal(encoder['bn1.running_mean'], teacher_mean)
+    assert not torch.equal(teacher_mean, model.base_encoder.bn1.running_mean)
+    from moco.models import CIFAR_ARCHS
+    backbone = CIFAR_ARCHS['resnet18_cifar'](num_classes=10)
+    load_backbone(backbone, encoder, 'fc', str(path))     # everything but the classifier, MBN stats included
+    assert torch.equal(backbone.layer1[0].bn1.running_var, model.momentum_encoder.layer1[0].bn1.running_var)

@@ -1,0 +1,31 @@
+"""moco/data/sampler.py: the epoch's order shared among processes and resumable mid-epoch; views that do
+not depend on the number of loader workers."""
+
+
+from conftest import assert_identical
+from moco.data.folder import image_folder
+from moco.data.sampler import EpochSampler, make_loader, start_epoch
+from moco.data.views import pretrain_transform
+
+
+def test_sampler_partitions_the_epoch_and_resumes_mid_epoch():
+    full = list(EpochSampler(21, 4, shuffle=True, drop_last=True, seed=7))
+    shards = [EpochSampler(21, 2, shuffle=True, drop_last=True, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    parts = [list(s) for s in shards]
+    assert sorted(i for p in parts for i, _ in p) == sorted(i for i, _ in full[:20])   # 20: drop_last
+    assert sorted(s for p in parts for _, s in p) == sorted(s for _, s in full[:20])   # same views per image
+    shards[0].set_epoch(0, skip_batches=2)
+    assert list(shards[0]) == parts[0][4:] and len(shards[0]) == 6
+    shards[0].set_epoch(1)
+    assert list(shards[0]) != parts[0]
+
+
+def test_views_do_not_depend_on_the_number_of_workers(tiny_folder):
+    ds = image_folder(tiny_folder, 'train', pretrain_transform(8))
+    batches = []
+    for workers in (0, 2):
+        loader = make_loader(ds, 8, workers, shuffle=True, drop_last=True, seed=1)
+        start_epoch(loader, 3, skip_batches=1)
+        batches.append(next(iter(loader)))
+    assert_identical(batches[0][0], batches[1][0])
+    assert_identical(batches[0][1], batches[1][1])
