@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,3 +178,16 @@ def small_moco(method, arch='resnet18_cifar', **kw):
     """The model of ``method`` with small heads (and 8 px images for a ViT): quick to build and run."""
     from moco.models import build_moco
     return build_moco(arch, dim=16, mlp_dim=32, image_size=8 if 'vit' in arch else None, method=method, **kw)
+
+
+class TinyNet(nn.Module):
+    """A small ResNet-like encoder (conv + BN + ReLU, pool, ``fc``), with BN running statistics."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))

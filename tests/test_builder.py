@@ -10,26 +10,13 @@ import torch.nn as nn
 import torchvision
 
 import vits
-from conftest import small_moco
+from conftest import TinyNet, small_moco
 from moco.builder import MoCo_ResNet, MoCo_ViT
 from moco.models import build_moco
 from moco.momentum_bn import MomentumBatchNorm, mbn_alpha
 from moco.optim import build_optimizer
 
 DIM, MLP_DIM = 16, 32
-
-
-class TinyNet(nn.Module):
-    """A small ResNet-like encoder (conv + BN + ReLU, pool, ``fc``), with BN running statistics."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def tiny_resnet_moco():

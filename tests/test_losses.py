@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import moco.dist
+from conftest import TinyNet
 from moco.builder import MoCo_ResNet
 from moco.losses import infonce, regression_loss
 
@@ -95,19 +95,6 @@ def test_infonce_label_offset_with_two_processes(monkeypatch, rank):
     assert abs(wrong - expected) > 0.1
     assert len(calls) == 1 and calls[0].shape == (N, 4)
     torch.testing.assert_close(calls[0].norm(dim=1), torch.ones(N, dtype=torch.float64))  # gathered normalised
-
-
-class TinyNet(nn.Module):
-    """A small ResNet-like encoder: conv + BN + ReLU, global pool, ``fc`` classifier."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def test_forward_pairs_q1_with_k2_and_q2_with_k1(monkeypatch):
