@@ -10,6 +10,7 @@ import base64
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 import convert_to_deit
 import main_moco
@@ -203,3 +204,14 @@ def test_epoch_lr_follows_deit():
     for e, value in got:
         assert value == pytest.approx(expected[e], rel=1e-9), e
     assert expected[0] == expected[1] == warmup_lr and expected[2] == pytest.approx(warmup_lr + (lr - warmup_lr) / 3)
+
+
+def test_deit_randaugment_posterize_keeping_zero_bits_gives_black_instead_of_an_error():
+    """DeiT's policy reaches 0 bits at magnitude 10 (about one image in 800); Pillow 11+ raises there,
+    which killed a fine-tuning epoch. The black image is what older Pillow returned."""
+    from timm.data.auto_augment import AugmentOp
+    img = Image.new('RGB', (8, 8), (200, 100, 50))
+    out = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10, hparams={})(img)
+    assert out.size == img.size and np.asarray(out).max() == 0
+    kept = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5, hparams={})(img)   # 2 bits: unchanged op
+    assert np.array_equal(np.asarray(kept), np.asarray(ImageOps.posterize(img, 2)))

@@ -22,7 +22,7 @@ import numpy as np
 import torchvision.datasets as tv_datasets
 import torchvision.transforms as T
 from PIL import Image
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 
 from moco.data import image_folder
@@ -41,6 +41,21 @@ def transfer_transform(train, size):
     else:
         ops = [T.Resize(int((256 / 224) * size)), T.CenterCrop(size)]
     return T.Compose(ops + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _posterize(img, bits_to_keep, **__):
+    """timm's posterize, with 0 bits kept giving the black image that Pillow gave until version 11: the
+    DeiT policy (``rand-m9-mstd0.5-inc1``) draws magnitudes up to 10, i.e. 0 bits, for about one image in
+    800, and Pillow 11+ raises 'bits must be between or equal to 1 and 8' there."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep)
+
+
+_timm_posterize = auto_augment.posterize
+for _name, _op in list(auto_augment.NAME_TO_OP.items()):
+    if _op is _timm_posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def deit_transform(train, size, args):
