@@ -29,10 +29,11 @@ $(VENV)/.installed: requirements.txt
 # torch, torchvision and timm (a lent GPU machine, no network): the CUDA-only tests, the benchmark, the
 # CIFAR-10 runs, each part time-boxed inside GPU_CHECK_FLAGS' --budget-min (default 9 minutes); results in
 # $OUT, or output/gpu_check. `make gpu-check-dry` runs the same parts on this CPU, tiny.
-# `make gpu-check-prepare` copies the CIFAR-10 tarball into .gpu_data/ (git-ignored) so that it can travel.
+# `make gpu-check-prepare CIFAR_TAR=PATH` copies a CIFAR-10 JPEG tarball (cifar10/{train,val}/<class>/*.jpg)
+# into .gpu_data/ (git-ignored) so that it can travel.
 GPU_PYTHON ?= python3
 GPU_CHECK_FLAGS ?=
-CIFAR_TAR ?= ../shared/data/cifar10-jpeg.tar.xz
+CIFAR_TAR ?=
 gpu-check:
 	$(GPU_PYTHON) -m moco.gpu_check $(GPU_CHECK_FLAGS)
 
@@ -40,6 +41,7 @@ gpu-check-dry: $(VENV)/.installed
 	$(PY) -m moco.gpu_check --dry-run $(GPU_CHECK_FLAGS)
 
 gpu-check-prepare:
+	@test -n "$(CIFAR_TAR)" || { echo 'error: give the tarball: make gpu-check-prepare CIFAR_TAR=PATH' >&2; exit 2; }
 	mkdir -p .gpu_data
 	cp -f $(CIFAR_TAR) .gpu_data/cifar10-jpeg.tar.xz
 	exclude=$$(git rev-parse --git-path info/exclude) && mkdir -p $$(dirname $$exclude) && \

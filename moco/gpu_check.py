@@ -2,7 +2,7 @@
 
     python -m moco.gpu_check                  # on the GPU machine: everything below in --budget-min minutes
     python -m moco.gpu_check --dry-run        # the same parts on CPU, tiny (CI: tests/test_gpu_check.py)
-    make gpu-check-prepare                    # here, once: the CIFAR-10 tarball into .gpu_data/ (git-ignored)
+    make gpu-check-prepare CIFAR_TAR=PATH    # here, once: the CIFAR-10 tarball into .gpu_data/ (git-ignored)
 
 Parts, in this order, each time-boxed (its own timeout, derived from the budget, so that a slow part
 cannot eat the next; a part that fails or times out is recorded and the next one runs):
@@ -26,7 +26,7 @@ Everything else (data, JPEGs, run folders, checkpoints) goes to --work-dir.
 The device call (python3 there has torch 2.11, torchvision 0.26, timm, tensorboard, matplotlib, pytest;
 no network; the CIFAR-10 tarball travels as the carried, git-ignored .gpu_data/):
 
-    here, once:  make gpu-check-prepare
+    here, once:  make gpu-check-prepare CIFAR_TAR=PATH
     run(command="PYTHONUNBUFFERED=1 python3 -m moco.gpu_check --budget-min 9",
         carry=[".gpu_data"], timeout_s=600)
 
@@ -91,7 +91,7 @@ FAST = ['--fast', '--data-pipeline', 'memory']                  # bf16 autocast,
 ORIGINAL = ['--amp', 'fp16', '--data-pipeline', 'reference']    # the original's numerics
 DRY_CIFAR = {'-a': 'resnet10_w32', '-b': '16', '--moco-mlp-dim': '64', '--moco-dim': '32'}
 DRY_PER_CLASS = {'train': 8, 'val': 4}
-TAR_NAMES = ('.gpu_data/cifar10-jpeg.tar.xz', '../shared/data/cifar10-jpeg.tar.xz')
+CARRIED_TAR = '.gpu_data/cifar10-jpeg.tar.xz'   # where make gpu-check-prepare puts it (git-ignored, carried)
 RESULT_FILES = ('summary.md', 'results.json', 'parts.log', 'bench.json', 'profile.txt', 'cifar_log.txt',
                 'cifar_ref_log.txt', 'curves.png')
 
@@ -365,7 +365,8 @@ class Check:
         if self.dry and tar is None:
             tar = self.dry_tarball()
         if tar is None:
-            tar = next((os.path.join(ROOT, t) for t in TAR_NAMES if os.path.isfile(os.path.join(ROOT, t))), None)
+            carried = os.path.join(ROOT, CARRIED_TAR)
+            tar = carried if os.path.isfile(carried) else None
         if tar is None:
             self.note('no CIFAR-10 tarball (--cifar-tar, or make gpu-check-prepare): the CIFAR parts will be skipped')
             return
@@ -794,7 +795,7 @@ def get_args(argv=None):
     p.add_argument('--work-dir', default=None,
                    help='data, JPEGs, run folders (default /tmp/moco_gpu_check, dry run /tmp/moco_gpu_check_dry)')
     p.add_argument('--cifar-tar', default=None,
-                   help=f'CIFAR-10 JPEG tarball (default: the first of {", ".join(TAR_NAMES)}; dry run: one made '
+                   help=f'CIFAR-10 JPEG tarball (default: {CARRIED_TAR}; dry run: one made '
                         'from the shipped demo data)')
     p.add_argument('--cifar-dir', default=None, help='an unpacked CIFAR-10 folder with train/ and val/ (no tarball)')
     p.add_argument('--cifar-epochs', type=int, default=None,
