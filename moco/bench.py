@@ -33,6 +33,7 @@ from moco.amp import Amp
 from moco.errors import UserError
 from moco.models import build_moco, compile_networks, is_vit
 from moco.optim import LARS, build_optimizer
+from moco.run_record import write_text_atomic
 
 GPU_MODELS = (('vit_small', 256), ('resnet50', 256), ('vit_base', 128))
 CONFIGS = ('reference', 'ours', 'ours_compiled')
@@ -240,10 +241,8 @@ def main(argv=None):
 
     def write_json():
         if args.out:
-            tmp = args.out + '.tmp'
-            with open(tmp, 'w') as f:
-                json.dump({'device': name, 'torch': torch.__version__, 'image_size': size, 'rows': rows}, f, indent=1)
-            os.replace(tmp, args.out)
+            write_text_atomic(args.out, json.dumps({'device': name, 'torch': torch.__version__, 'image_size': size,
+                                                    'rows': rows}, indent=1))
 
     header = f'{"model":<16}{"batch":>6} {"input":<17}{"config":<15}{"img/s":>9}{"TFLOP/s":>9}{"of peak":>9}' \
              f'{"peak GiB":>9}{"vs ref":>8}'

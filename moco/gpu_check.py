@@ -63,6 +63,8 @@ import sys
 import tarfile
 import time
 
+from moco.run_record import write_text_atomic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PARTS = ('tests', 'bench', 'profile', 'bench_compiled', 'cifar', 'cifar_ref')
@@ -245,16 +247,11 @@ class Check:
         self.log.flush()
 
     def write_json(self, name, data):
-        path = os.path.join(self.out, name)
-        with open(path + '.tmp', 'w') as f:
-            json.dump(data, f, indent=1)
-        os.replace(path + '.tmp', path)
+        write_text_atomic(os.path.join(self.out, name), json.dumps(data, indent=1))
 
     def save(self):
         self.write_json('results.json', self.results)
-        with open(os.path.join(self.out, 'summary.md.tmp'), 'w') as f:
-            f.write(self.summary())
-        os.replace(os.path.join(self.out, 'summary.md.tmp'), os.path.join(self.out, 'summary.md'))
+        write_text_atomic(os.path.join(self.out, 'summary.md'), self.summary())
 
     def env(self, **extra):
         env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -556,9 +553,7 @@ class Check:
                         proc.records.append({})
                     proc.line_times.append(now)
                 if copy_to:
-                    with open(copy_to + '.tmp', 'w') as f:
-                        f.write(complete)
-                    os.replace(copy_to + '.tmp', copy_to)
+                    write_text_atomic(copy_to, complete)
         return poll
 
     def cifar_run(self, cmd, name, run_dir, timeout, copy_to=None):

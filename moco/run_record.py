@@ -63,11 +63,16 @@ def write(output_dir, recorded):
     again, so it always describes the latest start; each checkpoint keeps the settings it was made with)."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, SETTINGS_FILE)
-    with open(path + '.tmp', 'w') as f:
-        json.dump({'args': recorded, **environment()}, f, indent=1)
-        f.write('\n')
-    os.replace(path + '.tmp', path)
+    write_text_atomic(path, json.dumps({'args': recorded, **environment()}, indent=1) + '\n')
     return path
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader finds the old file or
+    the new one, never a half-written one (args.json, the benchmark's and the GPU check's results)."""
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
 
 
 def recorded_settings(ckpt, output_dir):
