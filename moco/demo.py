@@ -13,7 +13,6 @@ and a linear probe (logistic regression) on the frozen learned features. The rec
 tried are in CONFIG.md ("Embedded demo").
 """
 import argparse
-import json
 import os
 import time
 
@@ -52,9 +51,8 @@ def get_args_parser():
 
 
 def knn_history(run_dir):
-    with open(os.path.join(run_dir, 'log.txt')) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [(r['epoch'], r['knn_top1']) for r in records if 'knn_top1' in r]
+    _, _, epochs, top1 = plot.read_log(run_dir)
+    return list(zip(epochs, top1))
 
 
 def normalised(images_uint8):
@@ -68,12 +66,6 @@ def features(encoder, images, batch_size=500):
     from moco.models import BackboneFeatures
     backbone = BackboneFeatures(encoder, 'fc').eval()
     return torch.cat([backbone(normalised(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
-
-
-def knn_top1(train_f, train_y, val_f, val_y):
-    from moco.knn import knn_classify
-    pred = knn_classify(train_f, train_y, val_f, int(train_y.max()) + 1, k=KNN_K, T=KNN_T)
-    return (pred == val_y).float().mean().item() * 100
 
 
 def pretrained_encoder(path, arch=ARCH):
@@ -122,7 +114,7 @@ def main(args, moco_overrides=()):
     """Runs the demo; returns a dict of the figures it printed. ``moco_overrides``: main_moco.py flags
     appended to the demo's (tests make the run tiny with them)."""
     from moco import pretrain
-    from moco.knn import raw_pixel_knn_accuracy
+    from moco.knn import knn_top1, raw_pixel_knn_accuracy
     from moco.data.memory import decode_folder
     from moco.models import encoder_factory
 
@@ -140,7 +132,8 @@ def main(args, moco_overrides=()):
     raw = raw_pixel_knn_accuracy(train_x, train_y, val_x, val_y, k=KNN_K, T=KNN_T)
     torch.manual_seed(args.seed)
     default_init = encoder_factory(ARCH, zero_init_residual=False)(num_classes=1)
-    default_knn = knn_top1(features(default_init, train_x), train_y, features(default_init, val_x), val_y)
+    default_knn = knn_top1(features(default_init, train_x), train_y, features(default_init, val_x), val_y,
+                           k=KNN_K, T=KNN_T)
     print(f'kNN top-1 of raw pixels: {raw:.2f}; of the network with the default initialisation: {default_knn:.2f}\n')
 
     pre_tic = time.time()

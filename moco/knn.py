@@ -33,6 +33,13 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=200
     return torch.cat(preds)
 
 
+def knn_top1(train_features, train_labels, test_features, test_labels, k=200, T=0.1):
+    """Top-1 (percent) of ``knn_classify`` on labelled test features."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    pred = knn_classify(train_features, train_labels, test_features, num_classes, k=k, T=T)
+    return (pred == test_labels).float().mean().item() * 100
+
+
 class DecodedImages:
     """A decoded folder as the kNN monitor reads it: uint8 images (N, 3, S, S) on the device, whose eval
     view is the image normalised (``eval_transform`` at S px is the identity before ToTensor)."""
@@ -111,9 +118,7 @@ def knn_accuracy(backbone, train_set, test_set, device, k=200, T=0.1, batch_size
         test_f, test_y = extract_features(backbone, test_set, device, batch_size, workers, amp)
     finally:
         backbone.train(was_training)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    pred = knn_classify(train_f, train_y, test_f, num_classes, k=k, T=T)
-    return (pred == test_y).float().mean().item() * 100
+    return knn_top1(train_f, train_y, test_f, test_y, k=k, T=T)
 
 
 def raw_pixel_knn_accuracy(train_images, train_labels, test_images, test_labels, k=200, T=0.1):
@@ -123,6 +128,4 @@ def raw_pixel_knn_accuracy(train_images, train_labels, test_images, test_labels,
     train = train_images.flatten(1).float()
     mean = train.mean(dim=0, keepdim=True)
     test = test_images.flatten(1).float()
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    pred = knn_classify(train - mean, train_labels, test - mean, num_classes, k=k, T=T)
-    return (pred == test_labels).float().mean().item() * 100
+    return knn_top1(train - mean, train_labels, test - mean, test_labels, k=k, T=T)
