@@ -14,7 +14,6 @@ Launch modes (-b is the TOTAL batch over all processes; --lr is the base lr for 
 DIR holds train/<class>/<image> and val/<class>/<image>. PRE.pth.tar is a pretraining checkpoint of
 main_moco.py or of the original release (e.g. vit-s-300ep.pth.tar). See CONFIG.md for recipes.
 """
-import os
 
 import torch
 import torch.nn as nn
@@ -22,7 +21,7 @@ import torch.nn as nn
 from moco import cli, dist
 from moco.amp import PRECISIONS, Amp
 from moco.checkpoint import (check_recorded, ddp_state_dict, load_checkpoint, load_pretrained, read_pretrained_encoder,
-                             resolve_resume, restore, save_last_and_best)
+                             restore, save_last_and_best, single_file_resume)
 from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
 from moco.errors import UserError
@@ -156,13 +155,10 @@ def main_worker(args):
     amp = Amp(args.amp, device)
 
     best_acc1, best_epoch = None, None
-    path = os.path.join(args.output_dir, CHECKPOINT)
-    resume, ckpt = resolve_resume(args.resume, args.output_dir, os.path.isfile(path), lambda: (path, None),
-                                  'linear-probe', allow_existing=args.evaluate)
+    resume, ckpt = single_file_resume(args.resume, args.output_dir, CHECKPOINT, 'linear-probe',
+                                      ('state_dict', 'epoch', 'optimizer', 'best_acc1'),
+                                      'a pretraining checkpoint goes to --pretrained', allow_existing=args.evaluate)
     if resume:
-        if not {'state_dict', 'epoch', 'optimizer', 'best_acc1'} <= set(ckpt):
-            raise UserError(f'{resume} is not a linear-probe checkpoint (it needs state_dict, epoch, '
-                                 'optimizer and best_acc1); a pretraining checkpoint goes to --pretrained')
         check_recorded(ckpt, resume, '-a', args.arch, what='is a probe of')
         restore(ckpt, resume, model, optimizer)
         args.start_epoch, best_acc1, best_epoch = ckpt['epoch'], float(ckpt['best_acc1']), ckpt.get('best_epoch')

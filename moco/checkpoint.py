@@ -196,6 +196,18 @@ def pretraining_resume(resume, output_dir, allow_existing=False):
     return found
 
 
+def single_file_resume(resume, output_dir, name, kind, needs, hint, allow_existing=False):
+    """``resolve_resume`` for the probe and fine-tuning, whose run is the one file ``output_dir/name``;
+    a file without the keys ``needs`` is a one-line error that ends with ``hint``."""
+    path = os.path.join(output_dir, name)
+    resume, ckpt = resolve_resume(resume, output_dir, os.path.isfile(path), lambda: (path, None), kind,
+                                  allow_existing)
+    if resume and not set(needs) <= set(ckpt):
+        raise UserError(f'{resume} is not a {kind} checkpoint (it needs {", ".join(needs[:-1])} and {needs[-1]}); '
+                        f'{hint}')
+    return resume, ckpt
+
+
 def require_keys(ckpt, keys, path):
     missing = [k for k in keys if k not in ckpt]
     if missing:

@@ -9,7 +9,7 @@ import torch
 from conftest import small_moco
 from moco.checkpoint import load_backbone, read_pretrained_encoder
 from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                             save_checkpoint, thin_checkpoints)
+                             save_checkpoint, single_file_resume, thin_checkpoints)
 from moco.errors import UserError
 from moco.momentum_bn import mbn_alpha
 
@@ -100,3 +100,18 @@ def test_linear_probe_reads_the_m2t_teacher_with_its_statistics(tmp_path):
     backbone = CIFAR_ARCHS['resnet18_cifar'](num_classes=10)
     load_backbone(backbone, encoder, 'fc', str(path))     # everything but the classifier, MBN stats included
     assert torch.equal(backbone.layer1[0].bn1.running_var, model.momentum_encoder.layer1[0].bn1.running_var)
+
+
+def test_single_file_resume_takes_the_run_file_and_refuses_another_kind(tmp_path):
+    """The probe's and fine-tuning's resume: 'auto' finds output_dir/name or starts from scratch; a file
+    without the kind's keys (a pretraining checkpoint given to the probe) is a one-line error."""
+    needs = ('state_dict', 'epoch', 'optimizer', 'best_acc1')
+    assert single_file_resume('auto', str(tmp_path), 'checkpoint.pth.tar', 'linear-probe', needs, 'hint') == (None, None)
+    torch.save({'state_dict': {}, 'epoch': 3, 'optimizer': {}, 'best_acc1': 1.0}, tmp_path / 'checkpoint.pth.tar')
+    path, ckpt = single_file_resume('auto', str(tmp_path), 'checkpoint.pth.tar', 'linear-probe', needs, 'hint')
+    assert path == str(tmp_path / 'checkpoint.pth.tar') and ckpt['epoch'] == 3
+    torch.save({'state_dict': {}, 'epoch': 3}, tmp_path / 'pretrained.pth.tar')
+    with pytest.raises(UserError, match=r'pretrained.pth.tar is not a linear-probe checkpoint \(it needs state_dict, '
+                                        r'epoch, optimizer and best_acc1\); a pretraining checkpoint goes to'):
+        single_file_resume(str(tmp_path / 'pretrained.pth.tar'), str(tmp_path), 'checkpoint.pth.tar', 'linear-probe',
+                           needs, 'a pretraining checkpoint goes to --pretrained')

@@ -26,8 +26,8 @@ from timm.scheduler import CosineLRScheduler
 import vits
 from moco import cli, dist
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
-from moco.checkpoint import (check_recorded, load_pretrained, read_pretrained_encoder, resolve_resume,
-                             restore, save_last_and_best, unwrap)
+from moco.checkpoint import (check_recorded, load_pretrained, read_pretrained_encoder, restore,
+                             save_last_and_best, single_file_resume, unwrap)
 from moco.data import make_loader, start_epoch
 from moco.engine_lincls import evaluate, sharded_eval_loader
 from moco.errors import UserError
@@ -170,13 +170,10 @@ def main_worker(args):
     amp = Amp(args.amp, device, fast=args.fast)
 
     max_accuracy = 0.
-    path = os.path.join(args.output_dir, CHECKPOINT)
-    resume, ckpt = resolve_resume(args.resume, args.output_dir, os.path.isfile(path), lambda: (path, None),
-                                  'fine-tuning', allow_existing=args.evaluate)
+    resume, ckpt = single_file_resume(args.resume, args.output_dir, CHECKPOINT, 'fine-tuning',
+                                      ('model', 'epoch', 'optimizer'), 'pretrained weights go to --pretrained',
+                                      allow_existing=args.evaluate)
     if resume:
-        if not {'model', 'epoch', 'optimizer'} <= set(ckpt):
-            raise UserError(f'{resume} is not a fine-tuning checkpoint (it needs model, epoch and optimizer); '
-                                 'pretrained weights go to --pretrained')
         restore(ckpt, resume, model, optimizer, amp, model_key='model')
         args.start_epoch, max_accuracy = ckpt['epoch'], ckpt.get('max_accuracy', 0.)
         print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']})")
