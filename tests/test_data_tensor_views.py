@@ -143,3 +143,17 @@ def test_view_parameters_survive_the_one_transfer_packing():
     assert back.keys() == p.keys()
     for k in p:
         assert back[k].dtype == p[k].dtype and torch.equal(back[k], p[k]), k
+
+
+@pytest.mark.parametrize('name', ['brightness', 'hue'])
+def test_cpu_subset_path_equals_the_whole_batch_path(name):
+    """On the CPU an op runs on the selected samples only; the result must be the GPU path's (the op on
+    the whole batch, then selected with torch.where), bit for bit."""
+    torch.manual_seed(0)
+    images = torch.rand(12, 3, 8, 8)
+    factor = torch.empty(12).uniform_(-0.1, 0.1) if name == 'hue' else torch.empty(12).uniform_(0.6, 1.4)
+    mask = torch.rand(12) < 0.5
+    op = dict(ta.JITTER_OPS)[name]
+    subset = ta._apply(mask, mask, images, op, factor)
+    assert torch.equal(subset, ta._where(mask, op(images, factor), images))
+    assert torch.equal(subset[~mask], images[~mask]) and not torch.equal(subset[mask], images[mask])
