@@ -51,7 +51,7 @@ def test_knn_k_limits_voters_and_features_need_not_be_normalised():
 
 def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folder):
     """The memory pipeline's kNN monitor (no PIL at each evaluation) gives the reference path's
-    features bit for bit when the images have the crop size (CIFAR at 32 px), else falls back."""
+    features bit for bit when the images have the crop size (CIFAR at 32 px)."""
     from moco.data.folder import SafeImageFolder
     from moco.knn import DecodedImages, extract_features, knn_sets
     from moco.models import BackboneFeatures, build_moco
@@ -66,5 +66,12 @@ def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folde
         f_ours, y_ours = extract_features(backbone, ours, torch.device('cpu'), batch_size=16)
         f_ref, y_ref = extract_features(backbone, ref, torch.device('cpu'), batch_size=16)
         assert torch.equal(y_ours, y_ref) and torch.equal(f_ours, f_ref)
-    # another crop size: the eval transform
-    assert all(isinstance(s, SafeImageFolder) for s in knn_sets(loader, tiny_folder, 24))
+    # a smaller training size: the decoded images resized whole, as the eval transform resizes them
+    # with PIL (equal up to the rounding of the two resizes)
+    for ours, ref in zip(knn_sets(loader, tiny_folder, 24), knn_sets(None, tiny_folder, 24)):
+        assert isinstance(ours, DecodedImages) and ours.images.shape[2:] == (24, 24)
+        x_ours = torch.cat([x for x, _ in ours.batches(list(range(len(ours))), 64)])
+        x_ref = torch.stack([ref[i][0] for i in range(len(ref))])
+        assert (x_ours - x_ref).abs().max() <= 2 / 255 / 0.224   # two grey levels, in normalised units
+    # a large size is centre-cropped by the eval transform: the reference path
+    assert all(isinstance(s, SafeImageFolder) for s in knn_sets(loader, tiny_folder, 96))

@@ -68,9 +68,12 @@ def pretrain_transform(image_size=224, crop_min=0.08, blur=True):
         view_transform(image_size, crop_min, blur_p=0.1 if blur else 0., solarize_p=0.2))
 
 
+SMALL_EVAL_SIDE = 64   # images evaluated at up to this size are resized whole (CIFAR, STL-10), not centre-cropped
+
+
 def eval_transform(image_size=224):
     """Resize(256) + CenterCrop(224) at ImageNet scale; at <= 64 px images are resized to the size."""
-    resize = image_size if image_size <= 64 else int(round(image_size * 256 / 224))
+    resize = image_size if image_size <= SMALL_EVAL_SIDE else int(round(image_size * 256 / 224))
     return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size),
                                transforms.ToTensor(), normalize()])
 
