@@ -6,7 +6,8 @@ import os
 import torch
 
 from moco import demo
-from moco.knn import raw_pixel_knn_accuracy
+from moco.data.memory import decode_folder
+from moco.knn import eval_resize, knn_top1, raw_pixel_knn_accuracy
 from moco.models import build_moco, encoder_factory
 
 
@@ -20,7 +21,17 @@ def test_demo_recipe_runs_a_few_steps(tmp_path):
         assert 0 <= result[key] <= 100
     assert len(result['probe_curve']) == 3
     assert os.path.isfile(os.path.join(result['run_dir'], 'curves.png'))
-    assert os.path.isfile(os.path.join(result['run_dir'], 'checkpoint_0001.pth.tar'))
+    ckpt = os.path.join(result['run_dir'], 'checkpoint_0001.pth.tar')
+    # the table's rows read the kNN monitor's view: the same images, resized to the training size
+    assert result['image_size'] == demo.IMAGE_SIZE < 32
+    data = os.path.join(str(tmp_path), 'data', 'cifar10_demo')
+    (train_x, train_y, _), (val_x, val_y, _) = decode_folder(data, 'train'), decode_folder(data, 'val')
+    train_x, val_x = eval_resize(train_x, demo.IMAGE_SIZE), eval_resize(val_x, demo.IMAGE_SIZE)
+    assert result['raw_pixels'] == raw_pixel_knn_accuracy(train_x, train_y, val_x, val_y, k=demo.KNN_K, T=demo.KNN_T)
+    encoder = demo.pretrained_encoder(ckpt)
+    learned = knn_top1(demo.features(encoder, train_x), train_y, demo.features(encoder, val_x), val_y,
+                       k=demo.KNN_K, T=demo.KNN_T)
+    assert learned == result['learned']      # the monitor's figure after the last epoch
 
 
 def test_demo_arch_is_a_resnet_with_moco_init():
