@@ -3,8 +3,9 @@
 Names: the ViTs of ``vits.py``; every torchvision classification model with an ``fc`` classifier
 (ResNets, ResNeXts, Wide ResNets, RegNets), built with ``zero_init_residual=True`` where accepted
 (as the original does); ``resnet18_cifar`` / ``resnet50_cifar``: the same ResNets with the usual
-CIFAR stem (3x3 stride-1 first conv, no max-pool) for 32 px images; and ``resnet10_w32``, a small ResNet
-for 32 px images on a CPU (the embedded demo's, CONFIG.md).
+CIFAR stem (3x3 stride-1 first conv, no max-pool) for 32 px images; and ``resnet10_w16`` / ``_w24`` /
+``_w32``, small ResNets for 32 px and smaller images on a CPU (``resnet10_w16`` is the embedded demo's,
+CONFIG.md).
 """
 import inspect
 from functools import partial
@@ -58,9 +59,11 @@ class SmallResNet(ResNet):
 
 
 CIFAR_ARCHS = {f'{name}_cifar': partial(_cifar_resnet, name) for name in ('resnet18', 'resnet50')}
-# ResNet-10 (one block per stage), widths 32-64-128-256, 3x3 stride-2 stem: 16x16 after the stem at 32 px,
-# 17 M multiply-adds per 32 px image (ResNet-18 with its ImageNet stem: 38 M, of which most at 1-2 px).
-CIFAR_ARCHS['resnet10_w32'] = partial(SmallResNet, widths=(32, 64, 128, 256), layers=(1, 1, 1, 1), stem_stride=2)
+# ResNet-10 (one block per stage), widths w-2w-4w-8w, 3x3 stride-2 stem: 16x16 after the stem at 32 px.
+# resnet10_w32: 16 M multiply-adds per 32 px image (ResNet-18 with its ImageNet stem: 38 M, of which most at
+# 1-2 px); resnet10_w16, the embedded demo's (CONFIG.md): 4.0 M (2.7 M at 24 px).
+CIFAR_ARCHS.update({f'resnet10_w{w}': partial(SmallResNet, widths=(w, 2 * w, 4 * w, 8 * w), layers=(1, 1, 1, 1),
+                                               stem_stride=2) for w in (16, 24, 32)})
 
 
 def _torchvision_archs():

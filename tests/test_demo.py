@@ -35,14 +35,17 @@ def test_demo_recipe_runs_a_few_steps(tmp_path):
 
 
 def test_demo_arch_is_a_resnet_with_moco_init():
-    """resnet10_w32: torchvision's ResNet modules; MoCo v3 zero-initialises its residual branches."""
-    enc = encoder_factory('resnet10_w32')(num_classes=5)
-    assert enc(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+    """The demo's network: torchvision's ResNet modules, widths 16-32-64-128; MoCo v3 zero-initialises its
+    residual branches."""
+    enc = encoder_factory(demo.ARCH)(num_classes=5)
+    assert enc(torch.zeros(2, 3, demo.IMAGE_SIZE, demo.IMAGE_SIZE)).shape == (2, 5)
+    stages = (enc.layer1, enc.layer2, enc.layer3, enc.layer4)
+    assert [stage[0].conv1.out_channels for stage in stages] == [16, 32, 64, 128]
     assert all(b.bn2.weight.detach().abs().sum().item() == 0 for b in (enc.layer1[0], enc.layer4[0]))
-    default = encoder_factory('resnet10_w32', zero_init_residual=False)(num_classes=5)
+    default = encoder_factory(demo.ARCH, zero_init_residual=False)(num_classes=5)
     assert default.layer1[0].bn2.weight.detach().abs().sum().item() > 0
-    model = build_moco('resnet10_w32', dim=16, mlp_dim=32, T=0.2)
-    assert model.base_encoder.fc[0].in_features == 256
+    model = build_moco(demo.ARCH, dim=16, mlp_dim=32, T=0.2)
+    assert model.base_encoder.fc[0].in_features == 128
 
 
 def test_raw_pixel_knn_is_mean_centred():
