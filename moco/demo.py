@@ -46,8 +46,8 @@ KNN_K, KNN_T = 20, 0.1
 
 def get_args_parser():
     p = cli.parser('MoCo v3 demo on the shipped CIFAR-10 subset (CPU friendly)', prog='python -m moco.demo')
-    p.add_argument('--epochs', default=64, type=int, help='pretraining epochs (default: 64)')
-    p.add_argument('--knn-freq', default=8, type=int, help='kNN of the learned features every N epochs (default: 8)')
+    p.add_argument('--epochs', default=64, type=int, help='pretraining epochs')
+    p.add_argument('--knn-freq', default=8, type=int, help='kNN of the learned features every N epochs')
     p.add_argument('--seed', default=0, type=int, help='seed of the pretraining and of the baselines (default: 0)')
     p.add_argument('--output-dir', default='output/demo', help='parent folder of this demo run')
     p.add_argument('--probe-epochs', default=30, type=int,
