@@ -5,6 +5,8 @@
     python -m moco.bench --data DIR              # also end to end from DIR/train (JPEG files)
     python -m moco.bench --fullsize-jpegs DIR    # ... from ImageNet-sized JPEGs made from the demo data
     python -m moco.bench --configs ours_compiled --inputs synthetic   # only our compiled step
+    python -m moco.bench --pipeline              # the data pipeline instead: ours vs the original's
+                                                 # two-view transform per core, and the loader (moco/bench_pipeline.py)
 
 reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
     LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
@@ -212,10 +214,27 @@ def main(argv=None):
                    help='torch.compile backend of compiled rows (default inductor; aot_eager: a quick CPU check)')
     p.add_argument('--peak-tflops', type=float, default=750., help='bf16 matmul ceiling of the GPU (H100: ~750)')
     p.add_argument('--out', default=None, help='also write the rows as JSON here (rewritten after every row)')
+    g = p.add_argument_group('--pipeline: the reference data pipeline against the original release\'s (moco/bench_pipeline.py)')
+    g.add_argument('--pipeline', action='store_true',
+                   help='measure the two-view transform per core and the loader end to end, instead of the step')
+    g.add_argument('--photos', default=None, metavar='DIR',
+                   help='also cut the JPEGs from the photographs in DIR (default: matplotlib\'s sample photograph '
+                        'and scikit-image\'s photographs when it is installed)')
+    g.add_argument('--images', type=int, default=150, help='JPEGs cut (default 150)')
+    g.add_argument('--rounds', type=int, default=5, help='timed rounds over all images per transform (default 5)')
+    g.add_argument('--loader-workers', type=int, nargs='+', default=[1, 2], metavar='J',
+                   help='loader worker counts measured end to end (default 1 2)')
+    g.add_argument('--loader-batch', type=int, default=32, help='batch of the loader rows (default 32)')
+    g.add_argument('--loader-rounds', type=int, default=5,
+                   help='loader runs per row, each next to a run of the workers\' work alone (default 5)')
     p.add_argument('--profile', default=None, metavar='FILE',
                    help='after the rows of each model, profile a few steps of ours (synthetic input, eager) with '
                         'torch.profiler and append its top operations to FILE')
     args = p.parse_args(argv)
+    if args.pipeline:
+        from moco import bench_pipeline
+        return bench_pipeline.run(args.photos, args.images, args.rounds, args.loader_workers, args.loader_batch,
+                                  loader_rounds=args.loader_rounds, image_size=args.image_size or 224, out=args.out)
 
     if args.fullsize_jpegs and not args.data:
         args.data = make_fullsize_jpegs(args.fullsize_jpegs, n=args.fullsize_count)

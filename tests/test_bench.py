@@ -11,6 +11,26 @@ from moco import bench
 from moco.errors import UserError
 
 
+@pytest.mark.slow   # forks the loader workers and the processes that work without them
+def test_pipeline_bench_checks_the_views_and_reports_every_row(tmp_path, capsys):
+    out = tmp_path / 'pipeline.json'
+    result = bench.main(['--pipeline', '--images', '8', '--rounds', '1', '--loader-workers', '1',
+                         '--loader-batch', '4', '--loader-rounds', '2', '--image-size', '32', '--out', str(out)])
+    assert result['identical_views'] is True and json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result['rows']
+    assert [(r['kind'], r['config']) for r in rows] == [('transform', 'original'), ('transform', 'ours'),
+                                                        ('loader', 'original'), ('loader', 'ours'), ('to_float', 'ours')]
+    transform = {r['config']: r for r in rows if r['kind'] == 'transform'}
+    assert transform['ours']['vs_original'] == pytest.approx(
+        transform['ours']['images_per_s_per_core'] / transform['original']['images_per_s_per_core'])
+    assert len(transform['ours']['blocks_ms']) == 1   # 8 images: one block of the one round
+    for r in rows:
+        if r['kind'] == 'loader':
+            assert len(r['pairs']) == 2 and r['images_per_s'] > 0 and r['of_transform_alone'] > 0
+    printed = capsys.readouterr().out
+    assert 'identical to the original: True' in printed and 'ToFloat on cpu' in printed
+
+
 @pytest.mark.slow   # a whole benchmark run
 def test_bench_tiny_on_cpu(tiny_folder, tmp_path, capsys):
     out = tmp_path / 'bench.json'

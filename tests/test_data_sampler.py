@@ -29,3 +29,16 @@ def test_views_do_not_depend_on_the_number_of_workers(tiny_folder):
         batches.append(next(iter(loader)))
     assert_identical(batches[0][0], batches[1][0])
     assert_identical(batches[0][1], batches[1][1])
+
+
+def test_loader_workers_stay_up_between_epochs(tiny_folder):
+    """Worker start-up (a fork, the transform's tables) is paid once per run, not once per epoch."""
+    ds = image_folder(tiny_folder, 'train', pretrain_transform(8))
+    loader = make_loader(ds, 8, 1, shuffle=True, drop_last=True, seed=1)
+    pids = []
+    for epoch in range(2):
+        start_epoch(loader, epoch)
+        first = [batch[0] for batch in loader]
+        pids.append([w.pid for w in loader._iterator._workers])
+        assert len(first) == len(ds) // 8
+    assert pids[0] == pids[1] and all(p is not None for p in pids[0])

@@ -1,128 +1,177 @@
-"""moco/data/views.py: MoCo v3's two PIL views (the paper's appendix), the eval and probe views, and
-odd images through the pretraining views."""
+"""moco/data/views.py: MoCo v3's two views are the original release's, byte for byte and draw for draw.
+
+The original is its op list as its main_moco.py writes it (``moco.bench_pipeline.original_pretrain_transform``:
+torchvision ops on PIL images behind torchvision's ImageFolder loader). For each image and seed both
+views, made float by ``ToFloat``, must equal the original's float views exactly, and the torch and
+python random states afterwards must be the original's (so a changed number or order of draws fails
+even where the pixels happen to agree). Images: JPEGs of ImageNet's sizes in both orientations cut
+from a photograph, and files in the modes a folder holds (L, CMYK, palette, RGBA, EXIF-rotated).
+"""
+import io
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from moco.data.folder import SafeImageFolder
-from moco.data.views import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Solarize, TwoCropsTransform, eval_transform,
-                             lincls_train_transform, pretrain_transform)
+from moco.bench_pipeline import cut_jpegs, original_loader, original_pretrain_transform, photo_files
+from moco.data.folder import SafeImageFolder, load_rgb
+from moco.data.views import (IMAGENET_MEAN, IMAGENET_STD, ToFloat, adjust_contrast, eval_transform,
+                             lincls_train_transform, pretrain_transform, random_resized_crop_params)
+
+TO_FLOAT = ToFloat()
 
 
 @pytest.fixture(scope='module')
-def image(tiny_folder):
-    folder = os.path.join(tiny_folder, 'train', 'airplane')
-    path = os.path.join(folder, sorted(os.listdir(folder))[0])
-    return Image.open(path).convert('RGB')
+def photo_jpegs(tmp_path_factory):
+    """16 JPEG files' bytes: ImageNet's 8 common sizes, landscape and portrait, cut from a photograph."""
+    root = cut_jpegs(str(tmp_path_factory.mktemp('jpegs')), photo_files()[:1], n=16)
+    folder = os.path.join(root, 'train', 'photos')
+    return [open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))]
 
 
-# ---------------------------------------------------------------- augmentation
-def _random_apply_p(compose, op_type):
-    """Probabilities of the RandomApply wrappers holding an op of ``op_type``."""
-    return [t.p for t in compose.transforms
-            if isinstance(t, T.RandomApply) and any(isinstance(op, op_type) for op in t.transforms)]
+def _seeded(seed, fn, *args):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    out = fn(*args)
+    return out, torch.get_rng_state(), random.getstate()
 
 
-def _check_common_ops(view, size, crop_min):
-    ops = view.transforms
-    rrc = ops[0]
-    assert isinstance(rrc, T.RandomResizedCrop)
-    assert tuple(rrc.size) == (size, size)
-    assert tuple(rrc.scale) == (crop_min, 1.0)
-    assert rrc.ratio == pytest.approx((3 / 4, 4 / 3))
-    cj = ops[1]
-    assert isinstance(cj, T.RandomApply) and cj.p == 0.8 and len(cj.transforms) == 1
-    jitter = cj.transforms[0]
-    assert isinstance(jitter, T.ColorJitter)
-    assert jitter.brightness == pytest.approx((0.6, 1.4))
-    assert jitter.contrast == pytest.approx((0.6, 1.4))
-    assert jitter.saturation == pytest.approx((0.8, 1.2))
-    assert jitter.hue == pytest.approx((-0.1, 0.1))
-    assert isinstance(ops[2], T.RandomGrayscale) and ops[2].p == 0.2
-    assert isinstance(ops[-3], T.RandomHorizontalFlip) and ops[-3].p == 0.5
-    assert isinstance(ops[-2], T.ToTensor)
-    assert isinstance(ops[-1], T.Normalize)
-    assert tuple(ops[-1].mean) == IMAGENET_MEAN == (0.485, 0.456, 0.406)
-    assert tuple(ops[-1].std) == IMAGENET_STD == (0.229, 0.224, 0.225)
+def _assert_views_are_the_originals(data, seeds, image_size=224, crop_min=0.08, blur=True, where=''):
+    ours = pretrain_transform(image_size, crop_min, blur=blur)
+    original = original_pretrain_transform(image_size, crop_min)
+    if not blur:   # --no-blur: the original's lists without the blur op
+        original = _without_blur(image_size, crop_min)
+    for seed in seeds:
+        expected, torch_state, py_state = _seeded(seed, original, original_loader(data))
+        got, our_torch_state, our_py_state = _seeded(seed, ours, load_rgb(where, data))
+        for k, (e, g) in enumerate(zip(expected, got)):
+            assert g.dtype == torch.uint8 and g.shape == (image_size, image_size, 3)
+            floats = TO_FLOAT(g[None])[0]
+            assert floats.dtype == torch.float32 and torch.equal(floats, e), \
+                f'{where} seed {seed} view {k + 1}: {(floats != e).sum().item()} values differ'
+        assert torch.equal(our_torch_state, torch_state), f'{where} seed {seed}: torch draws differ'
+        assert our_py_state == py_state, f'{where} seed {seed}: python random draws differ'
 
 
-def _blur_op(view):
-    for t in view.transforms:
-        if isinstance(t, T.RandomApply):
-            for op in t.transforms:
-                if isinstance(op, GaussianBlur):
-                    return op
-    return None
+def _without_blur(image_size, crop_min):
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    common = [T.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
+              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+    from moco.bench_pipeline import OriginalSolarize
+    v1 = T.Compose(common + [T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    v2 = T.Compose(common + [T.RandomApply([OriginalSolarize()], p=0.2), T.RandomHorizontalFlip(), T.ToTensor(),
+                             normalize])
+    return lambda x: [v1(x), v2(x)]
 
 
-def test_pretrain_transform_two_views_shapes(image):
+def test_views_are_the_originals_on_photographs(photo_jpegs):
+    for k, data in enumerate(photo_jpegs):
+        _assert_views_are_the_originals(data, range(k * 7, k * 7 + 7), where=f'jpeg {k}')
+
+
+@pytest.mark.slow
+def test_views_are_the_originals_for_many_seeds(photo_jpegs):
+    for k, data in enumerate(photo_jpegs):
+        _assert_views_are_the_originals(data, range(1000 + k * 60, 1000 + k * 60 + 60), where=f'jpeg {k}')
+
+
+@pytest.mark.parametrize('image_size, crop_min, blur', [(64, 0.2, True), (32, 0.08, False), (128, 0.5, True)])
+def test_views_are_the_originals_at_other_settings(photo_jpegs, image_size, crop_min, blur):
+    for k, data in enumerate(photo_jpegs[:6]):
+        _assert_views_are_the_originals(data, range(5), image_size, crop_min, blur, where=f'jpeg {k}')
+
+
+def _encoded(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_views_are_the_originals_for_every_image_mode(photo_jpegs):
+    photo = Image.open(io.BytesIO(photo_jpegs[0])).convert('RGB')
+    exif = Image.Exif()
+    exif[0x0112] = 6   # EXIF orientation "rotate 90": neither pipeline applies it
+    palette = photo.convert('P', palette=Image.Palette.ADAPTIVE, colors=64)
+    files = {'gray jpeg': _encoded(photo.convert('L'), 'JPEG', quality=90),
+             'cmyk jpeg': _encoded(photo.convert('CMYK'), 'JPEG', quality=90),
+             'palette png': _encoded(palette, 'PNG'),
+             'palette png with transparency': _encoded(palette, 'PNG', transparency=3),
+             'rgba png': _encoded(photo.convert('RGBA'), 'PNG'),
+             'exif-rotated jpeg': _encoded(photo, 'JPEG', quality=90, exif=exif),
+             'tall thin jpeg': _encoded(photo.resize((40, 500)), 'JPEG')}   # RandomResizedCrop's fallback
+    for name, data in files.items():
+        _assert_views_are_the_originals(data, range(4), where=name)
+
+
+# ------------------------------------------------------------------------------- the pieces
+def test_crop_params_are_torchvisions():
+    rrc = T.RandomResizedCrop(224, scale=(0.08, 1.))
+    for width, height in ((500, 375), (375, 500), (224, 224), (31, 900), (900, 31), (1, 1), (3, 2)):
+        img = Image.new('RGB', (width, height))
+        for seed in range(30):
+            torch.manual_seed(seed)
+            expected, state = rrc.get_params(img, rrc.scale, rrc.ratio), torch.get_rng_state()
+            torch.manual_seed(seed)
+            assert random_resized_crop_params(width, height, (0.08, 1.)) == expected, (width, height, seed)
+            assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_contrast_is_torchvisions(photo_jpegs):
+    import torchvision.transforms.functional as TF
+    for data in photo_jpegs[:4]:
+        img = Image.open(io.BytesIO(data)).convert('RGB').resize((96, 96))
+        for factor in (0.6, 0.95, 1.0, 1.07, 1.4):
+            assert np.array_equal(np.asarray(adjust_contrast(img, factor)), np.asarray(TF.adjust_contrast(img, factor)))
+
+
+def _reference_float(views):
+    """ToTensor + Normalize of each uint8 view (H, W, 3) as torchvision computes them."""
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return torch.stack([normalize(T.ToTensor()(Image.fromarray(v.numpy()))) for v in views])
+
+
+def test_to_float_is_totensor_and_normalize():
+    every_value = torch.arange(256, dtype=torch.uint8).repeat(3, 1).T.reshape(16, 16, 3)   # each byte, each channel
+    rng = torch.Generator().manual_seed(0)
+    views = torch.cat([every_value[None], torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8, generator=rng)])
+    expected = _reference_float(views)
+    arithmetic = TO_FLOAT(views)   # on the CPU: torchvision's own float32 ops
+    lookup = TO_FLOAT.lookup(views)   # elsewhere (CUDA): the table of those ops' values
+    for got in (arithmetic, lookup):
+        assert got.shape == (4, 3, 16, 16) and got.dtype == torch.float32 and torch.equal(got, expected)
+    assert arithmetic.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pretrain_views_are_uint8_and_asymmetric(photo_jpegs):
+    img = load_rgb('photo', photo_jpegs[1])
     tf = pretrain_transform(image_size=32, crop_min=0.2)
-    assert isinstance(tf, TwoCropsTransform)
-    views = tf(image)
-    assert isinstance(views, list) and len(views) == 2
-    for v in views:
-        assert v.shape == (3, 32, 32) and v.dtype == torch.float32
+    views = tf(img)
+    assert [(v.shape, v.dtype) for v in views] == [((32, 32, 3), torch.uint8)] * 2
     assert not torch.equal(views[0], views[1])
-    big = pretrain_transform()(image)
-    assert [v.shape for v in big] == [(3, 224, 224)] * 2
+    v1, v2 = tf.view1, tf.view2
+    assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert v1.scale == v2.scale == (0.2, 1.)
+    no_blur = pretrain_transform(image_size=32, blur=False)
+    assert (no_blur.view1.blur_p, no_blur.view2.blur_p, no_blur.view2.solarize_p) == (0., 0., 0.2)
 
 
-def test_pretrain_views_are_asymmetric():
-    tf = pretrain_transform(image_size=224, crop_min=0.08)
-    v1, v2 = tf.transform1, tf.transform2
-    for v in (v1, v2):
-        _check_common_ops(v, 224, 0.08)
-    # view 1: blur always, never solarize
-    assert _random_apply_p(v1, GaussianBlur) == [1.0]
-    assert _random_apply_p(v1, Solarize) == []
-    assert not any(isinstance(t, Solarize) for t in v1.transforms)
-    # view 2: blur p 0.1, solarize p 0.2
-    assert _random_apply_p(v2, GaussianBlur) == [0.1]
-    assert _random_apply_p(v2, Solarize) == [0.2]
-    # order as in the original: crop, jitter, grayscale, blur, [solarize], flip, tensor, normalise
-    assert len(v1.transforms) == 7 and len(v2.transforms) == 8
-    assert isinstance(v2.transforms[3].transforms[0], GaussianBlur)
-    assert isinstance(v2.transforms[4].transforms[0], Solarize)
-    for v in (v1, v2):
-        assert tuple(_blur_op(v).sigma) == (0.1, 2.0)
+def test_original_op_list_is_the_papers():
+    """The reference the views are tested against: the paper's appendix (BYOL's recipe)."""
+    import inspect
+    from moco import bench_pipeline
+    source = inspect.getsource(bench_pipeline.original_pretrain_transform)
+    for piece in ('RandomResizedCrop(image_size, scale=(crop_min, 1.))', 'ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)',
+                  'RandomGrayscale(p=0.2)', 'OriginalGaussianBlur([.1, 2.])], p=1.0)',
+                  'OriginalGaussianBlur([.1, 2.])], p=0.1)', 'OriginalSolarize()], p=0.2)', 'RandomHorizontalFlip()',
+                  'mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]'):
+        assert piece in source, piece
 
 
-def test_crop_min_is_passed():
-    tf = pretrain_transform(image_size=64, crop_min=0.2)
-    for v in (tf.transform1, tf.transform2):
-        _check_common_ops(v, 64, 0.2)
-
-
-def test_blur_false_drops_blur():
-    tf = pretrain_transform(image_size=32, blur=False)
-    assert _random_apply_p(tf.transform1, GaussianBlur) == []
-    assert _random_apply_p(tf.transform2, GaussianBlur) == []
-    assert _random_apply_p(tf.transform1, Solarize) == []
-    assert _random_apply_p(tf.transform2, Solarize) == [0.2]
-    for v in (tf.transform1, tf.transform2):
-        _check_common_ops(v, 32, 0.08)
-
-
-def test_gaussian_blur_uses_pil_radius_uniform_in_range(image):
-    random.seed(123)
-    out = GaussianBlur()(image)
-    random.seed(123)
-    sigma = random.uniform(0.1, 2.0)
-    ref = image.filter(ImageFilter.GaussianBlur(radius=sigma))
-    assert out.tobytes() == ref.tobytes()
-    assert out.tobytes() != image.tobytes()
-
-
-def test_solarize_threshold_128():
-    img = Image.new('L', (3, 1))
-    img.putdata([127, 128, 200])
-    assert list(Solarize()(img).tobytes()) == [127, 127, 55]
-
-
+# ------------------------------------------------------------------------------- eval views
 def test_eval_transform_sizes():
     tf = eval_transform(224)
     resize = [t for t in tf.transforms if isinstance(t, T.Resize)][0]
@@ -135,23 +184,16 @@ def test_eval_transform_sizes():
     assert isinstance(small.transforms[-1], T.Normalize)
 
 
-def test_lincls_train_transform(image):
+def test_lincls_train_transform(photo_jpegs):
     tf = lincls_train_transform(32)
     assert isinstance(tf.transforms[0], T.RandomResizedCrop) and tuple(tf.transforms[0].scale) == (0.08, 1.0)
     assert isinstance(tf.transforms[1], T.RandomHorizontalFlip)
-    assert tf(image).shape == (3, 32, 32)
+    assert tf(load_rgb('photo', photo_jpegs[0])).shape == (3, 32, 32)
 
 
-# ---------------------------------------------------------------- datasets
-
-
-# ---------------------------------------------------------------- kNN
-
-
-# ---------------------------------------------------------------- AllReduceBatchNorm at world size 1
 def test_odd_images_go_through_the_pretraining_views(odd_images):
     ds = SafeImageFolder(str(odd_images), pretrain_transform(16, blur=True))
     assert len(ds) == 7                                    # notes.txt is not an image
     for i in range(len(ds)):
         views, _, skipped = ds.load(i)
-        assert skipped == 0 and [v.shape for v in views] == [(3, 16, 16)] * 2
+        assert skipped == 0 and [(v.shape, v.dtype) for v in views] == [((16, 16, 3), torch.uint8)] * 2

@@ -47,6 +47,20 @@ def test_nvjpeg_decodes_close_to_pil(tiny_folder):
         assert diff.float().mean() < 1.0 and diff.max() <= 16, path
 
 
+def test_reference_pipeline_on_cuda_gives_the_cpu_views_exactly(tiny_folder):
+    """uint8 views sent to the GPU and made float there (a table of torchvision's CPU values: CUDA's
+    division by a constant would differ in the last bit): the CPU run's float views bit for bit."""
+    from moco.data.pipelines import pretrain_loader
+    from moco.data.views import ToFloat
+    views = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    assert torch.equal(ToFloat()(views.to(CUDA)).cpu(), ToFloat()(views))
+    gpu = _epoch(pretrain_loader('reference', tiny_folder, 8, CUDA, 32, seed=3, workers=2)[0])
+    cpu = _epoch(pretrain_loader('reference', tiny_folder, 8, CPU, 32, seed=3)[0])
+    assert len(gpu) == len(cpu) == 5
+    for (vg, yg, _), (vc, yc, _) in zip(gpu, cpu):
+        assert torch.equal(yg, yc) and all(torch.equal(a, b) for a, b in zip(vg, vc))
+
+
 def test_gpu_pipeline_on_cuda_matches_the_cpu_pipeline(tiny_folder):
     """Same seed: the same images, labels and random parameters; pixels within nvJPEG's rounding."""
     gpu = _epoch(GpuJpegLoader(tiny_folder, 'train', 8, CUDA, 32, seed=3, workers=2))   # thread + side stream

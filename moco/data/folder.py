@@ -32,7 +32,7 @@ def load_rgb(path, data=None):
                 img = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), 'L')
             elif img.mode == 'P' and 'transparency' in img.info:
                 img = img.convert('RGBA')  # what PIL asks for; avoids its warning
-            return img.convert('RGB')
+            return img if img.mode == 'RGB' else img.convert('RGB')   # (convert would copy an RGB image)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         reason = first_line(e, 160)
         if reason.startswith('cannot identify image file'):  # PIL repeats the file name

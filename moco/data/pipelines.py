@@ -1,6 +1,7 @@
 """The three input pipelines of pretraining behind one call (``--data-pipeline``).
 
-reference: PIL/torchvision ops in loader workers, the original's pixels (moco/data/views.py).
+reference: PIL/torchvision ops in loader workers, the original's pixels (moco/data/views.py); the
+           views travel as uint8 and become the original's float32 input on the device.
 memory:    the whole folder decoded once into (GPU) memory, views made batch-wise on the device;
            small images of one size such as CIFAR (moco/data/memory.py).
 gpu:       workers read JPEG bytes, the batch is decoded and both views made on the GPU; full-size
@@ -12,7 +13,7 @@ import os
 
 from moco.data.folder import image_folder
 from moco.data.sampler import make_loader
-from moco.data.views import pretrain_transform
+from moco.data.views import ToFloat, pretrain_transform
 
 PIPELINES = ('auto', 'reference', 'memory', 'gpu')
 MEMORY_MAX_SIDE = 96      # --fast keeps folders of images up to this size (and of one size) in memory
@@ -69,4 +70,20 @@ def pretrain_loader(pipeline, root, batch_size, device, image_size, crop_min=0.0
     train_set = image_folder(root, 'train', pretrain_transform(image_size, crop_min, blur=blur), strict=strict)
     loader = make_loader(train_set, batch_size, workers, shuffle=True, drop_last=True, seed=seed,
                          pin_memory=device.type == 'cuda')
-    return loader, len(train_set)
+    return ReferenceLoader(loader, device), len(train_set)
+
+
+class ReferenceLoader:
+    """The reference pipeline's DataLoader, its uint8 views sent to ``device`` and made the original's
+    float32 input there (``views.ToFloat``). ``sampler`` is the DataLoader's (``start_epoch`` sets it)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device, self.to_float = loader, device, ToFloat()
+        self.sampler = loader.sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for views, targets, skipped in self.loader:
+            yield [self.to_float(v.to(self.device, non_blocking=True)) for v in views], targets, skipped

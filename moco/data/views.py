@@ -1,71 +1,174 @@
-"""The asymmetric augmentations of MoCo v3 (the BYOL recipe) on PIL images, and the evaluation views.
+"""MoCo v3's two asymmetric views on PIL images (the reference pipeline), and the evaluation views.
 
-This is the reference path: the same PIL/torchvision ops, order and parameters as the original
-release, so its randomness and pixels are the original's.
+Each view is the original release's torchvision op list (the paper's appendix, after BYOL):
+
+    RandomResizedCrop(size, scale=(crop_min, 1)) -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8
+    -> RandomGrayscale(p 0.2) -> GaussianBlur(sigma ~ U[0.1, 2], PIL's radius) with p 1.0 / 0.1
+    -> Solarize(128) with p 0 / 0.2 -> RandomHorizontalFlip -> ToTensor -> Normalize(ImageNet)
+
+with the original's random parameters (the same calls, in the same order, on the same generators:
+python's ``random`` for the blur's sigma, torch for the rest) and the original's bytes. What is done
+differently is only how the bytes are computed (README "Speed"): hue and blur by moco/data/pil_ops.py;
+a view made gray stays one channel through blur, solarize and flip; and a view leaves the loader
+worker as uint8 (H, W, 3): ToTensor + Normalize run where the batch goes, by looking up the float32
+values torchvision's ops give each byte (``ToFloat``), so a quarter of the bytes cross the worker
+queues and the PCIe bus. Tested against the original's op list, view by view (tests/test_data_views.py).
 """
+import math
 import random
 
+import numpy as np
+import torch
 import torchvision.transforms as transforms
-from PIL import ImageFilter, ImageOps
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from moco.data import pil_ops
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class GaussianBlur:
-    """Gaussian blur with sigma ~ U[0.1, 2.0], used as PIL's blur radius (SimCLR)."""
-
-    def __init__(self, sigma=(.1, 2.)):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        sigma = random.uniform(self.sigma[0], self.sigma[1])
-        return x.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-
-class Solarize:
-    """Invert all pixels >= 128 (PIL's default threshold)."""
-
-    def __call__(self, x):
-        return ImageOps.solarize(x)
-
-
-class TwoCropsTransform:
-    """Two views of one image, each from its own augmentation."""
-
-    def __init__(self, transform1, transform2):
-        self.transform1 = transform1
-        self.transform2 = transform2
-
-    def __call__(self, x):
-        return [self.transform1(x), self.transform2(x)]
+JITTER = transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)   # not strengthened (the release's comment)
+RATIO = (3. / 4., 4. / 3.)   # RandomResizedCrop's default aspect ratios
+LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()   # float32, as get_params computes them
+HUE_TABLES_MIN_SIZE = 96   # smaller views keep PIL's hue: its tables would cost more than they save
 
 
 def normalize():
     return transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def view_transform(image_size, crop_min, blur_p, solarize_p):
-    """One view of the BYOL augmentation; the MoCo v3 views differ only in blur_p and solarize_p."""
-    ops = [
-        transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # not strengthened
-        transforms.RandomGrayscale(p=0.2),
-    ]
-    if blur_p > 0:
-        ops.append(transforms.RandomApply([GaussianBlur([.1, 2.])], p=blur_p))
-    if solarize_p > 0:
-        ops.append(transforms.RandomApply([Solarize()], p=solarize_p))
-    ops += [transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize()]
-    return transforms.Compose(ops)
+def _applies(p):
+    """torchvision's RandomApply draw: the op runs unless p < torch.rand(1)."""
+    return not p < torch.rand(1)
+
+
+def random_resized_crop_params(width, height, scale, log_ratio=LOG_RATIO):
+    """``transforms.RandomResizedCrop.get_params`` (top, left, h, w) for the default aspect ratios: the same
+    torch draws in the same order and the same arithmetic, without its per-call tensors (``log_ratio`` is
+    computed once)."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).exp_().item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    in_ratio = width / height   # ten misses (very elongated images): torchvision's central crop
+    if in_ratio < min(RATIO):
+        w, h = width, int(round(width / min(RATIO)))
+    elif in_ratio > max(RATIO):
+        w, h = int(round(height * max(RATIO))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class PretrainView:
+    """One view of the BYOL augmentation as uint8 (size, size, 3); MoCo v3's two views differ only in
+    blur_p and solarize_p (``blur_p = 0``: no blur op at all, as ``--no-blur`` removes it)."""
+
+    def __init__(self, size, crop_min, blur_p, solarize_p):
+        self.size, self.scale = size, (crop_min, 1.)
+        self.blur_p, self.solarize_p = blur_p, solarize_p
+        self.hue_tables = size >= HUE_TABLES_MIN_SIZE
+        if self.hue_tables:
+            pil_ops.hue_tables()   # made now, before the loader workers fork and share them
+
+    def __call__(self, img):
+        i, j, h, w = random_resized_crop_params(img.width, img.height, self.scale, LOG_RATIO)
+        img = img.crop((j, i, j + w, i + h)).resize((self.size, self.size), Image.BILINEAR)   # TF.resized_crop
+        if _applies(0.8):
+            img = self.color_jitter(img)
+        if torch.rand(1) < 0.2:   # RandomGrayscale: PIL's L, as torchvision computes it, kept one channel
+            img = img.convert('L')
+        # the draws in the original's order; the flip is made first, on the PIL image (cheaper than on the
+        # array, and the same bytes: blur and solarize treat left and right alike)
+        sigma = random.uniform(0.1, 2.0) if self.blur_p > 0 and _applies(self.blur_p) else None
+        solarize = self.solarize_p > 0 and _applies(self.solarize_p)
+        if torch.rand(1) < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = np.asarray(img).reshape(self.size, self.size, -1)
+        if sigma is not None:
+            pixels = pil_ops.blur(pixels, sigma)
+        if solarize:
+            pixels = pil_ops.solarize(pixels)
+        if pixels.shape[2] == 1:
+            pixels = np.repeat(pixels, 3, axis=2)
+        return torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+
+    def color_jitter(self, img):
+        order, brightness, contrast, saturation, hue = transforms.ColorJitter.get_params(
+            JITTER.brightness, JITTER.contrast, JITTER.saturation, JITTER.hue)
+        for op in order.tolist():
+            if op == 0:
+                img = TF.adjust_brightness(img, brightness)
+            elif op == 1:
+                img = adjust_contrast(img, contrast)
+            elif op == 2:
+                img = TF.adjust_saturation(img, saturation)
+            else:
+                img = pil_ops.adjust_hue(img, hue) if self.hue_tables else TF.adjust_hue(img, hue)
+        return img
+
+
+def adjust_contrast(img, factor):
+    """torchvision's ``F.adjust_contrast`` of an RGB PIL image (Pillow's ``ImageEnhance.Contrast``): a blend
+    with the gray image of the rounded mean of its L channel, that mean summed from the histogram with
+    numpy instead of in Python (the same integers, the same division)."""
+    histogram = np.array(img.convert('L').histogram(), dtype=np.int64)
+    mean = int(int(histogram @ np.arange(256)) / int(histogram.sum()) + 0.5)
+    return Image.blend(Image.new('RGB', img.size, (mean, mean, mean)), img, factor)
+
+
+class TwoViews:
+    """Both views of one image, [view 1, view 2]: uint8 (size, size, 3) tensors (``ToFloat`` makes them
+    the original's float32 input)."""
+
+    def __init__(self, view1, view2):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, img):
+        return [self.view1(img), self.view2(img)]
 
 
 def pretrain_transform(image_size=224, crop_min=0.08, blur=True):
     """View 1: blur p 1.0, no solarize. View 2: blur p 0.1, solarize p 0.2 (paper appendix, BYOL).
     ``blur=False`` drops the blur from both views (small-image recipes)."""
-    return TwoCropsTransform(
-        view_transform(image_size, crop_min, blur_p=1.0 if blur else 0., solarize_p=0.),
-        view_transform(image_size, crop_min, blur_p=0.1 if blur else 0., solarize_p=0.2))
+    return TwoViews(PretrainView(image_size, crop_min, blur_p=1.0 if blur else 0., solarize_p=0.),
+                    PretrainView(image_size, crop_min, blur_p=0.1 if blur else 0., solarize_p=0.2))
+
+
+class ToFloat:
+    """ToTensor + Normalize of a batch of uint8 views (N, H, W, 3), where the batch is: (N, 3, H, W) float32
+    in channels-last memory, the original's input bit for bit. On the CPU by torchvision's own float32
+    ops (ToTensor's division by 255, Normalize's subtraction and division per channel); elsewhere by
+    looking each byte up in a table of the values those CPU ops give it, since CUDA divides by a
+    constant through its reciprocal, which can differ in the last bit."""
+
+    def __init__(self):
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        every_byte = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, 1, 256, 3)
+        self.table = self.arithmetic(every_byte)[0, :, 0].contiguous()   # (3, 256)
+        self._tables = {}
+
+    def __call__(self, views):
+        return self.arithmetic(views) if views.device.type == 'cpu' else self.lookup(views)
+
+    def arithmetic(self, views):
+        return views.permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)
+
+    def lookup(self, views):
+        key = str(views.device)
+        if key not in self._tables:   # sent to each device once
+            self._tables[key] = (self.table.reshape(-1).to(views.device),
+                                 (torch.arange(3, dtype=torch.int32) * 256).to(views.device))
+        table, offsets = self._tables[key]
+        index = views.to(torch.int32) + offsets
+        return table.index_select(0, index.reshape(-1)).view(views.shape).permute(0, 3, 1, 2)
 
 
 SMALL_EVAL_SIDE = 64   # images evaluated at up to this size are resized whole (CIFAR, STL-10), not centre-cropped
