@@ -1,7 +1,7 @@
 """The GPU data pipeline (moco/data/gpu.py), run on the CPU: the same code decodes and augments on a GPU.
 
-Decoding: torchvision's JPEG decoder gives PIL's pixels exactly (both libjpeg-turbo), and every file
-it refuses takes PIL's path. Crops: equal to torchvision's tensor resized_crop (1e-5); against PIL's
+Decoding: TorchCodec's and torchvision's JPEG decoders give PIL's pixels exactly (all libjpeg-turbo on
+the CPU), and every file they refuse takes PIL's path. Crops: equal to torchvision's tensor resized_crop (1e-5); against PIL's
 resize of the reference path the difference is PIL's 8-bit rounding (at most 1/255 after rounding
 ours). The ops after the crop are tensor_views', tested in test_data_tensor_views.py; the random parameters
 of the views in test_data_view_params.py."""
@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import broken_folder, jpeg_bytes
 from moco.data import tensor_views as ta
 from moco.data.folder import BadImage, load_rgb
-from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, resized_crops
+from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, jpeg_decoder, resized_crops
 from moco.data.sampler import start_epoch
 from moco.errors import UserError
 
@@ -35,10 +35,20 @@ def test_jpeg_components_reads_the_frame_header():
         assert jpeg_components(not_a_jpeg) is None
 
 
-@pytest.mark.parametrize('decode_all', [False, True], ids=['jpeg-bytes-to-device', 'decoded-in-workers'])
-def test_every_file_decodes_to_the_reference_pixels(odd_images, tmp_path, decode_all):
-    """Both routes (bytes decoded in the training process, or everything decoded in the workers) give
-    exactly the reference path's RGB pixels; unreadable files come back as BadImage."""
+def _decoder(library):
+    decoder = jpeg_decoder(library)
+    if decoder[0] != library:
+        pytest.skip(f'{library} is not installed')
+    return decoder
+
+
+@pytest.mark.parametrize('decode_all, library', [(False, 'torchcodec'), (False, 'torchvision'), (True, None)],
+                         ids=['jpeg-bytes-to-device-torchcodec', 'jpeg-bytes-to-device-torchvision',
+                              'decoded-in-workers'])
+def test_every_file_decodes_to_the_reference_pixels(odd_images, tmp_path, decode_all, library):
+    """Both routes (bytes decoded in the training process by either library, or everything decoded in
+    the workers) give exactly the reference path's RGB pixels; unreadable files come back as BadImage."""
+    decoder = _decoder(library) if library else None
     samples = [(str(p), 0) for p in sorted(odd_images.rglob('*')) if p.suffix in ('.jpg', '.png')]
     samples += [(str(p), 1) for p in sorted(broken_folder(tmp_path / 'broken').rglob('*.jpg'))]
     files = EncodedFiles(samples, decode_all=decode_all)
@@ -49,7 +59,7 @@ def test_every_file_decodes_to_the_reference_pixels(odd_images, tmp_path, decode
         assert kinds['rgb.jpg'] == kinds['gray.jpg'] == kinds['0_good.jpg'] == kinds['1_truncated.jpg'] == 1
         assert kinds['cmyk.jpg'] == kinds['rgba.png'] == kinds['gray16.png'] == 3
     assert kinds['2_text.jpg'] == kinds['3_empty.jpg'] == 'bad'
-    images = decode_on_device(payloads, [p for p, _ in samples], CPU)
+    images = decode_on_device(payloads, [p for p, _ in samples], CPU, decoder)
     for (path, _), image in zip(samples, images):
         try:
             expected = TF.pil_to_tensor(load_rgb(path))
@@ -180,18 +190,16 @@ def test_a_batch_of_only_unreadable_files_is_a_user_error(tmp_path):
             _epoch(GpuJpegLoader(str(tmp_path), 'train', 4, CPU, 8, seed=0, prefetch=prefetch), 0)
 
 
-def test_a_decoder_answer_that_is_not_rgb_takes_the_pil_path(tiny_folder, monkeypatch):
+def test_a_decoder_answer_that_is_not_rgb_takes_the_pil_path(tiny_folder):
     """Should the batched decoder hand back a one-channel image (or raise), the file is decoded again."""
-    import moco.data.gpu as gd
     samples = GpuJpegLoader(tiny_folder, 'train', 4, CPU, 8).folder.samples[:3]
     payloads = [EncodedFiles(samples)[(i, 0)][0] for i in range(3)]
-    real = gd.decode_jpeg
+    real = jpeg_decoder()[1]
 
-    def gray_batch(data, mode, device):
+    def gray_batch(data, device):
         if isinstance(data, list):
-            return [real(d, mode=mode)[:1] for d in data]      # one channel: wrong
+            return [real(d, device)[:1] for d in data]      # one channel: wrong
         raise RuntimeError('nvjpeg says no')
-    monkeypatch.setattr(gd, 'decode_jpeg', gray_batch)
-    images = decode_on_device(payloads, [p for p, _ in samples], CPU)
+    images = decode_on_device(payloads, [p for p, _ in samples], CPU, ('broken', gray_batch))
     for (path, _), image in zip(samples, images):
         assert torch.equal(image, TF.pil_to_tensor(load_rgb(path)))

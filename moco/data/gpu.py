@@ -1,7 +1,8 @@
 """The GPU data path for full-size JPEG folders such as ImageNet (``--data-pipeline gpu``).
 
 Loader workers only read files: a JPEG's bytes travel to the training process as they are, and the
-batch is decoded there at once on the GPU (``torchvision.io.decode_jpeg`` on CUDA, nvJPEG). Both
+batch is decoded there at once on the GPU (nvJPEG, through TorchCodec's ``decode_jpeg`` where TorchCodec
+is installed, else torchvision's, which torchvision 0.29 deprecates in TorchCodec's favour). Both
 views are then made on the device: each image's random resized crop is resized on its own (images
 differ in size; bilinear with antialiasing, torchvision's tensor op), and the crops of the batch go
 through the rest of the view together (``moco.data.tensor_views``: colour jitter, grayscale, blur,
@@ -20,9 +21,10 @@ Order and randomness are the in-memory pipeline's: the order is ``EpochSampler``
 seed and epoch, resumable mid-epoch) and each batch's view parameters come from its first sample
 seed, so a seeded run is repeatable for any number of workers.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from moco import dist
@@ -55,6 +57,28 @@ def jpeg_components(data):
     return None
 
 
+@functools.cache
+def jpeg_decoder(prefer='torchcodec'):
+    """(library name, decode): ``decode(data, device)`` turns one 1-d uint8 CPU tensor of JPEG bytes, or a
+    list of them (on CUDA one batched nvJPEG call), into uint8 RGB (3, H, W) on ``device``. TorchCodec's
+    decoder when it is installed and ``prefer`` is 'torchcodec', else torchvision.io's."""
+    if prefer == 'torchcodec':
+        try:
+            from torchcodec.decoders import decode_jpeg as torchcodec_decode
+            return 'torchcodec', lambda data, device: torchcodec_decode(data, mode='RGB', device=device)
+        except (ImportError, OSError, RuntimeError):   # not installed, or its native library does not load
+            pass
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data, device):
+        with warnings.catch_warnings():   # torchvision 0.29's deprecation notice, once per call otherwise
+            warnings.simplefilter('ignore', DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return 'torchvision', decode
+
+
 def _bytes_tensor(data):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
@@ -85,8 +109,10 @@ class EncodedFiles(torch.utils.data.Dataset):
             return e, target, index, seed
 
 
-def decode_on_device(payloads, paths, device):
-    """Decode a batch's payloads (see EncodedFiles) on ``device``: uint8 images (3, H, W) or BadImage."""
+def decode_on_device(payloads, paths, device, decoder=None):
+    """Decode a batch's payloads (see EncodedFiles) on ``device``: uint8 images (3, H, W) or BadImage.
+    ``decoder``: a ``jpeg_decoder()`` (default: TorchCodec's where installed)."""
+    decode = (decoder or jpeg_decoder())[1]
     images = [p.to(device, non_blocking=True) if isinstance(p, torch.Tensor) and p.dim() == 3 else p
               for p in payloads]
     jpegs = [i for i, p in enumerate(payloads) if isinstance(p, torch.Tensor) and p.dim() == 1]
@@ -95,15 +121,16 @@ def decode_on_device(payloads, paths, device):
     if device.type == 'cuda':
         # torchvision's CUDA decoder writes its output from a private stream that does not wait for the
         # current one (pytorch/vision PR 9606), into memory this stream may have freed with work still
-        # queued on it: let that work finish first (in the data thread, this stalls nothing else)
+        # queued on it: let that work finish first (in the data thread, this stalls nothing else; kept
+        # for TorchCodec's decoder too, whose stream handling is not checked on a GPU yet)
         torch.cuda.current_stream(device).synchronize()
     try:  # one batched call: nvJPEG decodes the batch together
-        decoded = decode_jpeg([payloads[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        decoded = decode([payloads[i] for i in jpegs], device)
     except (RuntimeError, ValueError):  # some file of the batch is rejected: decode one by one
         decoded = [None] * len(jpegs)
     for i, image in zip(jpegs, decoded):
         if not _is_rgb(image):
-            image = _decode_one(payloads[i], paths[i], device)
+            image = _decode_one(payloads[i], paths[i], device, decode)
         images[i] = image
     return images
 
@@ -112,9 +139,9 @@ def _is_rgb(image):
     return image is not None and image.dim() == 3 and image.shape[0] == 3   # shapes only: no sync
 
 
-def _decode_one(data, path, device):
+def _decode_one(data, path, device, decode):
     try:
-        image = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        image = decode(data, device)
         if _is_rgb(image):
             return image
     except (RuntimeError, ValueError):
