@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 
-.PHONY: demo test test-fast env clean gpu-check gpu-check-dry gpu-check-prepare
+.PHONY: demo test test-fast env clean gpu-check gpu-check-dry gpu-check-prepare device-versions
 
 # `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.demo (--help lists them)
 DEMO_FLAGS ?=
@@ -47,6 +47,22 @@ gpu-check-prepare:
 	exclude=$$(git rev-parse --git-path info/exclude) && mkdir -p $$(dirname $$exclude) && \
 	  (grep -qx '/.gpu_data/' $$exclude 2>/dev/null || echo '/.gpu_data/' >> $$exclude)
 	git check-ignore -q .gpu_data/cifar10-jpeg.tar.xz
+
+# The GPU machine's versions (torch 2.11, torchvision 0.26, no TorchCodec; the rest as requirements.txt) in
+# .venv-device, made once (a download of several GB: not part of CI), then the fast test tier and the GPU
+# check's dry run in it. Run it after a change to the GPU check, the data pipelines or the training step.
+DEVICE_VENV ?= .venv-device
+DEVICE_PINS ?= torch==2.11.0 torchvision==0.26.0
+device-versions: $(DEVICE_VENV)/.installed
+	$(DEVICE_VENV)/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
+	$(DEVICE_VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(DEVICE_VENV)/bin/python -m moco.gpu_check --dry-run $(GPU_CHECK_FLAGS)
+
+$(DEVICE_VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	grep -v -E '^(torch|torchvision|torchcodec)==' requirements.txt > $(DEVICE_VENV)/requirements.txt
+	$(DEVICE_VENV)/bin/pip install --quiet $(DEVICE_PINS) -r $(DEVICE_VENV)/requirements.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV) output

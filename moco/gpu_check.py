@@ -10,6 +10,8 @@ cannot eat the next; a part that fails or times out is recorded and the next one
  2. bench      python -m moco.bench: vit_small:256 resnet50:256 vit_base:128 at 224 px, reference and ours,
                synthetic and end to end from 2,048 ImageNet-sized JPEGs (--fullsize-jpegs, made in the
                background while the tests run); img/s, TFLOP/s, fraction of 790 TFLOP/s, peak GiB, vs ref
+    pipeline   python -m moco.bench --pipeline: the reference pipeline's two-view transform per core against
+               the original release's (bit-identical views checked first), and the loader at -j 1 and 8
     profile    only when a target is missed: torch.profiler's top operations of a few steps of ours
     bench_compiled  the same models, ours with torch.compile, synthetic input
  3. cifar      CIFAR-10 ResNet-18 (CONFIG.md recipe, --fast, memory pipeline), kNN every 20 epochs: a short
@@ -36,16 +38,17 @@ time, e.g. --parts cifar --budget-min 9, or --parts cifar,cifar_ref --cifar-epoc
 original numerics at the same schedule.
 
 Budget plan (share of --budget-min, the longest a part may take; what a part does not use goes to the
-later ones): tests 20%, bench 22%, profile 7%, bench_compiled 20%, cifar the rest (25% kept for it in
-any case), cifar_ref what cifar leaves (at least 60 s, or it is skipped), 3% kept for the summary. At
-9 min: tests <= 108 s, bench <= 119 s, profile <= 38 s, bench_compiled <= 108 s, cifar >= 151 s
+later ones): tests 18%, bench 22%, pipeline 7%, profile 7%, bench_compiled 15%, cifar the rest (25% kept
+for it in any case), cifar_ref what cifar leaves (at least 60 s, or it is skipped), 3% kept for the
+summary. At 9 min: tests <= 97 s, bench <= 119 s, pipeline <= 38 s, profile <= 38 s, bench_compiled
+<= 81 s, cifar >= 151 s
 (calibration ~30 s included; at an assumed 3-5 s per epoch, some 25-40 epochs in the worst case, all
 that the earlier parts leave otherwise).
 
 --dry-run: the same parts and command lines on CPU with tiny stand-ins, so that every command, flag and
 file name is exercised: tests/test_gpu.py with MOCO_GPU_TESTS_ON_CPU=1; bench --tiny at 16 px with two
 tiny models (the first alone for the profile and the compiled row), batch 4, 1+1 steps, 24 fullsize
-JPEGs, the aot_eager compile backend (inductor's C++ build takes minutes on a CPU), the profile always;
+JPEGs, the pipeline on 8 JPEGs at -j 1, the aot_eager compile backend (inductor's C++ build takes minutes on a CPU), the profile always;
 CIFAR from a tarball of 80 + 40 images of the shipped demo data, resnet10_w32 at batch 16, calibration
 3 epochs, then 4 and 2 epochs with kNN every 2; --amp auto instead of --amp fp16 (fp16 needs CUDA; on
 CUDA auto is fp16 with a GradScaler, the same); no --gpu 0; one thread per process; a 30-minute budget
@@ -67,11 +70,12 @@ from moco.run_record import write_text_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PARTS = ('tests', 'bench', 'profile', 'bench_compiled', 'cifar', 'cifar_ref')
-SHARE = {'tests': 0.20, 'bench': 0.22, 'profile': 0.07, 'bench_compiled': 0.20}   # longest, x budget
+PARTS = ('tests', 'bench', 'pipeline', 'profile', 'bench_compiled', 'cifar', 'cifar_ref')
+SHARE = {'tests': 0.18, 'bench': 0.22, 'pipeline': 0.07, 'profile': 0.07, 'bench_compiled': 0.15}   # longest, x budget
 RESERVE = {'cifar': 0.25}          # kept for this part by the parts before it, x budget
 TAIL = 0.03                        # kept for the summary, x budget
-MIN_SECONDS = {'tests': 20, 'bench': 20, 'profile': 15, 'bench_compiled': 30, 'cifar': 45, 'cifar_ref': 60}
+MIN_SECONDS = {'tests': 20, 'bench': 20, 'pipeline': 20, 'profile': 15, 'bench_compiled': 30, 'cifar': 45,
+               'cifar_ref': 60}
 KILL_GRACE_S = 10                  # SIGTERM, then SIGKILL (main_moco.py saves and exits on SIGTERM)
 PLOT_RESERVE_S = 20                # kept after a CIFAR run for python -m moco.plot
 FIT_MARGIN = 0.05                  # a CIFAR run is sized to 95% of the time it has
@@ -490,6 +494,27 @@ class Check:
             print(self.tail(output), flush=True)
         return status
 
+    def part_pipeline(self, timeout, record):
+        out_json = os.path.join(self.work, 'pipeline.json')
+        cmd = [sys.executable, '-m', 'moco.bench', '--pipeline', '--out', out_json]
+        cmd += ['--loader-rounds', '1']
+        cmd += (['--images', '8', '--rounds', '1', '--loader-workers', '1', '--loader-batch', '4'] if self.dry else
+                ['--images', '96', '--rounds', '2', '--loader-workers', '1', str(min(8, os.cpu_count() or 1))])
+        status, output, _ = self.run(cmd, 'pipeline', timeout)
+        try:
+            with open(out_json) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {'rows': []}
+        record.update(rows=data['rows'], identical_views=data.get('identical_views'), cpu=data.get('cpu'))
+        transform = {r['config']: r for r in data['rows'] if r['kind'] == 'transform'}
+        if 'ours' in transform:
+            record['result'] = (f"views identical: {data.get('identical_views')}; ours "
+                                f"{transform['ours']['vs_original']:.2f}x the original per core")
+        if status != 'ok':
+            print(self.tail(output), flush=True)
+        return status
+
     def part_profile(self, timeout, record):
         missed = missed_targets(self.bench_rows.get('bench', []), self.dry)
         record['missed'] = missed
@@ -686,6 +711,20 @@ class Check:
                              f"{x['images_per_s']:.0f} | {x['model_tflops']:.1f} | {x['fraction_of_peak']:.1%} | "
                              f"{'-' if x['peak_gib'] is None else round(x['peak_gib'], 1)} | "
                              f"{'' if vs is None else f'{vs:.2f}x'} | {met} |")
+        pipeline = r['parts'].get('pipeline', {}).get('rows')
+        if pipeline:
+            lines += ['', f"Reference pipeline (python -m moco.bench --pipeline; {r['parts']['pipeline'].get('cpu')}; "
+                          f"views identical to the original's: {r['parts']['pipeline'].get('identical_views')}):", '',
+                      '| row | config | img/s | of the original / of the transform alone |', '|---|---|---|---|']
+            for x in pipeline:
+                if x['kind'] == 'transform':
+                    lines.append(f"| transform, 1 core | {x['config']} | {x['images_per_s_per_core']:.1f} | "
+                                 f"{x['vs_original']:.2f}x |")
+                elif x['kind'] == 'loader':
+                    lines.append(f"| loader, -j {x['workers']} | {x['config']} | {x['images_per_s']:.1f} | "
+                                 f"{x['of_transform_alone']:.0%} |")
+                else:
+                    lines.append(f"| {x['kind']} on {x.get('device')} | {x['config']} | {x['images_per_s']:.1f} | |")
         for name in ('cifar', 'cifar_ref'):
             p = r['parts'].get(name, {})
             if 'calibration' not in p:
@@ -737,7 +776,8 @@ class Check:
                   f"{self.args.budget_min:.1f} min, parts {','.join(self.parts)}; results in {self.out}")
         self.save()
         self.prepare()
-        fns = {'tests': self.part_tests, 'bench': self.part_bench, 'profile': self.part_profile,
+        fns = {'tests': self.part_tests, 'bench': self.part_bench, 'pipeline': self.part_pipeline,
+               'profile': self.part_profile,
                'bench_compiled': self.part_bench_compiled, 'cifar': self.part_cifar,
                'cifar_ref': lambda timeout, record: self.part_cifar(timeout, record, ref=True)}
         for name in self.parts:
