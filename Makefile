@@ -4,12 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 
-.PHONY: demo test test-fast env clean gpu-check gpu-check-dry gpu-check-prepare device-versions
+.PHONY: demo study test test-fast env clean gpu-check gpu-check-dry gpu-check-prepare device-versions
 
 # `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.demo (--help lists them)
 DEMO_FLAGS ?=
 demo: $(VENV)/.installed
 	$(PY) -m moco.demo $(DEMO_FLAGS)
+
+# MoCo v3's stability study at CPU scale (README "Monitoring"): 12 short ViT runs, about 35 minutes on 2 cores
+STUDY_FLAGS ?=
+study: $(VENV)/.installed
+	$(PY) -m moco.study $(STUDY_FLAGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

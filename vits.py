@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 __all__ = [
     'VisionTransformerMoCo', 'ConvStem', 'sincos_pos_embed_2d', 'VIT_ARCHS',
     'vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base',
-    'vit_tiny', 'vit_tiny_patch4', 'vit_small_patch4',
+    'vit_tiny', 'vit_tiny_patch4', 'vit_small_patch4', 'vit_mini_patch4',
 ]
 
 
@@ -153,6 +153,12 @@ def vit_tiny_patch4(**kwargs):
 def vit_small_patch4(**kwargs):
     """ViT-S (12 heads) on 4x4 patches of 32x32 images (64 tokens)."""
     return _vit(dict(embed_dim=384, depth=12, num_heads=12, patch_size=4, img_size=32), kwargs)
+
+
+def vit_mini_patch4(**kwargs):
+    """A 6-block, 96-wide ViT (3 heads) on 4x4 patches of 16x16 images (16 tokens): small enough for the
+    CPU study of training stability (README "Monitoring")."""
+    return _vit(dict(embed_dim=96, depth=6, num_heads=3, patch_size=4, img_size=16), kwargs)
 
 
 VIT_ARCHS = {name: globals()[name] for name in __all__ if name.startswith('vit_')}

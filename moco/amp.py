@@ -92,19 +92,28 @@ class Amp:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def backward_step(self, loss, optimizer, check_finite=True):
+    def backward_step(self, loss, optimizer, check_finite=True, after_backward=None):
         """Backward and step; returns False if the loss was not finite on some process, in which case
         no process takes the step (fp16: the GradScaler skips it and lowers its scale, as usual).
 
         Deciding needs the loss on the host: one sync per step, after the backward is queued (the
         GradScaler of the original syncs once per step as well). ``check_finite=False``: no check and
-        no sync (bf16/fp32 then step whatever the loss, as the original would)."""
+        no sync (bf16/fp32 then step whatever the loss, as the original would).
+
+        ``after_backward(finite)``, when given, sees the gradients unscaled (fp16), before the step, and
+        returns whether to take it (False: skipped on every process, which must all answer alike)."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         finite = dist.all_true(torch.isfinite(loss.detach())) if check_finite else True
-        if finite or self.scaler.is_enabled():
+        take = True
+        if after_backward is not None:
+            self.scaler.unscale_(optimizer)   # what the step would do first (a no-op without fp16)
+            take = after_backward(finite)
+        if take and (finite or self.scaler.is_enabled()):
             self.scaler.step(optimizer)
             self.scaler.update()
+        elif after_backward is not None and self.scaler.is_enabled():
+            self.scaler.update()   # its bookkeeping of the unscaled gradients (inf found: a lower scale)
         return finite
 
     def state_dict(self):

@@ -5,6 +5,7 @@
     python -m moco.bench --data DIR              # also end to end from DIR/train (JPEG files)
     python -m moco.bench --fullsize-jpegs DIR    # ... from ImageNet-sized JPEGs made from the demo data
     python -m moco.bench --configs ours_compiled --inputs synthetic   # only our compiled step
+    python -m moco.bench --monitors              # the step with the gradient monitors at -p 10 and 1, vs without
     python -m moco.bench --pipeline              # the data pipeline instead: ours vs the original's
                                                  # two-view transform per core, and the loader (moco/bench_pipeline.py)
 
@@ -40,6 +41,43 @@ from moco.run_record import write_text_atomic
 GPU_MODELS = (('vit_small', 256), ('resnet50', 256), ('vit_base', 128))
 CONFIGS = ('reference', 'ours', 'ours_compiled')
 TINY_MODELS = (('vit_tiny_patch4', 16), ('resnet18_cifar', 16))
+
+
+def monitor_cost(arch, batch, image_size, device, steps, warmup, print_freqs=(10, 1), rounds=3):
+    """Seconds per step of ours without the gradient monitors and with them at each print frequency
+    (the measurement and its read-back at every print_freq-th step, as main_moco.py does), rounds
+    alternating; {'none': s, 'p10': s, 'p1': s}, each the median of its rounds."""
+    import statistics
+
+    from moco.monitors import TrainingMonitors
+    from moco.metrics import RunLog
+    runner = Runner(arch, batch, image_size, device, ours=True)
+    monitors = TrainingMonitors(runner.model, is_vit(arch))
+    run_log = RunLog('.', enabled=False)
+    batches = synthetic(batch, image_size, device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
+    def timed(print_freq):
+        for k in range(warmup + steps):
+            if k == warmup:
+                sync()
+                tic = time.perf_counter()
+            x1, x2 = (x.to(memory_format=runner.memory_format) for x in next(batches))
+            with runner.amp.autocast():
+                loss = runner.model(x1, x2, 0.99)
+            logged = print_freq is not None and k % print_freq == 0
+            runner.amp.backward_step(loss, runner.optimizer, True,
+                                     monitors.after_backward(logged, loss) if print_freq else None)
+            if logged:
+                monitors.log_step(k, run_log)
+        sync()
+        return (time.perf_counter() - tic) / steps
+    configs = {'none': None, **{f'p{p}': p for p in print_freqs}}
+    seconds = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, print_freq in configs.items():
+            seconds[name].append(timed(print_freq))
+    return {name: statistics.median(v) for name, v in seconds.items()}
 
 
 def step_flops(model, image_size, device, precision):
@@ -214,6 +252,8 @@ def main(argv=None):
                    help='torch.compile backend of compiled rows (default inductor; aot_eager: a quick CPU check)')
     p.add_argument('--peak-tflops', type=float, default=750., help='bf16 matmul ceiling of the GPU (H100: ~750)')
     p.add_argument('--out', default=None, help='also write the rows as JSON here (rewritten after every row)')
+    p.add_argument('--monitors', action='store_true',
+                   help='time our step without the gradient monitors and with them at print frequency 10 and 1')
     g = p.add_argument_group('--pipeline: the reference data pipeline against the original release\'s (moco/bench_pipeline.py)')
     g.add_argument('--pipeline', action='store_true',
                    help='measure the two-view transform per core and the loader end to end, instead of the step')
@@ -255,6 +295,18 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
     print(f'device: {name} | torch {torch.__version__} | {size} px | {warmup} warm-up + {steps} timed steps')
+    if args.monitors:
+        rows = []
+        for arch, batch in models:
+            cost = monitor_cost(arch, batch, size, device, steps, warmup)
+            rows.append(dict(model=arch, batch=batch, **{f'seconds_per_step_{k}': v for k, v in cost.items()}))
+            print(f'{arch:<16}{batch:>6}  s/step without monitors {cost["none"]:.4f}, at -p 10 {cost["p10"]:.4f} '
+                  f'({cost["p10"] / cost["none"] - 1:+.1%}), at -p 1 {cost["p1"]:.4f} ({cost["p1"] / cost["none"] - 1:+.1%})',
+                  flush=True)
+        if args.out:
+            write_text_atomic(args.out, json.dumps({'device': name, 'torch': torch.__version__, 'image_size': size,
+                                                    'rows': rows}, indent=1))
+        return rows
 
     rows = []
 

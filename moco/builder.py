@@ -24,6 +24,8 @@ Each method class declares what the scripts need to know about it (``sync_bn``, 
 
 References: facebookresearch/moco-v3 moco/builder.py (CC-BY-NC 4.0; re-written).
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -100,6 +102,10 @@ class MoCo(nn.Module):
     def contrastive_loss(self, q, k):
         return infonce(q, k, self.T)
 
+    def collapsed_loss(self, global_batch):
+        """The loss when every query is as similar to every key (collapsed features): 2 x ctr = 2 x 2T ln(B)."""
+        return 4 * self.T * math.log(global_batch)
+
     def pair_loss(self, q, k):
         """The loss of queries of one view against keys of the other."""
         return self.contrastive_loss(q, k)
@@ -160,6 +166,9 @@ class BYOL:
 
     def pair_loss(self, p, z):
         return regression_loss(p, z)
+
+    def collapsed_loss(self, global_batch):
+        return None   # collapsed features give loss 0, which a healthy run approaches too: RankMe tells
 
 
 class MomentumSquaredTeacher(BYOL):

@@ -1,4 +1,5 @@
 """One epoch of MoCo v3 pretraining."""
+import math
 import os
 import time
 
@@ -9,7 +10,7 @@ from moco.metrics import MetricLogger, SmoothedValue
 
 
 def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=0,
-                    save_progress=None, nonfinite=None, stop=None):
+                    save_progress=None, nonfinite=None, stop=None, monitors=None):
     """Per iteration: set lr (warmup + cosine) and the momentum coefficient, forward both views,
     backward, step.
 
@@ -18,22 +19,29 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     ``nonfinite`` (a NonFiniteSteps, kept across epochs by the caller) stops the run after
     ``args.max_nonfinite_steps`` of them in a row. ``stop`` (a dist.StopRequest): after each step, if any
     process received a stop signal, the progress is saved (``save_progress``) and ``dist.Stopped`` raised;
-    at the epoch's last step the epoch just ends (the caller saves it and stops). Returns the epoch's
-    averages. The only host syncs are
-    the finiteness check of ``amp.backward_step`` (none with ``--max-nonfinite-steps 0``) and the
-    progress lines.
+    at the epoch's last step the epoch just ends (the caller saves it and stops). ``monitors`` (a
+    monitors.TrainingMonitors): the gradient magnitudes of the logged steps and, with --skip-spikes,
+    the spike guard. Returns the epoch's averages (and the monitors' per-epoch fields). The only host
+    syncs are the finiteness check of ``amp.backward_step`` (none with ``--max-nonfinite-steps 0``),
+    the progress lines (the gradient magnitudes are read with them) and, with --skip-spikes, the
+    guard's decision.
     """
     model.train()
     method = unwrap(model)   # the MoCo/BYOL/M2T model under DDP and compile wrappers
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     logger.add_meter('m', SmoothedValue(window_size=1, fmt='{value:.5f}'))
+    if monitors is not None:   # the first layer's max |gradient| of the logged step (paper, Fig. 4)
+        logger.add_meter('grad_first', SmoothedValue(window_size=1, fmt='{value:.3g}'))
     device = args.device
     header = f'Epoch {epoch + 1}/{args.epochs}'
     tic = time.time()
     if nonfinite is None:
         nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
     skipped_images, skipped_before = 0, nonfinite.skipped
+    spikes_before = monitors.guard.skipped if monitors is not None and monitors.guard is not None else 0
+    if monitors is not None:
+        monitors.start_epoch(epoch)
 
     batches = logger.log_every(loader, args.print_freq, header, total=len(loader), start=start_iter,
                                images_per_step=args.batch_size * args.world_size,
@@ -50,18 +58,24 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
             loss = model(x1, x2, m)
-        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check), loss, epoch, i):
+        logged = (i - start_iter) % args.print_freq == 0 or i == iters_per_epoch - 1
+        inspect = monitors.after_backward(logged, loss) if monitors is not None else None
+        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check, inspect), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr, m=m)
         skipped_images += int(skipped.sum())  # a CPU tensor: no device sync
 
         step = epoch * iters_per_epoch + i
-        if (i - start_iter) % args.print_freq == 0 or i == iters_per_epoch - 1:
+        if logged:
             done = i - start_iter + 1
             images_per_s = done * x1.shape[0] * args.world_size / (time.time() - tic)
             scalars = dict(lr=lr, moco_momentum=m, images_per_s=images_per_s)
             if 'loss' in logger.meters:
                 scalars['loss'] = logger.meters['loss'].value
             run_log.scalars(step, **scalars)
+            if monitors is not None:
+                grads = monitors.log_step(step, run_log, scalars.get('loss'))
+                if math.isfinite(grads.get('first_layer', math.nan)):
+                    logger.meters['grad_first'].update(grads['first_layer'])   # shown on this progress line
         if save_progress is not None and args.save_every_iters > 0 and (i + 1) % args.save_every_iters == 0 \
                 and i + 1 < iters_per_epoch:
             save_progress(epoch, i + 1)
@@ -71,10 +85,12 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
                                  save=save_progress and (lambda: save_progress(epoch, i + 1)))
 
     stats = logger.global_averages()
+    stats.pop('grad_first', None)   # per-step values: log.txt gets the epoch's maximum and median instead
     skipped_steps = nonfinite.skipped - skipped_before
     skipped_images = round(dist.all_reduce_mean(skipped_images) * dist.world_size())
-    if skipped_images or skipped_steps:
+    spike_steps = monitors.guard.skipped - spikes_before if monitors is not None and monitors.guard is not None else 0
+    if skipped_images or skipped_steps or spike_steps:
         print(f'epoch {epoch + 1}: {skipped_images} unreadable image(s) replaced, {skipped_steps} step(s) skipped '
-              'for a non-finite loss', flush=True)
+              f'for a non-finite loss' + (f', {spike_steps} by --skip-spikes' if spike_steps else ''), flush=True)
     stats.update(skipped_images=skipped_images, skipped_steps=skipped_steps)
     return stats

@@ -10,6 +10,8 @@ cannot eat the next; a part that fails or times out is recorded and the next one
  2. bench      python -m moco.bench: vit_small:256 resnet50:256 vit_base:128 at 224 px, reference and ours,
                synthetic and end to end from 2,048 ImageNet-sized JPEGs (--fullsize-jpegs, made in the
                background while the tests run); img/s, TFLOP/s, fraction of 790 TFLOP/s, peak GiB, vs ref
+    monitors   python -m moco.bench --monitors: our vit_small step without the gradient monitors and with them
+               at print frequency 10 and 1
     pipeline   python -m moco.bench --pipeline: the reference pipeline's two-view transform per core against
                the original release's (bit-identical views checked first), and the loader at -j 1 and 8
     profile    only when a target is missed: torch.profiler's top operations of a few steps of ours
@@ -38,10 +40,10 @@ time, e.g. --parts cifar --budget-min 9, or --parts cifar,cifar_ref --cifar-epoc
 original numerics at the same schedule.
 
 Budget plan (share of --budget-min, the longest a part may take; what a part does not use goes to the
-later ones): tests 18%, bench 22%, pipeline 7%, profile 7%, bench_compiled 15%, cifar the rest (25% kept
-for it in any case), cifar_ref what cifar leaves (at least 60 s, or it is skipped), 3% kept for the
-summary. At 9 min: tests <= 97 s, bench <= 119 s, pipeline <= 38 s, profile <= 38 s, bench_compiled
-<= 81 s, cifar >= 151 s
+later ones): tests 18%, bench 22%, monitors 4%, pipeline 7%, profile 6%, bench_compiled 12%, cifar the
+rest (25% kept for it in any case), cifar_ref what cifar leaves (at least 60 s, or it is skipped), 3%
+kept for the summary. At 9 min: tests <= 97 s, bench <= 119 s, monitors <= 22 s, pipeline <= 38 s,
+profile <= 32 s, bench_compiled <= 65 s, cifar >= 151 s
 (calibration ~30 s included; at an assumed 3-5 s per epoch, some 25-40 epochs in the worst case, all
 that the earlier parts leave otherwise).
 
@@ -70,12 +72,13 @@ from moco.run_record import write_text_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PARTS = ('tests', 'bench', 'pipeline', 'profile', 'bench_compiled', 'cifar', 'cifar_ref')
-SHARE = {'tests': 0.18, 'bench': 0.22, 'pipeline': 0.07, 'profile': 0.07, 'bench_compiled': 0.15}   # longest, x budget
+PARTS = ('tests', 'bench', 'monitors', 'pipeline', 'profile', 'bench_compiled', 'cifar', 'cifar_ref')
+SHARE = {'tests': 0.18, 'bench': 0.22, 'monitors': 0.04, 'pipeline': 0.07, 'profile': 0.06,
+         'bench_compiled': 0.12}   # the longest a part may take, x budget
 RESERVE = {'cifar': 0.25}          # kept for this part by the parts before it, x budget
 TAIL = 0.03                        # kept for the summary, x budget
-MIN_SECONDS = {'tests': 20, 'bench': 20, 'pipeline': 20, 'profile': 15, 'bench_compiled': 30, 'cifar': 45,
-               'cifar_ref': 60}
+MIN_SECONDS = {'tests': 20, 'bench': 20, 'monitors': 10, 'pipeline': 20, 'profile': 15, 'bench_compiled': 30,
+               'cifar': 45, 'cifar_ref': 60}
 KILL_GRACE_S = 10                  # SIGTERM, then SIGKILL (main_moco.py saves and exits on SIGTERM)
 PLOT_RESERVE_S = 20                # kept after a CIFAR run for python -m moco.plot
 FIT_MARGIN = 0.05                  # a CIFAR run is sized to 95% of the time it has
@@ -494,6 +497,29 @@ class Check:
             print(self.tail(output), flush=True)
         return status
 
+    def part_monitors(self, timeout, record):
+        out_json = os.path.join(self.work, 'monitors.json')
+        models = DRY_MODELS[1:] if self.dry else ('vit_small:256',)
+        cmd = [sys.executable, '-m', 'moco.bench', '--monitors', '--models', *models, '--out', out_json,
+               '--warmup', '1' if self.dry else '3', '--steps', '2' if self.dry else '20']
+        if self.dry:
+            cmd += ['--tiny', '--image-size', '16']
+        status, output, _ = self.run(cmd, 'monitors', timeout)
+        try:
+            with open(out_json) as f:
+                rows = json.load(f)['rows']
+        except (OSError, ValueError, KeyError):
+            rows = []
+        record['rows'] = rows
+        if rows:
+            r = rows[0]
+            record['result'] = (f"{r['model']}: s/step {r['seconds_per_step_none']:.4f} without, "
+                                f"{r['seconds_per_step_p10'] / r['seconds_per_step_none'] - 1:+.1%} at -p 10, "
+                                f"{r['seconds_per_step_p1'] / r['seconds_per_step_none'] - 1:+.1%} at -p 1")
+        if status != 'ok':
+            print(self.tail(output), flush=True)
+        return status
+
     def part_pipeline(self, timeout, record):
         out_json = os.path.join(self.work, 'pipeline.json')
         cmd = [sys.executable, '-m', 'moco.bench', '--pipeline', '--out', out_json]
@@ -776,7 +802,8 @@ class Check:
                   f"{self.args.budget_min:.1f} min, parts {','.join(self.parts)}; results in {self.out}")
         self.save()
         self.prepare()
-        fns = {'tests': self.part_tests, 'bench': self.part_bench, 'pipeline': self.part_pipeline,
+        fns = {'tests': self.part_tests, 'bench': self.part_bench, 'monitors': self.part_monitors,
+               'pipeline': self.part_pipeline,
                'profile': self.part_profile,
                'bench_compiled': self.part_bench_compiled, 'cifar': self.part_cifar,
                'cifar_ref': lambda timeout, record: self.part_cifar(timeout, record, ref=True)}

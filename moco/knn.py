@@ -58,6 +58,16 @@ class DecodedImages:
             yield normalize(self.images[index].float() / 255), self.targets[index]
 
 
+def train_eval_set(loader, root, image_size, strict=False):
+    """root/train through the evaluation view (or the in-memory pipeline's decoded images at a small
+    size): what the label-free monitors read in a folder without labels."""
+    if isinstance(loader, InMemoryLoader):
+        size = tuple(loader.images.shape[2:])
+        if size[0] == size[1] and (size[0] == image_size or image_size <= SMALL_EVAL_SIDE):
+            return DecodedImages(eval_resize(loader.images, image_size), loader.targets)
+    return image_folder(root, 'train', eval_transform(image_size), strict=strict)
+
+
 def knn_sets(loader, root, image_size, workers=0, strict=False):
     """(train, val) sets of the kNN monitor: root/train and root/val through the reference eval view or,
     when ``loader`` is the in-memory pipeline's, its decoded images (see ``_decoded_sets``)."""
@@ -133,6 +143,38 @@ def knn_accuracy(backbone, train_set, test_set, device, k=200, T=0.1, batch_size
     finally:
         backbone.train(was_training)
     return knn_top1(train_f, train_y, test_f, test_y, k=k, T=T)
+
+
+def feature_monitors(backbone, train_set, test_set, device, rankme_images=None, k=200, T=0.1, batch_size=256,
+                     workers=0, amp=None):
+    """The feature monitors of a pretraining run, on eval-mode backbone features: {'knn_top1' (with a
+    labelled ``test_set``), 'rankme', 'feature_std'} (moco/monitors.py) of ``train_set``'s images
+    ``rankme_images`` (default: all); ``test_set`` None: only those images are read."""
+    from moco.monitors import feature_std, rankme
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        if test_set is None:
+            train_f, _ = extract_features(backbone, _subset(train_set, rankme_images), device, batch_size, workers, amp)
+            out = {}
+        else:
+            train_f, train_y = extract_features(backbone, train_set, device, batch_size, workers, amp)
+            test_f, test_y = extract_features(backbone, test_set, device, batch_size, workers, amp)
+            out = {'knn_top1': knn_top1(train_f, train_y, test_f, test_y, k=k, T=T)}
+            if rankme_images is not None:
+                train_f = train_f[torch.tensor(rankme_images, device=train_f.device)]
+    finally:
+        backbone.train(was_training)
+    return dict(out, rankme=rankme(train_f), feature_std=feature_std(train_f))
+
+
+def _subset(dataset, indices):
+    if indices is None:
+        return dataset
+    if isinstance(dataset, DecodedImages):
+        index = torch.tensor(indices, device=dataset.images.device)
+        return DecodedImages(dataset.images[index], dataset.targets[index])
+    return torch.utils.data.Subset(dataset, indices)
 
 
 def raw_pixel_knn_accuracy(train_images, train_labels, test_images, test_labels, k=200, T=0.1):

@@ -1,8 +1,13 @@
-"""PNG curves of runs from their log.txt (one JSON line per epoch, written by main_moco.py):
+"""PNG figures of pretraining runs (main_moco.py's log.txt and tensorboard/):
 
-    python -m moco.plot output/run1 [output/run2 ...] --out curves.png [--labels a b]
+    python -m moco.plot output/run --out run.png                  # one run: the paper's figure
+    python -m moco.plot output/run1 output/run2 --out curves.png  # several: loss and kNN per epoch
 
-Left: training loss per epoch; right: kNN top-1 (the --knn-freq monitor) per epoch. One line per run.
+One run with gradient magnitudes logged (every run since they were added; ``--kind gradients``): on
+one iteration axis, the kNN top-1 (or RankMe, in a folder without labels) above, the first layer's
+and the last block's largest absolute gradient below, log scale, with the spikes the run found
+marked: MoCo v3's Figure 4 (paper, section 4). Otherwise (``--kind curves``): training loss and kNN
+top-1 per epoch, one line per run.
 """
 import json
 import os
@@ -31,7 +36,36 @@ def read_log(run_dir):
     return epochs, losses, knn_epochs, knn
 
 
-def plot(runs, out, labels=None, title=None):
+def read_scalars(run_dir, tags):
+    """{tag: ([steps], [values])} of the run's TensorBoard scalars (those of ``tags`` it has)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    folder = os.path.join(run_dir, 'tensorboard')
+    out = {}
+    if not os.path.isdir(folder):
+        return out
+    for name in sorted(os.listdir(folder)):   # one file per launch (a resumed run has several)
+        acc = EventAccumulator(os.path.join(folder, name), size_guidance={'scalars': 0}).Reload()
+        for tag in set(tags) & set(acc.Tags()['scalars']):
+            steps, values = out.setdefault(tag, ([], []))
+            for event in acc.Scalars(tag):
+                steps.append(event.step)
+                values.append(event.value)
+    return {tag: tuple(map(list, zip(*sorted(zip(*sv))))) for tag, sv in out.items()}
+
+
+def read_spikes(run_dir):
+    """The gradient spikes log.txt recorded: [{'iteration', 'ratio', 'later'}]."""
+    path = os.path.join(run_dir, 'log.txt')
+    spikes = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    spikes += json.loads(line).get('grad_spikes', [])
+    return spikes
+
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -39,6 +73,50 @@ def plot(runs, out, labels=None, title=None):
                          'each run\'s log.txt') from None
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt
+
+
+GRADIENT_TAGS = ('grad/first_layer', 'grad/last_block')
+
+
+def plot_gradients(run, out, title=None):
+    """The paper's figure of one run (see the module's docstring)."""
+    plt = _pyplot()
+    scalars = read_scalars(run, GRADIENT_TAGS + ('val/knn_top1', 'val/rankme'))
+    if not any(tag in scalars for tag in GRADIENT_TAGS):
+        raise SystemExit(f'error: {run} has no gradient magnitudes in tensorboard/ (a run from before they were logged?)')
+    fig, (ax_eval, ax_grad) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(1, 1.3))
+    monitor = 'val/knn_top1' if 'val/knn_top1' in scalars else 'val/rankme'
+    if monitor in scalars:
+        steps, values = scalars[monitor]
+        ax_eval.plot(steps, values, marker='o', markersize=3, color='tab:green')
+    ax_eval.set(ylabel='kNN top-1 (%)' if monitor == 'val/knn_top1' else 'RankMe of the features',
+                title=title or os.path.basename(os.path.normpath(run)))
+    for tag, color, label in ((GRADIENT_TAGS[0], 'tab:blue', 'first layer'), (GRADIENT_TAGS[1], 'tab:orange', 'last block')):
+        if tag in scalars:
+            ax_grad.plot(*scalars[tag], color=color, linewidth=0.8, label=label)
+    spikes = read_spikes(run)
+    for k, spike in enumerate(spikes):
+        for ax in (ax_eval, ax_grad):
+            ax.axvline(spike['iteration'], color='tab:red', alpha=0.35, linewidth=0.8,
+                       label='first-layer spike' if k == 0 and ax is ax_grad else None)
+    ax_grad.set(xlabel='iteration', ylabel='max |gradient| of the layer', yscale='log')
+    for ax in (ax_eval, ax_grad):
+        ax.grid(alpha=0.3)
+    ax_grad.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def has_gradients(run):
+    return os.path.isdir(run) and any(tag in read_scalars(run, GRADIENT_TAGS) for tag in GRADIENT_TAGS)
+
+
+def plot(runs, out, labels=None, title=None):
+    plt = _pyplot()
     labels = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
     for run, label in zip(runs, labels):
@@ -66,10 +144,21 @@ def main(argv=None):
     p.add_argument('--out', default='curves.png', help='PNG to write')
     p.add_argument('--labels', nargs='+', default=None, help='one label per run (default: folder names)')
     p.add_argument('--title', default=None)
+    p.add_argument('--kind', default='auto', choices=('auto', 'gradients', 'curves'),
+                   help='gradients: the paper\'s figure of one run; curves: loss and kNN per epoch of the runs; '
+                        'auto (default): gradients for one run that logged them, else curves')
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit('error: give one --labels entry per run')
-    print(f'wrote {plot(args.runs, args.out, args.labels, args.title)}')
+    kind = args.kind
+    if kind == 'auto':
+        kind = 'gradients' if len(args.runs) == 1 and has_gradients(args.runs[0]) else 'curves'
+    if kind == 'gradients':
+        if len(args.runs) != 1:
+            raise SystemExit('error: --kind gradients draws one run')
+        print(f'wrote {plot_gradients(args.runs[0], args.out, args.title)}')
+    else:
+        print(f'wrote {plot(args.runs, args.out, args.labels, args.title)}')
 
 
 if __name__ == '__main__':

@@ -13,10 +13,11 @@ from moco.checkpoint import (check_recorded, ddp_state_dict, pretrain_checkpoint
 from moco.data import is_unlabelled_folder, pipelines, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.errors import UserError
-from moco.knn import knn_accuracy, knn_sets
+from moco.knn import feature_monitors, knn_sets, train_eval_set
 from moco.methods import METHODS, apply_method_defaults
 from moco.metrics import RunLog
 from moco.models import BackboneFeatures, arch_names, build_moco, compile_networks, head_name, is_vit
+from moco.monitors import TrainingMonitors, dips, rankme_indices
 from moco.norm import convert_sync_batchnorm
 from moco.optim import build_optimizer
 from moco.schedules import scaled_lr
@@ -102,9 +103,14 @@ def get_args_parser():
                    help='also save checkpoint_last.pth.tar every N iterations inside an epoch, for long epochs '
                         '(--resume auto continues from it mid-epoch; default: 0 = only at epoch ends)')
     g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
-    g.add_argument('--knn-freq', default=0, type=int, metavar='N',
+    g.add_argument('--knn-freq', '--monitor-freq', default=0, type=int, metavar='N', dest='knn_freq',
                    help='every N epochs (and before training) report weighted kNN top-1 on DIR/val with '
-                        'DIR/train as memory; 0 = off')
+                        'DIR/train as memory (when DIR/train has class folders), and RankMe and the std of the '
+                        'normalised backbone features of up to 25,000 training images (README "Monitoring"); '
+                        '0 = off')
+    g.add_argument('--skip-spikes', action='store_true',
+                   help='skip, on every process, a step whose loss or gradient norm exceeds the mean + 6 std of '
+                        'the recent steps (off by default: the original takes every finite step)')
     g.add_argument('--knn-k', default=200, type=int, help='neighbours of the kNN monitor (default: 200)')
     g.add_argument('--knn-t', default=0.1, type=float, help='temperature of the kNN monitor (default: 0.1)')
     g.add_argument('--seed', default=None, type=int,
@@ -192,15 +198,24 @@ def main_worker(args):
     iters_per_epoch = len(loader)
     print(f'{n_train} training images, {iters_per_epoch} iterations per epoch ({args.data_pipeline} data pipeline)')
 
-    knn = None
-    if args.knn_freq > 0 and is_unlabelled_folder(os.path.join(args.data, 'train')):
-        print(f'kNN monitor off: it needs labels, and {args.data}/train holds images without class folders')
-        args.knn_freq = 0
+    unwrapped = unwrap(model)
+    monitors = TrainingMonitors(unwrapped, is_vit(args.arch), unwrapped.collapsed_loss(total_batch),
+                                skip_spikes=args.skip_spikes)
+    if resume:
+        monitors.load_state_dict(ckpt.get('monitors'))
+    evaluate = None
     if args.knn_freq > 0:
-        sets = knn_sets(loader, args.data, args.image_size, args.workers, args.strict_data)
-        backbone = BackboneFeatures(getattr(unwrap(model), eval_encoder), head_name(args.arch))
-        knn = lambda: knn_accuracy(backbone, *sets, device, k=args.knn_k, T=args.knn_t,  # noqa: E731
-                                   batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
+        labelled = not is_unlabelled_folder(os.path.join(args.data, 'train'))
+        if labelled:
+            sets = knn_sets(loader, args.data, args.image_size, args.workers, args.strict_data)
+        else:
+            print(f'kNN monitor off: it needs labels, and {args.data}/train holds images without class folders; '
+                  'RankMe and the feature std only')
+            sets = (train_eval_set(loader, args.data, args.image_size, args.strict_data), None)
+        backbone = BackboneFeatures(getattr(unwrapped, eval_encoder), head_name(args.arch))
+        evaluate = lambda: feature_monitors(  # noqa: E731
+            backbone, *sets, device, rankme_indices(len(sets[0])), k=args.knn_k, T=args.knn_t,
+            batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
 
     if dist.is_main_process():
         written = run_record.write(args.output_dir, settings)
@@ -208,11 +223,24 @@ def main_worker(args):
               f'{os.path.basename(written)})')
     run_log = RunLog(args.output_dir)
     knn_acc1 = best_knn = None
-    if knn is not None and args.start_epoch == 0 and start_iter == 0:
-        knn_acc1 = knn()
-        print(f'kNN top-1 at initialisation: {knn_acc1:.2f}')
-        run_log.scalars(0, 'val', knn_top1=knn_acc1)
-        run_log.epoch({'epoch': 0, 'knn_top1': knn_acc1})
+
+    def report(epoch_done, record):
+        """Run the feature monitors, print and log them into ``record``; returns kNN top-1 (or None)."""
+        values = evaluate()
+        record.update(values)
+        monitors.evaluations.append((epoch_done, values))
+        when = 'at initialisation' if epoch_done == 0 else f'after epoch {epoch_done}'
+        shown = ', '.join(f'{name} {values[name]:.{digits}f}' for name, digits in
+                          (('knn_top1', 2), ('rankme', 1), ('feature_std', 4)) if name in values)
+        print(f'{when}: {shown} (kNN top-1 in %; RankMe of {len(rankme_indices(len(sets[0])))} training images)')
+        run_log.scalars(epoch_done * iters_per_epoch, 'val', **values)
+        monitors.tripwire.rankme(values['rankme'])
+        return values.get('knn_top1')
+
+    if evaluate is not None and args.start_epoch == 0 and start_iter == 0:
+        first = {'epoch': 0}
+        knn_acc1 = report(0, first)
+        run_log.epoch(first)
 
     def save(epochs_done, iters_done=0):
         """The original's checkpoint (plus data_seed, knn_top1 and, mid-epoch, iter); rank 0 writes it."""
@@ -220,7 +248,7 @@ def main_worker(args):
             return
         state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'state_dict': ddp_state_dict(model),
                  'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
-                 'data_seed': loader.sampler.seed, 'args': settings}
+                 'data_seed': loader.sampler.seed, 'args': settings, 'monitors': monitors.state_dict()}
         if knn_acc1 is not None:
             state['knn_top1'] = knn_acc1
         save_pretraining(state, args.output_dir, epochs_done, iters_done, args.keep_checkpoints)
@@ -229,14 +257,14 @@ def main_worker(args):
     for epoch in range(args.start_epoch, args.epochs):
         start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
         stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch,
-                                start_iter=start_iter, save_progress=save, nonfinite=nonfinite, stop=stop)
+                                start_iter=start_iter, save_progress=save, nonfinite=nonfinite, stop=stop,
+                                monitors=monitors)
         start_iter = 0
-        record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}}
-        if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
-            knn_acc1 = record['knn_top1'] = knn()
-            best_knn = knn_acc1 if best_knn is None else max(best_knn, knn_acc1)
-            print(f'kNN top-1 after epoch {epoch + 1}: {knn_acc1:.2f}')
-            run_log.scalars((epoch + 1) * iters_per_epoch, 'val', knn_top1=knn_acc1)
+        record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}, **monitors.epoch_record(epoch)}
+        if evaluate is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            knn_acc1 = report(epoch + 1, record)
+            if knn_acc1 is not None:
+                best_knn = knn_acc1 if best_knn is None else max(best_knn, knn_acc1)
         save(epoch + 1)
         run_log.epoch(record)
         if epoch + 1 < args.epochs:
@@ -244,18 +272,20 @@ def main_worker(args):
                                        f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
     run_log.close()
     last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
-    print(closing_summary(args, last, best_knn))
+    print(closing_summary(args, last, best_knn, monitors))
     dist.cleanup()
-    return {'checkpoint': last, 'best_knn_top1': best_knn}
+    return {'checkpoint': last, 'best_knn_top1': best_knn, 'spikes': monitors.spikes.events}
 
 
-def closing_summary(args, last, best_knn):
-    """What the run wrote where, and what to run next."""
+def closing_summary(args, last, best_knn, monitors=None):
+    """What the run wrote where, what its monitors saw, and what to run next."""
     lines = [f'done: {args.epochs} epochs of {args.method} ({args.arch}) in {args.output_dir}',
              f'  last checkpoint: {last}', f'  log: {os.path.join(args.output_dir, "log.txt")} (one line per epoch); '
              f'curves: python -m moco.plot {args.output_dir} --out {os.path.join(args.output_dir, "curves.png")}']
     if best_knn is not None:
         lines.append(f'  best kNN top-1: {best_knn:.2f}')
+    if monitors is not None:
+        lines += monitor_summary(monitors)
     if is_unlabelled_folder(os.path.join(args.data, 'train')):
         lines.append('  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.split_folder '
                      'makes them from a folder of class folders')
@@ -266,6 +296,28 @@ def closing_summary(args, last, best_knn):
         lines.append(f'  or fine-tuning: python convert_to_deit.py --input {last} --output '
                      f'{os.path.join(args.output_dir, "deit.pth")}, then python -m transfer.finetune (transfer/README.md)')
     return '\n'.join(lines)
+
+
+def monitor_summary(monitors):
+    """Lines of the closing summary: gradient spikes and kNN (or RankMe) dips, collapse, skipped steps."""
+    events = monitors.spikes.events
+    lines = [f'  gradient spikes (first layer > {monitors.spikes.factor:g}x its running median, logged steps): '
+             + (', '.join(f"iteration {e['iteration']} ({e['ratio']}x"
+                          + ''.join(f"; {name} +{lag}" for name, lag in sorted(e['later'].items(), key=lambda x: x[1]))
+                          + ')' for e in events[:8]) + (f' and {len(events) - 8} more' if len(events) > 8 else '')
+                if events else 'none')]
+    for name, label in (('knn_top1', 'kNN'), ('rankme', 'RankMe')):
+        series = [(e, v[name]) for e, v in monitors.evaluations if name in v]
+        if len(series) > 1:
+            found = dips(series, 1.0 if name == 'knn_top1' else 0.05 * max(v for _, v in series))
+            lines.append(f'  {label} dips: ' + (', '.join(f'after epoch {e} (-{d:g})' for e, d in found)
+                                               if found else 'none'))
+            break
+    if monitors.tripwire.warned:
+        lines.append('  warning: the run looked collapsed (see the warning above)')
+    if monitors.guard is not None:
+        lines.append(f'  steps skipped by --skip-spikes: {monitors.guard.skipped}')
+    return lines
 
 
 def main(args):

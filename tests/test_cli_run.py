@@ -87,8 +87,30 @@ def test_run_records_settings_and_reports_progress(first_run, tiny_folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     (events,) = os.listdir(out / 'tensorboard')
     tags = EventAccumulator(str(out / 'tensorboard' / events)).Reload().Tags()['scalars']
-    assert {'train/loss', 'train/lr', 'train/images_per_s', 'val/knn_top1'} <= set(tags)
-    assert all(t.startswith(('train/', 'val/')) for t in tags)
+    assert {'train/loss', 'train/lr', 'train/images_per_s', 'val/knn_top1', 'val/rankme', 'val/feature_std',
+            'grad/first_layer', 'grad/last_block', 'grad/projector', 'grad/predictor', 'grad/total_norm'} <= set(tags)
+    assert all(t.startswith(('train/', 'val/', 'grad/')) for t in tags)
+    assert set(log[1]['grad_max']) == set(log[1]['grad_median']) == {'first_layer', 'first_block', 'last_block',
+                                                                    'projector', 'predictor', 'total_norm'}
+    assert all(log[1]['grad_max'][k] >= log[1]['grad_median'][k] > 0 for k in log[1]['grad_max'])
+    assert 1 < log[0]['rankme'] <= 40 and 0 < log[0]['feature_std'] < 1   # 40 training images, 512 features
+    assert 'grad_first: ' in printed and 'gradient spikes (first layer' in printed and 'kNN dips:' in printed
+
+
+def test_plot_draws_the_papers_figure_of_a_run(first_run, tmp_path):
+    out, _ = first_run
+    assert plot.has_gradients(str(out))
+    scalars = plot.read_scalars(str(out), ['grad/first_layer', 'val/knn_top1'])
+    assert scalars['grad/first_layer'][0] == list(range(10))   # -p 1: every one of the 2 x 5 steps
+    assert scalars['val/knn_top1'][0] == [0, 5, 10]
+    png = tmp_path / 'fig.png'
+    plot.main([str(out), '--out', str(png)])                    # one run: --kind auto draws the figure
+    assert png.read_bytes()[:4] == b'\x89PNG'
+    curves = tmp_path / 'curves.png'
+    plot.main([str(out), str(out), '--out', str(curves)])      # two runs: loss and kNN per epoch
+    assert curves.read_bytes()[:4] == b'\x89PNG'
+    with pytest.raises(SystemExit, match='one run'):
+        plot.main([str(out), str(out), '--kind', 'gradients', '--out', str(png)])
 
 
 def test_resume_compares_settings(first_run, tiny_folder, tmp_path, capsys):
@@ -157,6 +179,9 @@ def test_unlabelled_images_pretrain_and_split(tmp_path, capsys):
                                  '--output-dir', tmp_path / 'run', tmp_path / 'flat')
     assert code == 0, err
     assert 'kNN monitor off: it needs labels' in stdout and '16 training images' in stdout
+    assert 'RankMe and the feature std only' in stdout and 'rankme' in stdout
+    log = [json.loads(line) for line in open(tmp_path / 'run' / 'log.txt')]
+    assert 'knn_top1' not in log[0] and log[0]['rankme'] > 1 and log[0]['feature_std'] > 0
     assert 'a linear probe needs labelled train/ and val/' in stdout
 
     code, stdout, err = pretrain(capsys, *TINY, '--output-dir', tmp_path / 'run2', tmp_path / 'flat' / 'train')

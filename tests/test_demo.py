@@ -13,13 +13,13 @@ from moco.models import build_moco, encoder_factory
 
 def test_demo_recipe_runs_a_few_steps(tmp_path):
     args = demo.get_args_parser().parse_args(
-        ['--epochs', '2', '--knn-freq', '1', '--probe-epochs', '3', '--per-class', '4', '2',
+        ['--epochs', '2', '--knn-freq', '1', '--per-class', '4', '2',
          '--output-dir', str(tmp_path)])
     result = demo.main(args, moco_overrides=['-b', '8', '--moco-mlp-dim', '32', '--moco-dim', '16', '-p', '100'])
     assert [e for e, _ in result['knn_curve']] == [0, 1, 2]          # at init and after every epoch
     for key in ('raw_pixels', 'init_moco', 'init_default', 'learned', 'probe'):
         assert 0 <= result[key] <= 100
-    assert len(result['probe_curve']) == 3
+    assert result['probe_wd'] in demo.PROBE_WDS
     assert os.path.isfile(os.path.join(result['run_dir'], 'curves.png'))
     ckpt = os.path.join(result['run_dir'], 'checkpoint_0001.pth.tar')
     # the table's rows read the kNN monitor's view: the same images, resized to the training size
@@ -46,6 +46,21 @@ def test_demo_arch_is_a_resnet_with_moco_init():
     assert default.layer1[0].bn2.weight.detach().abs().sum().item() > 0
     model = build_moco(demo.ARCH, dim=16, mlp_dim=32, T=0.2)
     assert model.base_encoder.fc[0].in_features == 128
+
+
+def test_probe_chooses_its_l2_on_training_images_and_fits_to_convergence():
+    """Two Gaussian classes in 8 dimensions: the chosen L2 is among the grid, the probe separates them,
+    and a converged fit reaches the minimum of its objective (zero gradient)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 2
+    x = torch.randn(400, 8, generator=g) + y[:, None] * 1.5
+    result = demo.linear_probe(x[:300], y[:300], x[300:], y[300:], log=lambda line: None)
+    assert result['wd'] in demo.PROBE_WDS and set(result['holdout_top1']) == set(demo.PROBE_WDS)
+    assert result['top1'] > 90
+    head = demo.fit_logistic(x, y, 1e-2)
+    loss = torch.nn.functional.cross_entropy(head(x), y) + 1e-2 / 2 * head.weight.pow(2).sum()
+    grads = torch.autograd.grad(loss, list(head.parameters()))
+    assert max(gr.abs().max().item() for gr in grads) < 1e-4
 
 
 def test_raw_pixel_knn_is_mean_centred():

@@ -117,6 +117,34 @@ def _nonfinite_steps(rank):
     return result
 
 
+SPIKE_STEP, GUARD_STEPS = 30, 34
+
+
+def spike_guard_steps(rank, spike_rank=0):
+    """Whether each of GUARD_STEPS steps was taken under --skip-spikes' guard (moco.monitors.SpikeGuard
+    deciding in Amp.backward_step, as the pretraining loop does): a regression whose loss on
+    ``spike_rank`` alone is 1000x at SPIKE_STEP. Runs with or without a process group."""
+    from moco.amp import Amp
+    from moco.monitors import SpikeGuard, total_grad_norm
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    model = torch.nn.parallel.DistributedDataParallel(net) if moco_dist.world_size() > 1 else net
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    amp, guard, taken = Amp('fp32', torch.device('cpu')), SpikeGuard(window=64, min_history=20), []
+    data = torch.Generator().manual_seed(1 + rank)
+    for step in range(GUARD_STEPS):
+        x = torch.randn(8, 4, generator=data)
+        loss = (model(x) - x.sum(1, keepdim=True)).square().mean()
+        if step == SPIKE_STEP and rank == spike_rank:
+            loss = loss * 1000
+
+        def decide(finite, loss=loss):
+            taken.append(finite and guard.decide(loss, total_grad_norm(net.parameters())))
+            return taken[-1]
+        amp.backward_step(loss, optimizer, after_backward=decide)
+    return taken, guard.skipped
+
+
 def _epoch_batches(data, batch_size, pipeline):
     """Every batch of epoch 1 of this process's loader: (views or None, targets)."""
     from moco.data.sampler import start_epoch
@@ -160,6 +188,7 @@ def _worker(rank, port, tmp, data):
                 loss, grads, state = _step(ddp, model, x1, x2)
                 out[f'{case}_{"sync" if sync else "local"}'] = {'loss': loss, 'grads': grads, 'state': state}
         out['nonfinite'] = _nonfinite_steps(rank)
+        out['spike_guard'] = spike_guard_steps(rank)
         for pipeline in PIPELINES:
             out[f'batches_{pipeline}'] = _epoch_batches(data, B // WORLD, pipeline)
         torch.save(out, os.path.join(tmp, f'rank{rank}.pt'))
@@ -356,6 +385,15 @@ def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(two_pro
     _, res = two_process_results
     expected = (True, False) if nan_rank == 'None' else (False, True)    # (stepped, weight unchanged)
     assert [r['nonfinite'][nan_rank] for r in res] == [expected] * WORLD
+
+
+def test_skip_spikes_skips_the_injected_step_on_every_process_and_nothing_else(two_process_results):
+    _, results = two_process_results
+    for r in results:   # the spike is on rank 0 only: rank 1 skips the same step
+        taken, skipped = r['spike_guard']
+        assert skipped == 1 and [i for i, t in enumerate(taken) if not t] == [SPIKE_STEP]
+    taken, skipped = spike_guard_steps(0)   # one process
+    assert skipped == 1 and [i for i, t in enumerate(taken) if not t] == [SPIKE_STEP]
 
 
 @pytest.mark.parametrize('pipeline', PIPELINES)

@@ -5,7 +5,8 @@ once it has written checkpoint_0001.pth.tar (epoch 2) and then resumed to epoch 
 ``--epochs`` is 3 in both runs (the lr and momentum schedules depend on it). Variants: -j 0 with LARS
 and ``--resume auto``; -j 2 (data-loading worker processes) with AdamW and ``--resume PATH``. Both
 use ``--moco-m-cos``, so the momentum schedule also has to pick up at the right point. BYOL and
-Momentum² Teacher resume exactly too (their schedules and momentum-BN statistics).
+Momentum² Teacher resume exactly too (their schedules and momentum-BN statistics). The monitors'
+windows (``--skip-spikes``, gradient spikes) are in the checkpoint and resume identical too.
 """
 import concurrent.futures
 import json
@@ -29,7 +30,7 @@ TIMEOUT = 300  # seconds a CLI run may take
 def _command(data, output_dir, workers, optimizer, *extra):
     return [sys.executable, 'main_moco.py', str(data), '-a', ARCH, '--image-size', str(IMG),
             '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '3', '--warmup-epochs', '1',
-            '--moco-m-cos', '--optimizer', optimizer, '-j', str(workers), '-p', '100', '--seed', '3',
+            '--moco-m-cos', '--optimizer', optimizer, '-j', str(workers), '-p', '2', '--seed', '3', '--skip-spikes',
             '--output-dir', str(output_dir), *extra]
 
 
@@ -109,6 +110,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(resume_runs, variant):
     assert_identical(a['state_dict'], b['state_dict'], 'state_dict')
     assert_identical(a['optimizer'], b['optimizer'], 'optimizer')
     assert_identical(a['scaler'], b['scaler'], 'scaler')
+    # the monitors' windows (--skip-spikes' guard, the spike detector's medians) carried over the resume
+    assert len(a['monitors']['guard']['loss']) == 15 and a['monitors']['spikes']['medians']['first_layer']
+    assert_identical(a['monitors'], b['monitors'], 'monitors')
     # and the third epoch saw the same batches and augmentations: the same mean loss, bit for bit
     assert _last_train_record(full_dir) == _last_train_record(cut_dir)
 
