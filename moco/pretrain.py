@@ -230,9 +230,10 @@ def main_worker(args):
         record.update(values)
         monitors.evaluations.append((epoch_done, values))
         when = 'at initialisation' if epoch_done == 0 else f'after epoch {epoch_done}'
-        shown = ', '.join(f'{name} {values[name]:.{digits}f}' for name, digits in
-                          (('knn_top1', 2), ('rankme', 1), ('feature_std', 4)) if name in values)
-        print(f'{when}: {shown} (kNN top-1 in %; RankMe of {len(rankme_indices(len(sets[0])))} training images)')
+        label_free = (f"RankMe {values['rankme']:.1f}, feature std {values['feature_std']:.4f} "
+                      f'({len(rankme_indices(len(sets[0])))} training images)')
+        print(f"kNN top-1 {when}: {values['knn_top1']:.2f}; {label_free}" if 'knn_top1' in values
+              else f'{when}: {label_free}')
         run_log.scalars(epoch_done * iters_per_epoch, 'val', **values)
         monitors.tripwire.rankme(values['rankme'])
         return values.get('knn_top1')

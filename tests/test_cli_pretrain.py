@@ -141,6 +141,14 @@ def _checkpoints(output_dir):
     return sorted(f for f in os.listdir(output_dir) if 'checkpoint' in f)
 
 
+def _plain(value):
+    if isinstance(value, dict):
+        return all(isinstance(k, (int, str)) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
 def _check_run_folder(run, state_keys, knn=False):
     """Checkpoints in the original's format after each epoch and one log.txt JSON line per epoch."""
     out = run.output_dir
@@ -149,8 +157,9 @@ def _check_run_folder(run, state_keys, knn=False):
     for epoch, name in ((1, 'checkpoint_0000.pth.tar'), (2, 'checkpoint_0001.pth.tar')):
         ckpt = torch.load(os.path.join(out, name), map_location='cpu', weights_only=True)
         assert ORIGINAL_KEYS <= set(ckpt)
-        for extra in set(ckpt) - ORIGINAL_KEYS - {'args'}:
+        for extra in set(ckpt) - ORIGINAL_KEYS - {'args', 'monitors'}:
             assert isinstance(ckpt[extra], (int, float, str, bool)), extra
+        assert _plain(ckpt['monitors'])   # the monitors' windows: plain values only, no tensors or objects
         assert all(v is None or isinstance(v, (int, float, str, bool)) for v in ckpt['args'].values())
         assert ckpt['args']['arch'] == ARCH and ckpt['args']['batch_size'] == 8   # the total batch, as given
         assert ckpt['epoch'] == epoch and ckpt['arch'] == ARCH
@@ -172,8 +181,8 @@ def _check_run_folder(run, state_keys, knn=False):
     assert [r['epoch'] for r in train] == [1, 2]
     assert all(math.isfinite(r['train_loss']) and r['train_loss'] > 0 for r in train)
     others = [r for r in records if 'train_loss' not in r]
-    # the only other line is the kNN accuracy at initialisation (epoch 0), only with --knn-freq
-    assert others == ([{'epoch': 0, 'knn_top1': others[0]['knn_top1']}] if knn else [])
+    # the only other line is the feature monitors at initialisation (epoch 0), only with --knn-freq
+    assert [sorted(r) for r in others] == ([['epoch', 'feature_std', 'knn_top1', 'rankme']] if knn else [])
     return states[1]
 
 

@@ -15,6 +15,7 @@
 import builtins
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,7 +180,8 @@ def test_unlabelled_images_pretrain_and_split(tmp_path, capsys):
                                  '--output-dir', tmp_path / 'run', tmp_path / 'flat')
     assert code == 0, err
     assert 'kNN monitor off: it needs labels' in stdout and '16 training images' in stdout
-    assert 'RankMe and the feature std only' in stdout and 'rankme' in stdout
+    assert 'RankMe and the feature std only' in stdout
+    assert re.search(r'^at initialisation: RankMe \d+\.\d, feature std 0\.\d{4} \(16 training images\)$', stdout, re.M)
     log = [json.loads(line) for line in open(tmp_path / 'run' / 'log.txt')]
     assert 'knn_top1' not in log[0] and log[0]['rankme'] > 1 and log[0]['feature_std'] > 0
     assert 'a linear probe needs labelled train/ and val/' in stdout
@@ -209,6 +211,35 @@ def test_bad_flags_are_one_line_errors_that_create_nothing(tiny_folder, tmp_path
     code, _, err = pretrain(capsys, *TINY, '--image-size', '0', '--output-dir', tmp_path / 'new', tiny_folder)
     assert code == 2 and '--image-size must be positive' in one_error_line(err)
     assert not (tmp_path / 'new').exists()
+
+
+def test_unusable_output_folders_tildes_and_patch_sizes(tiny_folder, tmp_path, capsys, monkeypatch):
+    """An --output-dir that cannot be made is one line (pretraining, the probe, moco.plot --out; conversion:
+    tests/test_convert.py; fine-tuning: tests/test_transfer.py); ~ is expanded; a ViT --image-size its patch
+    does not divide is refused with the sizes that work."""
+    (tmp_path / 'a_file').write_text('x')
+    for bad in ('/proc/moco_run', str(tmp_path / 'a_file' / 'run')):
+        code, _, err = pretrain(capsys, *TINY, '--output-dir', bad, tiny_folder)
+        assert code == 2 and 'cannot create --output-dir' in one_error_line(err), err
+        capsys.readouterr()
+        try:
+            main_lincls.main(main_lincls.get_args_parser().parse_args(['--output-dir', bad, '-j', '0', str(tiny_folder)]))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        assert code == 2 and 'cannot create --output-dir' in one_error_line(capsys.readouterr().err)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    code, _, err = pretrain(capsys, *TINY, '--epochs', '1', '--output-dir=~/runs/r1', tiny_folder)
+    assert code == 0, err
+    assert (tmp_path / 'home' / 'runs' / 'r1' / 'checkpoint_0000.pth.tar').is_file() and not os.path.exists('~')
+    for bad in ('/proc/moco_plot', str(tmp_path / 'a_file' / 'plots')):
+        with pytest.raises(SystemExit) as e:
+            plot.main(['~/runs/r1', '--out', os.path.join(bad, 'curves.png')])
+        assert str(e.value).startswith('error: cannot create the folder of --out')
+    vit = ['-a', 'vit_tiny_patch4', '--image-size', '30', '-b', '8', '--epochs', '1', '-j', '0']
+    code, _, err = pretrain(capsys, *vit, '--output-dir', tmp_path / 'vit', tiny_folder)
+    assert code == 2 and "is not a multiple of vit_tiny_patch4's patch size 4" in one_error_line(err)
+    assert 'use 28 or 32' in err and not (tmp_path / 'vit').exists()
 
 
 def test_short_schedule_is_warned(tiny_folder, tmp_path, capsys):
