@@ -52,8 +52,8 @@ def get_args_parser():
     p.add_argument('--seed', default=0, type=int, help='seed of the pretraining and of the baselines (default: 0)')
     p.add_argument('--output-dir', default='output/demo', help='parent folder of this demo run')
     p.add_argument('--probe', action=argparse.BooleanOptionalAction, default=True,
-                   help='a linear probe (logistic regression, its L2 chosen on part of the training images) on the '
-                        'frozen features of the last checkpoint')
+                   help='a linear probe (logistic regression, its L2 chosen by cross-validation on the training '
+                        'images) on the frozen features of the last checkpoint')
     p.add_argument('--per-class', default=None, type=int, nargs=2, metavar=('TRAIN', 'VAL'),
                    help='use only the first TRAIN / VAL images of each class (quick checks)')
     return p
@@ -118,23 +118,23 @@ def _top1(head, x, y):
     return (head(x).argmax(1) == y).float().mean().item() * 100
 
 
-def linear_probe(train_f, train_y, val_f, val_y, wds=PROBE_WDS, holdout=0.2, max_iter=500, log=print):
+def linear_probe(train_f, train_y, val_f, val_y, wds=PROBE_WDS, folds=5, max_iter=500, log=print):
     """A well-tuned logistic regression on frozen features (standardised with the training mean and std;
-    no augmentation): the L2 ``wd`` is chosen among ``wds`` on a fixed ``holdout`` fifth of the training
-    features (fitted on the rest), then the probe is fitted on all training features and read on the
-    held-out set. Returns {'top1', 'wd', 'holdout_top1': {wd: top-1}}."""
+    no augmentation): the L2 ``wd`` is chosen among ``wds`` by ``folds``-fold cross-validation on the
+    training features (fixed folds), then the probe is fitted on all of them and read on the held-out
+    set. Returns {'top1', 'wd', 'cv_top1': {wd: mean top-1 over the folds}}."""
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6
     train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
-    order = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0))
-    cut = int(len(train_f) * holdout)
-    fit, check = order[cut:], order[:cut]
+    fold_of = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(0)) % folds
     scores = {}
     for wd in wds:
-        scores[wd] = _top1(fit_logistic(train_f[fit], train_y[fit], wd, max_iter), train_f[check], train_y[check])
-        log(f'  probe L2 {wd:g}: top-1 {scores[wd]:.2f} on a fifth of the training images (fitted on the rest)')
+        tops = [_top1(fit_logistic(train_f[fold_of != k], train_y[fold_of != k], wd, max_iter),
+                      train_f[fold_of == k], train_y[fold_of == k]) for k in range(folds)]
+        scores[wd] = sum(tops) / folds
+        log(f'  probe L2 {wd:g}: top-1 {scores[wd]:.2f} ({folds}-fold cross-validation on the training images)')
     best = max(wds, key=lambda wd: (scores[wd], wd))   # ties: the stronger penalty
     top1 = _top1(fit_logistic(train_f, train_y, best, max_iter), val_f, val_y)
-    return {'top1': top1, 'wd': best, 'holdout_top1': scores}
+    return {'top1': top1, 'wd': best, 'cv_top1': scores}
 
 
 def main(args, moco_overrides=()):
@@ -202,8 +202,8 @@ def main(args, moco_overrides=()):
         train_f, val_f = features(encoder, train_x), features(encoder, val_x)
         print(f'\nlinear probe on the frozen features of {ckpt}:')
         probe = linear_probe(train_f, train_y, val_f, val_y)
-        lines.append(f'  linear probe (logistic regression on the frozen features, L2 {probe["wd"]:g} chosen on a fifth '
-                     f'of the training images): top-1 {probe["top1"]:.1f}%')
+        lines.append(f'  linear probe (logistic regression on the frozen features, L2 {probe["wd"]:g} chosen by 5-fold '
+                     f'cross-validation on the training images): top-1 {probe["top1"]:.1f}%')
         result.update(probe=probe['top1'], probe_wd=probe['wd'])
     curves = plot.plot([run_dir], os.path.join(run_dir, 'curves.png'), labels=[f'MoCo v3, {arch}'],
                        title=f'demo: {n_train:,} CIFAR-10 images, CPU')

@@ -55,7 +55,7 @@ def test_probe_chooses_its_l2_on_training_images_and_fits_to_convergence():
     y = torch.arange(400) % 2
     x = torch.randn(400, 8, generator=g) + y[:, None] * 1.5
     result = demo.linear_probe(x[:300], y[:300], x[300:], y[300:], log=lambda line: None)
-    assert result['wd'] in demo.PROBE_WDS and set(result['holdout_top1']) == set(demo.PROBE_WDS)
+    assert result['wd'] in demo.PROBE_WDS and set(result['cv_top1']) == set(demo.PROBE_WDS)
     assert result['top1'] > 90
     head = demo.fit_logistic(x, y, 1e-2)
     loss = torch.nn.functional.cross_entropy(head(x), y) + 1e-2 / 2 * head.weight.pow(2).sum()
