@@ -18,9 +18,9 @@ from moco.errors import UserError
 
 def get_args_parser():
     parser = cli.parser('Convert a MoCo v3 pretrained ViT to DeiT format')
-    parser.add_argument('--input', required=True, type=str, metavar='PATH',
+    parser.add_argument('--input', required=True, type=cli.path, metavar='PATH',
                         help='MoCo v3 pretraining checkpoint (ours or the original release)')
-    parser.add_argument('--output', required=True, type=str, metavar='PATH',
+    parser.add_argument('--output', required=True, type=cli.path, metavar='PATH',
                         help='where to write the DeiT-format checkpoint (folders are created)')
     return parser
 

@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from moco import cli, dist
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (check_recorded, ddp_state_dict, load_checkpoint, load_pretrained, read_pretrained_encoder,
-                             restore, save_last_and_best, single_file_resume)
+from moco.checkpoint import (check_recorded, ddp_state_dict, hold_output_dir, load_checkpoint, load_pretrained,
+                             read_pretrained_encoder, restore, save_last_and_best, single_file_resume)
 from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
 from moco.errors import UserError
@@ -34,13 +34,13 @@ CHECKPOINT, BEST = 'checkpoint.pth.tar', 'model_best.pth.tar'
 
 def get_args_parser():
     parser = cli.parser('MoCo v3 linear classification')
-    parser.add_argument('data', metavar='DIR', help='dataset folder with train/ and val/')
+    parser.add_argument('data', metavar='DIR', type=cli.path, help='dataset folder with train/ and val/')
 
     g = parser.add_argument_group('model')
     g.add_argument('-a', '--arch', metavar='ARCH', default=None, type=cli.choice_type(arch_names()),
                    help='model architecture, the one used for pretraining: ' + ' | '.join(arch_names()[:8])
                         + ' | ... (default: the one recorded in the checkpoint, else resnet50)')
-    g.add_argument('--pretrained', default='', type=str, metavar='PATH',
+    g.add_argument('--pretrained', default='', type=cli.path, metavar='PATH',
                    help='MoCo pretraining checkpoint (ours or the original release); without it the '
                         'probe trains on a randomly initialised backbone')
     g.add_argument('--image-size', default=None, type=int,
@@ -68,9 +68,9 @@ def get_args_parser():
                    help='number of data loading workers (default: 32), divided among the processes of a node')
 
     g = parser.add_argument_group('run folder, checkpoints and monitoring')
-    g.add_argument('--output-dir', default='./output/lincls', type=str,
+    g.add_argument('--output-dir', default='./output/lincls', type=cli.path,
                    help=f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/ (default: ./output/lincls)')
-    g.add_argument('--resume', default='', type=str, metavar='PATH',
+    g.add_argument('--resume', default='', type=cli.path, metavar='PATH',
                    help=f"linear-probe checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}")
     g.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
                    help='only evaluate the model (give the probe with --resume) on the validation set')
@@ -118,6 +118,8 @@ def main_worker(args):
     cli.require_output_folder(args.output_dir)
     dist.stop_signal_names(args.stop_signals)
     device = dist.init_process(args)
+    if not args.evaluate:
+        hold_output_dir(args.output_dir, 'linear-probe')
     stop = dist.stop_request(args)
 
     base_lr, total_batch = args.lr, dist.share_batch(args)

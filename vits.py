@@ -162,3 +162,5 @@ def vit_mini_patch4(**kwargs):
 
 
 VIT_ARCHS = {name: globals()[name] for name in __all__ if name.startswith('vit_')}
+# pixels per token along a side: the patch, or the conv stem's four stride-2 convolutions
+PATCH_SIZE = {name: 4 if name.endswith('_patch4') else 16 for name in VIT_ARCHS}

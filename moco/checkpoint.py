@@ -3,8 +3,13 @@
 Pretraining files hold ``{'epoch': next_epoch, 'arch', 'state_dict', 'optimizer', 'scaler'}`` (plus a
 few plain extras) with ``module.``-prefixed keys in every launch mode, so released MoCo v3 checkpoints
 and ours are interchangeable. Only tensors and plain types are saved, and every load uses
-``weights_only=True``: a checkpoint cannot run code.
+``weights_only=True``: a checkpoint cannot run code. Every file is checked before it is loaded
+(``moco.file_check``: the CRC-32 of every entry and the zip structure), so a damaged file is refused,
+or, by ``--resume auto``, moved aside for the newest intact one; a new numbered checkpoint is checked
+after it is written, before any older one is removed.
 """
+import errno
+import fcntl
 import os
 import re
 
@@ -13,6 +18,7 @@ import torch
 from moco import dist
 from moco.builder import MODEL_CLASSES
 from moco.errors import UserError, first_line
+from moco.file_check import damage
 
 DDP_PREFIX = 'module.'
 
@@ -37,6 +43,12 @@ def strip_prefix(state_dict, prefix):
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def _exception_chain(e):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _temporary_name(path):
     return os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp.{os.getpid()}')
 
@@ -48,7 +60,10 @@ def save_checkpoint(state, path):
     one is a UserError.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create the folder of {path}: {e.strerror or e}') from None
     tmp = _temporary_name(path)
     try:
         with open(tmp, 'wb') as f:
@@ -56,8 +71,13 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f'cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoints are '
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer turns a full disk into "RuntimeError: unexpected pos ..." raised while
+        # handling the OSError: report the OSError, which says what happened
+        cause = next((x for x in _exception_chain(e) if isinstance(x, OSError)), None)
+        if cause is None:
+            raise
+        raise UserError(f'cannot write checkpoint {path}: {cause.strerror or cause}; the previous checkpoints are '
                         'intact') from None
     finally:
         remove_file(tmp)
@@ -91,10 +111,23 @@ def _process_alive(pid):
     return True
 
 
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose bytes are not what was written (moco.file_check)."""
+
+
+def check_intact(path):
+    """A DamagedCheckpoint naming the file and what is wrong with it, unless it is intact."""
+    problem = damage(path)
+    if problem:
+        raise DamagedCheckpoint(f'damaged checkpoint {path}: {problem}; it was not loaded')
+
+
 def load_checkpoint(path):
-    """torch.load on CPU with weights_only=True; a missing, truncated or foreign file is a UserError."""
+    """torch.load on CPU with weights_only=True, after checking the file is intact; a missing, damaged,
+    truncated or foreign file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
+    check_intact(path)
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, not a torch file at all, ...
@@ -123,11 +156,32 @@ def remove_file(path):
         pass
 
 
+def set_aside(path):
+    """Rename a damaged file to ``path.corrupt`` (``.corrupt.1``, ... if taken): kept, never deleted, and
+    no longer a checkpoint name. Returns the new name."""
+    target, k = path + '.corrupt', 0
+    while os.path.exists(target):
+        k += 1
+        target = f'{path}.corrupt.{k}'
+    os.replace(path, target)
+    return target
+
+
 def _read_pretraining(path):
     """(progress, checkpoint) of a readable pretraining checkpoint, progress being (epoch, iter); None,
-    with a warning, for a file that cannot be read or is not one."""
+    with a warning, for a file that cannot be read or is not one. A damaged file is moved aside (by
+    rank 0; every process finds it damaged and passes it over)."""
     try:
         ckpt = load_checkpoint(path)
+    except DamagedCheckpoint as e:
+        moved = ''
+        if dist.is_main_process():
+            try:
+                moved = f'; moved to {set_aside(path)}'
+            except OSError as err:
+                moved = f'; could not move it aside ({err.strerror})'
+        print(f'warning: --resume auto passes over {str(e).split("; it was")[0]}{moved}', flush=True)
+        return None
     except UserError as e:
         print(f'warning: skipping {e}')
         return None
@@ -269,18 +323,76 @@ def save_pretraining(state, output_dir, epochs_done, iters_done=0, keep=0):
     if iters_done:
         save_checkpoint({**state, 'iter': iters_done}, os.path.join(output_dir, LAST_CHECKPOINT))
         return
-    save_checkpoint(state, os.path.join(output_dir, pretrain_checkpoint_name(epochs_done - 1)))
+    path = os.path.join(output_dir, pretrain_checkpoint_name(epochs_done - 1))
+    save_checkpoint(state, path)
+    problem = damage(path)   # read back before anything older goes: the disk may not have kept it
+    if problem:
+        print(f'warning: the checkpoint just written is damaged ({problem}); the older ones are kept', flush=True)
+        return
     remove_file(os.path.join(output_dir, LAST_CHECKPOINT))  # older than the file just written
-    thin_checkpoints(output_dir, keep)
+    thin_checkpoints(output_dir, keep, protect=path)
 
 
-def thin_checkpoints(folder, keep):
-    """Delete all but the ``keep`` newest checkpoint_NNNN.pth.tar of folder (keep <= 0: keep all)."""
+def thin_checkpoints(folder, keep, protect=None):
+    """Delete all but the ``keep`` newest checkpoint_NNNN.pth.tar of folder (keep <= 0: keep all), and
+    never ``protect`` (the intact file just written, whatever numbers other files carry)."""
     if keep <= 0:
         return
     names = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
     for _, name in names[:-keep]:
-        remove_file(os.path.join(folder, name))
+        if protect is None or os.path.join(folder, name) != protect:
+            remove_file(os.path.join(folder, name))
+
+
+def hold_output_dir(folder, program):
+    """Lock the run folder (``OutputDirLock``) until this process's run ends (``dist.at_end``)."""
+    lock = OutputDirLock(folder, program).__enter__()
+    dist.at_end(lambda: lock.__exit__(None, None, None))
+    return lock
+
+
+class OutputDirLock:
+    """An exclusive lock on a run folder for the life of the run (``flock`` on the folder itself: nothing
+    is written, the kernel releases it when the process ends however it ends, so a crashed run leaves no
+    stale lock). A second run on the same folder is a one-line error at once. Taken by rank 0; a folder
+    it created for the run is removed again if the run ends before writing anything into it."""
+
+    def __init__(self, folder, program):
+        self.folder, self.program, self.fd, self.created = folder, program, None, False
+
+    def __enter__(self):
+        if not dist.is_main_process():
+            return self
+        if not os.path.isdir(self.folder):
+            try:
+                os.makedirs(self.folder)
+                self.created = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise UserError(f'cannot create --output-dir {self.folder}: {e.strerror}') from None
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UserError(f'another {self.program} run is using {self.folder} right now: wait for it to end, or '
+                                'choose another --output-dir') from None
+            # a file system without locks (some network ones): run unlocked
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)   # releases the lock
+            self.fd = None
+        if self.created:
+            try:
+                os.rmdir(self.folder)   # only if the run left it empty
+            except OSError:
+                pass
+        return False
 
 
 # ---- backbone weights of a pretraining checkpoint (linear probe, DeiT conversion, fine-tuning) ----

@@ -49,10 +49,34 @@ def require_not_negative(args, *names):
             raise UserError(f'--{name.replace("_", "-")} must not be negative (got {getattr(args, name)})')
 
 
-def require_output_folder(path):
-    """--output-dir must be a folder or not exist yet (a file of that name is a mistake)."""
+def path(value):
+    """An argparse ``type`` for paths: ``~`` expanded (the shell leaves ``--output-dir=~/runs`` alone)."""
+    return os.path.expanduser(value)
+
+
+def require_output_folder(path, flag='--output-dir'):
+    """--output-dir must be a folder or not exist yet (a file of that name is a mistake), and be a place
+    where a folder can be made (not under a file, a read-only place, /proc or /sys)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f'--output-dir {path} is a file, not a folder; choose another --output-dir')
+        raise UserError(f'{flag} {path} is a file, not a folder; choose another {flag}')
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f'cannot create {flag} {path}: {ancestor} is a file')
+    if not os.access(ancestor, os.W_OK | os.X_OK) or ancestor.startswith(('/proc', '/sys')):
+        raise UserError(f'cannot create {flag} {path}: {ancestor} is not writable')
+
+
+def make_parent_folder(path, flag):
+    """The folder of an output file, made if needed; a one-line error when it cannot be."""
+    folder = os.path.dirname(os.path.abspath(path))
+    require_output_folder(folder, f'the folder of {flag}')
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create the folder of {flag} {path}: {e.strerror}') from None
+    return folder
 
 
 def warn_short_schedule(epochs, warmup_epochs):

@@ -50,7 +50,7 @@ def get_args_parser():
     p.add_argument('--epochs', default=64, type=int, help='pretraining epochs')
     p.add_argument('--knn-freq', default=8, type=int, help='kNN of the learned features every N epochs')
     p.add_argument('--seed', default=0, type=int, help='seed of the pretraining and of the baselines (default: 0)')
-    p.add_argument('--output-dir', default='output/demo', help='parent folder of this demo run')
+    p.add_argument('--output-dir', default='output/demo', type=cli.path, help='parent folder of this demo run')
     p.add_argument('--probe', action=argparse.BooleanOptionalAction, default=True,
                    help='a linear probe (logistic regression, its L2 chosen by cross-validation on the training '
                         'images) on the frozen features of the last checkpoint')

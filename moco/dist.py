@@ -235,6 +235,20 @@ def fatal_error(e):
     return None
 
 
+_AT_END = []
+
+
+def at_end(release):
+    """Call ``release()`` when the run of this process ends, however it ends (``run``): e.g. the run
+    folder's lock, so that several runs in one process (tests) do not hold each other's."""
+    _AT_END.append(release)
+
+
+def _release_all():
+    while _AT_END:
+        _AT_END.pop()()
+
+
 def run(worker, args):
     """``launch`` for a script's ``main``: a UserError becomes one line on stderr and exit code 2, a
     failed or unreachable peer one line and exit code 1, a spawned worker that failed makes this
@@ -245,11 +259,14 @@ def run(worker, args):
     except mp.ProcessExitedException as e:  # the worker already said why
         sys.exit(e.exit_code or 1)
     except KeyboardInterrupt:
+        _release_all()
         _exit_interrupted(args)
     except Exception as e:
+        _release_all()   # before a fatal error's os._exit skips the finally below
         _exit_if_fatal(e)
         raise
     finally:  # a StopRequest's handlers end with the run (tests run several in one process)
+        _release_all()
         for n, handler in handlers.items():
             signal.signal(n, handler)
 
@@ -283,8 +300,11 @@ def _spawned_worker(local_rank, procs_per_node, worker, args):
     except KeyboardInterrupt:   # the parent says it once
         os._exit(INTERRUPTED)
     except Exception as e:  # one line, not a traceback from every child
+        _release_all()
         _exit_if_fatal(e)
         raise
+    finally:
+        _release_all()
 
 
 def _store_of_this_restart(args, timeout):

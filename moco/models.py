@@ -92,6 +92,7 @@ def encoder_factory(arch, image_size=None, stop_grad_conv1=False, zero_init_resi
     of each residual block at zero when ``zero_init_residual``, as MoCo v3 does)."""
     if is_vit(arch):
         if image_size is not None:
+            check_patch_size(arch, image_size)
             kwargs['img_size'] = image_size
         return partial(vits.VIT_ARCHS[arch], stop_grad_conv1=stop_grad_conv1, **kwargs)
     if arch in CIFAR_ARCHS:
@@ -102,6 +103,17 @@ def encoder_factory(arch, image_size=None, stop_grad_conv1=False, zero_init_resi
     if 'zero_init_residual' in inspect.signature(builder).parameters or arch.startswith(('resnet', 'resnext', 'wide')):
         kwargs.setdefault('zero_init_residual', zero_init_residual)
     return partial(builder, **kwargs)
+
+
+def check_patch_size(arch, image_size, flag='--image-size'):
+    """A ViT cuts images into patches: a size its patch does not divide would drop the pixels past the
+    last whole patch, so it is a one-line error naming the nearest sizes that work."""
+    patch = vits.PATCH_SIZE[arch]
+    if image_size % patch:
+        below, above = image_size - image_size % patch, image_size - image_size % patch + patch
+        raise UserError(f'{flag} {image_size} is not a multiple of {arch}\'s patch size {patch}: the last '
+                        f'{image_size % patch} pixel rows and columns would never be seen; use {below or above}'
+                        + (f' or {above}' if below else ''))
 
 
 def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, image_size=None, stop_grad_conv1=False, method='mocov3'):

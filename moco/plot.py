@@ -14,6 +14,7 @@ import os
 import sys
 
 from moco import cli
+from moco.errors import UserError
 
 
 def read_log(run_dir):
@@ -105,7 +106,7 @@ def plot_gradients(run, out, title=None):
         ax.grid(alpha=0.3)
     ax_grad.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    cli.make_parent_folder(out, '--out')
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -132,7 +133,7 @@ def plot(runs, out, labels=None, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    cli.make_parent_folder(out, '--out')
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -140,8 +141,8 @@ def plot(runs, out, labels=None, title=None):
 
 def main(argv=None):
     p = cli.parser(__doc__.splitlines()[0], prog='python -m moco.plot')
-    p.add_argument('runs', nargs='+', help='run folders (with log.txt) or log.txt files')
-    p.add_argument('--out', default='curves.png', help='PNG to write')
+    p.add_argument('runs', nargs='+', type=cli.path, help='run folders (with log.txt) or log.txt files')
+    p.add_argument('--out', default='curves.png', type=cli.path, help='PNG to write')
     p.add_argument('--labels', nargs='+', default=None, help='one label per run (default: folder names)')
     p.add_argument('--title', default=None)
     p.add_argument('--kind', default='auto', choices=('auto', 'gradients', 'curves'),
@@ -150,6 +151,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit('error: give one --labels entry per run')
+    try:
+        _draw(args)
+    except UserError as e:
+        raise SystemExit(f'error: {e}') from None
+
+
+def _draw(args):
     kind = args.kind
     if kind == 'auto':
         kind = 'gradients' if len(args.runs) == 1 and has_gradients(args.runs[0]) else 'curves'

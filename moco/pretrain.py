@@ -8,8 +8,8 @@ import torch
 
 from moco import cli, dist, run_record
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
-from moco.checkpoint import (check_recorded, ddp_state_dict, pretrain_checkpoint_name, pretraining_resume, require_keys,
-                             restore, save_pretraining, unwrap)
+from moco.checkpoint import (check_recorded, ddp_state_dict, hold_output_dir, pretrain_checkpoint_name,
+                             pretraining_resume, require_keys, restore, save_pretraining, unwrap)
 from moco.data import is_unlabelled_folder, pipelines, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.errors import UserError
@@ -25,7 +25,7 @@ from moco.schedules import scaled_lr
 
 def get_args_parser():
     parser = cli.parser('MoCo v3 pretraining')
-    parser.add_argument('data', metavar='DIR', help='dataset folder with train/ (and optionally val/)')
+    parser.add_argument('data', metavar='DIR', type=cli.path, help='dataset folder with train/ (and optionally val/)')
 
     g = parser.add_argument_group('model')
     g.add_argument('--method', default='mocov3', choices=METHODS,
@@ -92,9 +92,9 @@ def get_args_parser():
                    help='stop at the first unreadable image (default: skip it, warn once and count it in the log)')
 
     g = parser.add_argument_group('run folder, checkpoints and monitoring')
-    g.add_argument('--output-dir', default='./output', type=str,
+    g.add_argument('--output-dir', default='./output', type=cli.path,
                    help='folder for checkpoints, log.txt and tensorboard/ (default: ./output)')
-    g.add_argument('--resume', default='', type=str, metavar='PATH',
+    g.add_argument('--resume', default='', type=cli.path, metavar='PATH',
                    help="checkpoint to resume from, or 'auto' for the newest readable one in --output-dir")
     g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
                    help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
@@ -137,6 +137,7 @@ def main_worker(args):
     settings = run_record.settings(args, get_args_parser())   # as given (total batch, base lr), for args.json
     dist.stop_signal_names(args.stop_signals)   # a wrong name fails before anything starts
     device = dist.init_process(args)
+    hold_output_dir(args.output_dir, 'pretraining')   # a second run on this folder is refused until this one ends
     cli.warn_short_schedule(args.epochs, args.warmup_epochs)
     stop = dist.stop_request(args)
 

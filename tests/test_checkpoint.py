@@ -1,5 +1,6 @@
-"""moco/checkpoint.py: atomic saves, the newest readable checkpoint, thinning, stale temporaries, loads
-that cannot run code, and which encoder of a pretraining checkpoint is evaluated."""
+"""moco/checkpoint.py: atomic saves, the newest readable checkpoint (damaged ones moved aside), thinning
+that never removes the file just written, damaged files refused, stale temporaries, loads that cannot
+run code, the run folder's lock, and which encoder of a pretraining checkpoint is evaluated."""
 import os
 import subprocess
 
@@ -45,7 +46,9 @@ def test_latest_checkpoint_takes_the_furthest_readable_one(tmp_path, capsys):
     data = (tmp_path / 'checkpoint_0001.pth.tar').read_bytes()
     (tmp_path / 'checkpoint_0001.pth.tar').write_bytes(data[:len(data) // 2])    # truncated: skipped
     assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
-    assert capsys.readouterr().out.count('warning: skipping') == 2
+    out = capsys.readouterr().out
+    assert out.count('warning: skipping') == 1 and out.count('warning: --resume auto passes over damaged') == 1
+    assert (tmp_path / 'checkpoint_0001.pth.tar.corrupt').read_bytes() == data[:len(data) // 2]   # kept, aside
     torch.save({'some': 'dict'}, tmp_path / 'checkpoint_0002.pth.tar')           # not a pretraining file
     assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0000.pth.tar')
 
@@ -57,6 +60,40 @@ def test_thinning_keeps_the_newest_numbered_files_and_checkpoint_last(tmp_path):
     thin_checkpoints(str(tmp_path), 2)
     assert sorted(os.listdir(tmp_path)) == ['checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar',
                                             LAST_CHECKPOINT, 'model_best.pth.tar']
+    # a file with a higher number than the run's (copied in from elsewhere) never costs the file just written
+    (tmp_path / 'checkpoint_0099.pth.tar').write_bytes(b'x')
+    thin_checkpoints(str(tmp_path), 1, protect=str(tmp_path / 'checkpoint_0002.pth.tar'))
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0002.pth.tar', 'checkpoint_0099.pth.tar', LAST_CHECKPOINT,
+                                            'model_best.pth.tar']
+
+
+def test_a_damaged_new_checkpoint_does_not_thin_the_older_ones(tmp_path, monkeypatch, capsys):
+    from moco import checkpoint
+    for epoch in (1, 2):
+        checkpoint.save_pretraining({'epoch': epoch, 'w': torch.ones(4)}, str(tmp_path), epoch, keep=1)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0001.pth.tar']
+    real = checkpoint.save_checkpoint
+
+    def save_then_flip(state, path):   # as a disk that does not keep what it was given
+        real(state, path)
+        data = bytearray(open(path, 'rb').read())
+        data[len(data) // 2] ^= 4
+        open(path, 'wb').write(data)
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', save_then_flip)
+    checkpoint.save_pretraining({'epoch': 3, 'w': torch.ones(4)}, str(tmp_path), 3, keep=1)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint_0001.pth.tar', 'checkpoint_0002.pth.tar']
+    assert 'the checkpoint just written is damaged' in capsys.readouterr().out
+
+
+def test_a_damaged_checkpoint_is_refused_with_one_line(tmp_path):
+    path = tmp_path / 'checkpoint_0000.pth.tar'
+    save_checkpoint({'epoch': 1, 'state_dict': {'w': torch.arange(1000.)}}, str(path))
+    data = bytearray(path.read_bytes())
+    data[data.index(torch.arange(1000.)[500:501].numpy().tobytes())] ^= 1
+    path.write_bytes(data)
+    with pytest.raises(UserError, match=r'^damaged checkpoint .*checkpoint_0000.pth.tar: entry '
+                                        r'archive/data/0: its bytes do not match their CRC-32'):
+        load_checkpoint(str(path))
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
@@ -67,6 +104,28 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     (tmp_path / 'notes.tmp.1').write_bytes(b'not ours')
     remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}', 'notes.tmp.1']
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_and_the_lock_goes_with_the_process(tmp_path):
+    from moco.checkpoint import OutputDirLock
+    folder = tmp_path / 'run'
+    with OutputDirLock(str(folder), 'pretraining'):
+        with pytest.raises(UserError, match='another pretraining run is using .*run right now'):
+            OutputDirLock(str(folder), 'pretraining').__enter__()
+        holder = subprocess.Popen([__import__('sys').executable, '-c', 'import time; time.sleep(60)'])
+    assert not folder.exists()   # created for the run, left empty: removed
+    # a process that holds the lock and dies (kill -9) leaves nothing stale behind
+    code = (f'import fcntl, os, time; os.makedirs({str(folder)!r}, exist_ok=True); fd = os.open({str(folder)!r}, '
+            'os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(60)')
+    holder.kill()
+    holder = subprocess.Popen([__import__('sys').executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(UserError, match='another pretraining run'):
+        OutputDirLock(str(folder), 'pretraining').__enter__()
+    holder.kill()
+    holder.wait()
+    with OutputDirLock(str(folder), 'pretraining'):
+        pass
 
 
 class _RunsCode:

@@ -313,7 +313,7 @@ def test_resume_missing_file(runs):
 def test_resume_truncated_file(runs):
     [run] = runs['resume_truncated'].result()
     assert run.rc == 2, run
-    assert 'cannot read checkpoint' in _one_error_line(run)
+    assert 'damaged checkpoint' in _one_error_line(run) and 'cut short' in _one_error_line(run)
     assert _checkpoints(run.output_dir) == []
 
 

@@ -77,3 +77,17 @@ def test_rejects_resnet_and_non_moco_files(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / 'out.pth').exists()
+
+
+def test_an_output_that_cannot_be_written_and_a_damaged_input_are_one_line(tmp_path, capsys):
+    moco_vit_checkpoint('vit_tiny_patch4', tmp_path / 'moco.pth.tar')
+    (tmp_path / 'a_file').write_text('x')
+    for bad in ('/proc/moco/deit.pth', str(tmp_path / 'a_file' / 'deit.pth')):
+        assert convert(tmp_path / 'moco.pth.tar', bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('error: cannot create the folder of'), err
+    data = bytearray((tmp_path / 'moco.pth.tar').read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp_path / 'damaged.pth.tar').write_bytes(data)
+    assert convert(tmp_path / 'damaged.pth.tar', tmp_path / 'deit.pth') == 2
+    assert 'error: damaged checkpoint' in capsys.readouterr().err and not (tmp_path / 'deit.pth').exists()

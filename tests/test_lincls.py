@@ -153,7 +153,7 @@ def test_bad_pretrained_files_are_one_line_errors(probe_run, probe_data, moco_ck
     truncated.write_bytes(open(moco_ckpt, 'rb').read()[:100_000])
     cases = {text: 'cannot read checkpoint', deit: 'is not a MoCo pretraining checkpoint: no state_dict',
              out / 'checkpoint.pth.tar': 'holds no module.base_encoder.* weights',
-             truncated: 'cannot read checkpoint', tmp_path / 'missing.pth': 'checkpoint not found'}
+             truncated: 'damaged checkpoint', tmp_path / 'missing.pth': 'checkpoint not found'}
     for path, message in cases.items():
         capsys.readouterr()
         code = call_main(*probe_args(probe_data, tmp_path / 'out', '--pretrained', path))

@@ -215,3 +215,40 @@ def test_deit_randaugment_posterize_keeping_zero_bits_gives_black_instead_of_an_
     assert out.size == img.size and np.asarray(out).max() == 0
     kept = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5, hparams={})(img)   # 2 bits: unchanged op
     assert np.array_equal(np.asarray(kept), np.asarray(ImageOps.posterize(img, 2)))
+
+
+def test_position_embedding_is_recomputed_for_another_input_size():
+    """MoCo v3's pos_embed is the fixed sin-cos table of its grid: at another --input-size it is the new
+    grid's table (exactly), and a learned table (not sin-cos) is resampled as DeiT does."""
+    import vits
+    model = finetune.build_model('vit_tiny_patch4', 10, 16, 0.)          # 4 x 4 patches
+    pretrained = {'pos_embed': vits.sincos_pos_embed_2d(8, 8, 192), 'cls_token': torch.zeros(1, 1, 192)}
+    fitted = finetune.fit_position_embedding(pretrained, model)
+    assert torch.equal(fitted['pos_embed'], vits.sincos_pos_embed_2d(4, 4, 192)) and fitted['cls_token'] is pretrained['cls_token']
+    learned = {'pos_embed': torch.randn(1, 65, 192)}
+    assert finetune.fit_position_embedding(learned, model)['pos_embed'].shape == (1, 17, 192)
+    same = {'pos_embed': vits.sincos_pos_embed_2d(4, 4, 192)}
+    assert finetune.fit_position_embedding(same, model) is same
+
+
+@pytest.mark.slow   # pretrains, then runs the script
+def test_finetune_at_another_size_and_bad_folders(layouts, pretrained, tmp_path, capsys):
+    out = tmp_path / 'ft'
+    common = ['-a', 'vit_tiny_patch4', '-j', 0, '-p', 1, '-b', 4, '--epochs', 1, '--warmup-epochs', 0,
+              '--no-repeated-aug', '--mixup', 0, '--cutmix', 0, '--data-set', 'cifar10']
+    assert call(finetune, *common, '--input-size', 16, '--pretrained', pretrained['moco'], '--output-dir', out,
+                layouts['cifar10']) == 0                                # pretrained at 32 px (8 x 8 patches)
+    assert 'position embedding is for a 8x8 grid of patches, this --input-size gives 4x4' in capsys.readouterr().out
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['model']['pos_embed'].shape == (1, 17, 192)
+    flat = tmp_path / 'flat'
+    for split in ('train', 'val'):
+        (flat / split).mkdir(parents=True)
+        for k in range(4):
+            Image.new('RGB', (32, 32), (k * 40, 0, 0)).save(flat / split / f'{k}.jpg')
+    capsys.readouterr()
+    assert call(finetune, *common, '--input-size', 32, '--output-dir', tmp_path / 'ft2', '--data-set', 'imagenet',
+                flat) == 2
+    assert 'fine-tuning needs labels' in capsys.readouterr().err
+    assert call(finetune, *common, '--input-size', 30, '--output-dir', tmp_path / 'ft3', layouts['cifar10']) == 2
+    assert "--input-size 30 is not a multiple of vit_tiny_patch4's patch size 4" in capsys.readouterr().err
+    assert not (tmp_path / 'ft2').exists() and not (tmp_path / 'ft3').exists()

@@ -26,12 +26,13 @@ from timm.scheduler import CosineLRScheduler
 import vits
 from moco import cli, dist
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
-from moco.checkpoint import (check_recorded, load_pretrained, read_pretrained_encoder, restore,
+from moco.checkpoint import (check_recorded, hold_output_dir, load_pretrained, read_pretrained_encoder, restore,
                              save_last_and_best, single_file_resume, unwrap)
-from moco.data import make_loader, start_epoch
+from moco.data import is_unlabelled, make_loader, start_epoch
 from moco.engine_lincls import evaluate, sharded_eval_loader
 from moco.errors import UserError
 from moco.metrics import RunLog
+from moco.models import check_patch_size
 from moco.schedules import scaled_lr
 from transfer.datasets import DATA_SETS, build_dataset, deit_transform, transfer_transform
 from transfer.engine_finetune import train_one_epoch
@@ -41,7 +42,7 @@ CHECKPOINT, BEST = 'checkpoint.pth', 'best_checkpoint.pth'
 
 def get_args_parser():
     parser = cli.parser('MoCo v3 ViT fine-tuning (DeiT recipe)', prog='python -m transfer.finetune')
-    parser.add_argument('data', metavar='DIR', help='data set folder (layouts: see transfer/datasets.py)')
+    parser.add_argument('data', metavar='DIR', type=cli.path, help='data set folder (layouts: see transfer/datasets.py)')
 
     g = parser.add_argument_group('data')
     g.add_argument('--data-set', default='imagenet', choices=DATA_SETS,
@@ -59,7 +60,7 @@ def get_args_parser():
     g = parser.add_argument_group('model')
     g.add_argument('-a', '--arch', default='vit_base', choices=sorted(vits.VIT_ARCHS),
                    help='ViT of the pretraining (default: vit_base)')
-    g.add_argument('--pretrained', default='', type=str, metavar='PATH',
+    g.add_argument('--pretrained', default='', type=cli.path, metavar='PATH',
                    help='convert_to_deit.py output or MoCo pretraining checkpoint; without it: random init')
     g.add_argument('--drop-path', default=0.1, type=float, metavar='PCT', help='drop path rate (default: 0.1)')
 
@@ -96,9 +97,9 @@ def get_args_parser():
     g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
 
     g = parser.add_argument_group('run folder, checkpoints and monitoring')
-    g.add_argument('--output-dir', default='./output/finetune', type=str,
+    g.add_argument('--output-dir', default='./output/finetune', type=cli.path,
                    help=f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/ (default: ./output/finetune)')
-    g.add_argument('--resume', default='', type=str, metavar='PATH',
+    g.add_argument('--resume', default='', type=cli.path, metavar='PATH',
                    help=f"fine-tuning checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}")
     g.add_argument('-e', '--evaluate', action='store_true', help='only evaluate (the model given by --resume)')
     g.add_argument('--eval-freq', default=1, type=int, metavar='N',
@@ -121,6 +122,29 @@ def build_model(arch, num_classes, input_size, drop_path):
     return model
 
 
+def fit_position_embedding(state, model):
+    """The pretrained weights with a ``pos_embed`` for this model's grid of patches. MoCo v3's is the
+    fixed 2-D sin-cos table of its grid, so at another --input-size it is computed again for the new
+    grid (the model's own, exactly what MoCo v3 would use there); a learned one (not sin-cos) is
+    resampled bicubically, as DeiT's recipe does."""
+    pretrained = state.get('pos_embed')
+    if pretrained is None or pretrained.shape == model.pos_embed.shape:
+        return state
+    tokens, dim = pretrained.shape[1] - 1, pretrained.shape[2]
+    side = int(round(tokens ** 0.5))
+    if side * side == tokens and torch.allclose(pretrained, vits.sincos_pos_embed_2d(side, side, dim), atol=1e-6):
+        new = model.pos_embed.detach().clone()
+        how = 'its fixed 2-D sin-cos table computed again'
+    else:
+        from timm.layers import resample_abs_pos_embed
+        new = resample_abs_pos_embed(pretrained, list(model.patch_embed.grid_size), num_prefix_tokens=1)
+        how = 'resampled bicubically (a learned table)'
+    grid = 'x'.join(map(str, model.patch_embed.grid_size))
+    print(f'note: the pretrained position embedding is for a {side}x{side} grid of patches, this --input-size gives '
+          f'{grid}: {how}')
+    return {**state, 'pos_embed': new}
+
+
 def build_scheduler(optimizer, args):
     """timm's per-epoch cosine with linear warmup, as DeiT builds it (``create_scheduler``)."""
     return CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr,
@@ -139,6 +163,8 @@ def main_worker(args):
     cli.require_output_folder(args.output_dir)
     dist.stop_signal_names(args.stop_signals)
     device = dist.init_process(args)
+    if not args.evaluate:
+        hold_output_dir(args.output_dir, 'fine-tuning')
     stop = dist.stop_request(args)
     cli.warn_short_schedule(args.epochs, args.warmup_epochs)
 
@@ -155,15 +181,19 @@ def main_worker(args):
                   'transfer runs, whose augmentation has no random erasing)')
     train_set, num_classes = build_dataset(args.data_set, args.data, True, train_tf, args.download)
     val_set, _ = build_dataset(args.data_set, args.data, False, val_tf, args.download)
+    if is_unlabelled(train_set) or is_unlabelled(val_set):
+        raise UserError(f'fine-tuning needs labels: {args.data}/train and {args.data}/val must hold class folders '
+                        '(python -m moco.split_folder makes them from a folder of class folders)')
     mixup_active = args.mixup > 0 or args.cutmix > 0
     if mixup_active and args.batch_size % 2:
         raise UserError(f'mixup/cutmix needs an even batch per process, not {args.batch_size}')
 
+    check_patch_size(args.arch, args.input_size, '--input-size')
     model = build_model(args.arch, num_classes, args.input_size, args.drop_path)
     if args.pretrained:
         state, pretrained_arch, _ = read_pretrained_encoder(args.pretrained, 'head', allow_deit=True)
         check_recorded({'arch': pretrained_arch}, args.pretrained, '-a', args.arch, what='was pretrained with')
-        load_pretrained(model, state, args.pretrained, 'head')
+        load_pretrained(model, fit_position_embedding(state, model), args.pretrained, 'head')
     model.to(device)
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
     scheduler = build_scheduler(optimizer, args)
