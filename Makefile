@@ -6,15 +6,15 @@ SHELL := /bin/bash
 
 .PHONY: demo study test test-fast env clean gpu-check gpu-check-dry gpu-check-prepare device-versions
 
-# `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.demo (--help lists them)
+# `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.tools.demo (--help lists them)
 DEMO_FLAGS ?=
 demo: $(VENV)/.installed
-	$(PY) -m moco.demo $(DEMO_FLAGS)
+	$(PY) -m moco.tools.demo $(DEMO_FLAGS)
 
 # MoCo v3's stability study at CPU scale (README "Monitoring"): 12 short ViT runs, about 35 minutes on 2 cores
 STUDY_FLAGS ?=
 study: $(VENV)/.installed
-	$(PY) -m moco.study $(STUDY_FLAGS)
+	$(PY) -m moco.tools.study $(STUDY_FLAGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -30,7 +30,7 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-# The GPU check (README "Speed"; python -m moco.gpu_check --help): on a CUDA machine whose python3 already has
+# The GPU check (README "Speed"; python -m moco.tools.gpu_check --help): on a CUDA machine whose python3 already has
 # torch, torchvision and timm (a lent GPU machine, no network): the CUDA-only tests, the benchmark, the
 # CIFAR-10 runs, each part time-boxed inside GPU_CHECK_FLAGS' --budget-min (default 9 minutes); results in
 # $OUT, or output/gpu_check. `make gpu-check-dry` runs the same parts on this CPU, tiny.
@@ -40,10 +40,10 @@ GPU_PYTHON ?= python3
 GPU_CHECK_FLAGS ?=
 CIFAR_TAR ?=
 gpu-check:
-	$(GPU_PYTHON) -m moco.gpu_check $(GPU_CHECK_FLAGS)
+	$(GPU_PYTHON) -m moco.tools.gpu_check $(GPU_CHECK_FLAGS)
 
 gpu-check-dry: $(VENV)/.installed
-	$(PY) -m moco.gpu_check --dry-run $(GPU_CHECK_FLAGS)
+	$(PY) -m moco.tools.gpu_check --dry-run $(GPU_CHECK_FLAGS)
 
 gpu-check-prepare:
 	@test -n "$(CIFAR_TAR)" || { echo 'error: give the tarball: make gpu-check-prepare CIFAR_TAR=PATH' >&2; exit 2; }
@@ -61,7 +61,7 @@ DEVICE_PINS ?= torch==2.11.0 torchvision==0.26.0
 device-versions: $(DEVICE_VENV)/.installed
 	$(DEVICE_VENV)/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
 	$(DEVICE_VENV)/bin/python -m pytest -q -m "not slow" tests
-	$(DEVICE_VENV)/bin/python -m moco.gpu_check --dry-run $(GPU_CHECK_FLAGS)
+	$(DEVICE_VENV)/bin/python -m moco.tools.gpu_check --dry-run $(GPU_CHECK_FLAGS)
 
 $(DEVICE_VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(DEVICE_VENV)

@@ -140,7 +140,7 @@ def main_worker(args):
     val_set = image_folder(args.data, 'val', eval_transform(args.image_size))
     if is_unlabelled(train_set) or is_unlabelled(val_set):
         raise UserError(f'a linear probe needs labels: {args.data}/train and {args.data}/val must hold class '
-                             'folders (python -m moco.split_folder makes them from a folder of class folders)')
+                             'folders (python -m moco.tools.split_folder makes them from a folder of class folders)')
     if val_set.classes != train_set.classes:
         raise UserError(f'{args.data}/val has other classes than {args.data}/train')
     num_classes = len(train_set.classes)

@@ -283,13 +283,13 @@ def closing_summary(args, last, best_knn, monitors=None):
     """What the run wrote where, what its monitors saw, and what to run next."""
     lines = [f'done: {args.epochs} epochs of {args.method} ({args.arch}) in {args.output_dir}',
              f'  last checkpoint: {last}', f'  log: {os.path.join(args.output_dir, "log.txt")} (one line per epoch); '
-             f'curves: python -m moco.plot {args.output_dir} --out {os.path.join(args.output_dir, "curves.png")}']
+             f'curves: python -m moco.tools.plot {args.output_dir} --out {os.path.join(args.output_dir, "curves.png")}']
     if best_knn is not None:
         lines.append(f'  best kNN top-1: {best_knn:.2f}')
     if monitors is not None:
         lines += monitor_summary(monitors)
     if is_unlabelled_folder(os.path.join(args.data, 'train')):
-        lines.append('  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.split_folder '
+        lines.append('  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.tools.split_folder '
                      'makes them from a folder of class folders')
     else:
         lines.append(f'  next, a linear probe: python main_lincls.py --pretrained {last} '

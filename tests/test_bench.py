@@ -1,4 +1,4 @@
-"""python -m moco.bench runs on CPU (tiny sizes) and reports every column for both configurations; what
+"""python -m moco.tools.bench runs on CPU (tiny sizes) and reports every column for both configurations; what
 it could get wrong is checked piece by piece: the FLOPs of a step per image, the timing (warm-up steps
 excluded) and the two configurations it compares."""
 import json
@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from moco import bench
+from moco.tools import bench
 from moco.errors import UserError
 
 

@@ -4,7 +4,7 @@
   them with the command line (shape flags: a one-line error naming the flag; other changes of the
   mathematics: listed, refused without --accept-changes; --epochs: allowed, said);
 - the probe takes -a and --image-size from the checkpoint;
-- pretraining reads train/ of images without class folders; moco.split_folder makes train/ and val/;
+- pretraining reads train/ of images without class folders; moco.tools.split_folder makes train/ and val/;
 - one line and a non-zero exit instead of a traceback (Ctrl-C: 130; a file as --output-dir; an
   impossible --image-size, which leaves no folder behind; plotting without matplotlib);
 - progress lines with the run's ETA and img/s, 1-based epochs and steps (also after a mid-epoch
@@ -28,7 +28,7 @@ from PIL import Image
 import main_lincls
 import main_moco
 from conftest import ROOT, cli_env, wait_output
-from moco import plot, split_folder
+from moco.tools import plot, split_folder
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
@@ -188,7 +188,7 @@ def test_unlabelled_images_pretrain_and_split(tmp_path, capsys):
 
     code, stdout, err = pretrain(capsys, *TINY, '--output-dir', tmp_path / 'run2', tmp_path / 'flat' / 'train')
     line = one_error_line(err)
-    assert code == 2 and 'holds images itself' in line and 'python -m moco.split_folder' in line
+    assert code == 2 and 'holds images itself' in line and 'python -m moco.tools.split_folder' in line
 
     for cls in ('cat', 'dog'):
         _images(tmp_path / 'labelled' / cls, 10)
@@ -214,7 +214,7 @@ def test_bad_flags_are_one_line_errors_that_create_nothing(tiny_folder, tmp_path
 
 
 def test_unusable_output_folders_tildes_and_patch_sizes(tiny_folder, tmp_path, capsys, monkeypatch):
-    """An --output-dir that cannot be made is one line (pretraining, the probe, moco.plot --out; conversion:
+    """An --output-dir that cannot be made is one line (pretraining, the probe, moco.tools.plot --out; conversion:
     tests/test_convert.py; fine-tuning: tests/test_transfer.py); ~ is expanded; a ViT --image-size its patch
     does not divide is refused with the sizes that work."""
     (tmp_path / 'a_file').write_text('x')
@@ -274,7 +274,7 @@ def test_help_shows_defaults_and_arch_typos_get_suggestions(capsys):
     assert "unknown architecture 'resnet5'; did you mean resnet50" in err and 'resnext' not in err
     with pytest.raises(SystemExit):
         plot.main(['--help'])
-    assert capsys.readouterr().out.startswith('usage: python -m moco.plot')
+    assert capsys.readouterr().out.startswith('usage: python -m moco.tools.plot')
 
 
 def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):

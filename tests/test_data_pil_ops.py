@@ -60,7 +60,7 @@ def test_hue_shift_wraps_as_torchvision():
 @pytest.fixture(scope='module')
 def photo():
     """matplotlib's sample photograph (512 x 600), RGB."""
-    from moco.bench_pipeline import photo_files
+    from moco.tools.bench_pipeline import photo_files
     return Image.open(photo_files()[0]).convert('RGB')
 
 

@@ -1,6 +1,6 @@
 """moco/data/views.py: MoCo v3's two views are the original release's, byte for byte and draw for draw.
 
-The original is its op list as its main_moco.py writes it (``moco.bench_pipeline.original_pretrain_transform``:
+The original is its op list as its main_moco.py writes it (``moco.tools.bench_pipeline.original_pretrain_transform``:
 torchvision ops on PIL images behind torchvision's ImageFolder loader). For each image and seed both
 views, made float by ``ToFloat``, must equal the original's float views exactly, and the torch and
 python random states afterwards must be the original's (so a changed number or order of draws fails
@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from moco.bench_pipeline import cut_jpegs, original_loader, original_pretrain_transform, photo_files
+from moco.tools.bench_pipeline import cut_jpegs, original_loader, original_pretrain_transform, photo_files
 from moco.data.folder import SafeImageFolder, load_rgb
 from moco.data.views import (IMAGENET_MEAN, IMAGENET_STD, ToFloat, adjust_contrast, eval_transform,
                              lincls_train_transform, pretrain_transform, random_resized_crop_params)
@@ -61,7 +61,7 @@ def _without_blur(image_size, crop_min):
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     common = [T.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
-    from moco.bench_pipeline import OriginalSolarize
+    from moco.tools.bench_pipeline import OriginalSolarize
     v1 = T.Compose(common + [T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     v2 = T.Compose(common + [T.RandomApply([OriginalSolarize()], p=0.2), T.RandomHorizontalFlip(), T.ToTensor(),
                              normalize])
@@ -162,7 +162,7 @@ def test_pretrain_views_are_uint8_and_asymmetric(photo_jpegs):
 def test_original_op_list_is_the_papers():
     """The reference the views are tested against: the paper's appendix (BYOL's recipe)."""
     import inspect
-    from moco import bench_pipeline
+    from moco.tools import bench_pipeline
     source = inspect.getsource(bench_pipeline.original_pretrain_transform)
     for piece in ('RandomResizedCrop(image_size, scale=(crop_min, 1.))', 'ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)',
                   'RandomGrayscale(p=0.2)', 'OriginalGaussianBlur([.1, 2.])], p=1.0)',

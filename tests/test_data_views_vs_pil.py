@@ -1,6 +1,6 @@
 """Each tensor op of the in-memory and GPU pipelines (moco/data/tensor_views.py) against the reference
 pipeline's PIL op with the same parameters, on real photographs: the shipped CIFAR-10 JPEGs upscaled
-to 224 px (smooth) and ImageNet-sized JPEGs (300-500 px, textured; ``moco.bench.make_fullsize_jpegs``).
+to 224 px (smooth) and ImageNet-sized JPEGs (300-500 px, textured; ``moco.tools.bench.make_fullsize_jpegs``).
 
 Differences are in 8-bit levels (0-255) of the output, split into the interior and a 4-pixel border;
 each bound sits just above what the code measures (README "What differs from the original" gives the
@@ -28,7 +28,7 @@ BORDER = 4
 def photos(tmp_path_factory):
     """Four smooth 224 px photographs and four textured ImageNet-sized ones, as PIL RGB images."""
     from moco import demo_data
-    from moco.bench import make_fullsize_jpegs
+    from moco.tools.bench import make_fullsize_jpegs
     tmp = str(tmp_path_factory.mktemp('photos'))
     small = demo_data.extract(tmp, per_class={'train': 1})
     files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(small, 'train')) for f in fs)[:4]

@@ -1,11 +1,11 @@
-"""The demo's recipe stays runnable: moco.demo end to end (baselines, MoCo v3 pretraining through
+"""The demo's recipe stays runnable: moco.tools.demo end to end (baselines, MoCo v3 pretraining through
 main_moco.py with the demo's flags, kNN curve, linear probe, curves.png) on a few shipped images and
 a few steps, with a tiny projector."""
 import os
 
 import torch
 
-from moco import demo
+from moco.tools import demo
 from moco.data.memory import decode_folder
 from moco.knn import eval_resize, knn_top1, raw_pixel_knn_accuracy
 from moco.models import build_moco, encoder_factory

@@ -1,4 +1,4 @@
-"""python -m moco.gpu_check: the budget and epoch arithmetic as pure functions, the GPU command lines
+"""python -m moco.tools.gpu_check: the budget and epoch arithmetic as pure functions, the GPU command lines
 (parsed by the scripts that will run them, and the CIFAR recipe against CONFIG.md), a part that times out
 (recorded, stopped, the next part runs), and the whole dry run on CPU (slow: a few minutes), whose
 outputs are what the GPU run writes."""
@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from conftest import ROOT, start, wait_output
-from moco import gpu_check as gc
+from moco.tools import gpu_check as gc
 
 BUDGET = 9 * 60
 CAL = {'startup_s': 20.0, 'first_epoch_extra_s': 5.0, 'epoch_s': 3.0, 'knn_s': 2.0, 'exit_s': 1.0}
@@ -155,12 +155,12 @@ def test_cifar_recipe_is_config_md(gpu_check):
 
 
 def test_gpu_bench_commands_parse(gpu_check, capsys):
-    from moco import bench
+    from moco.tools import bench
     commands = [gpu_check.bench_cmd('/tmp/b.json', ['reference', 'ours']) + ['--fullsize-jpegs', '/tmp/fs'],
                 gpu_check.bench_cmd('/tmp/b.json', ['ours'], ['synthetic']) + ['--profile', '/tmp/p.txt'],
                 gpu_check.bench_cmd('/tmp/b.json', ['ours_compiled'], ['synthetic']) + ['--compile-backend', 'inductor']]
     for cmd in commands:
-        assert cmd[1:3] == ['-m', 'moco.bench'] and '--tiny' not in cmd
+        assert cmd[1:3] == ['-m', 'moco.tools.bench'] and '--tiny' not in cmd
         assert cmd[cmd.index('--models') + 1:cmd.index('--configs')] == list(gc.GPU_MODELS)
         with pytest.raises(SystemExit) as e:      # every flag before --help is parsed (and checked) first
             bench.main(cmd[3:] + ['--help'])
@@ -169,8 +169,8 @@ def test_gpu_bench_commands_parse(gpu_check, capsys):
 
 
 def test_bench_rows_without_a_reference_and_the_profile(tmp_path):
-    """What the profile part asks of moco.bench: only ours, no 'vs ref', the profiler's table appended."""
-    from moco import bench
+    """What the profile part asks of moco.tools.bench: only ours, no 'vs ref', the profiler's table appended."""
+    from moco.tools import bench
     out, profile = tmp_path / 'b.json', tmp_path / 'profile.txt'
     rows = bench.main(['--tiny', '--models', 'resnet18_cifar:2', '--image-size', '16', '--steps', '1', '--warmup', '0',
                        '--configs', 'ours', '--inputs', 'synthetic', '--profile', str(profile), '--out', str(out)])
@@ -223,7 +223,7 @@ def test_a_part_that_times_out_is_recorded_and_the_next_runs(tmp_path, monkeypat
 def dry_run(tmp_path_factory):
     base = tmp_path_factory.mktemp('gpu_check')
     out, work = base / 'out', base / 'work'
-    rc, printed = wait_output(start([sys.executable, '-m', 'moco.gpu_check', '--dry-run', '--out', str(out),
+    rc, printed = wait_output(start([sys.executable, '-m', 'moco.tools.gpu_check', '--dry-run', '--out', str(out),
                                      '--work-dir', str(work)]), timeout=2400)
     return rc, printed, out
 
@@ -244,7 +244,7 @@ def test_dry_run_writes_every_result_file_and_a_summary_row_per_part(dry_run):
     assert 'passed' in results['parts']['tests']['result']
     assert (out / 'curves.png').read_bytes()[:4] == b'\x89PNG'
     log = (out / 'parts.log').read_text()
-    assert 'tests/test_gpu.py' in log and 'main_moco.py' in log and 'moco.plot' in log
+    assert 'tests/test_gpu.py' in log and 'main_moco.py' in log and 'moco.tools.plot' in log
 
 
 @pytest.mark.slow

@@ -183,7 +183,7 @@ def main_worker(args):
     val_set, _ = build_dataset(args.data_set, args.data, False, val_tf, args.download)
     if is_unlabelled(train_set) or is_unlabelled(val_set):
         raise UserError(f'fine-tuning needs labels: {args.data}/train and {args.data}/val must hold class folders '
-                        '(python -m moco.split_folder makes them from a folder of class folders)')
+                        '(python -m moco.tools.split_folder makes them from a folder of class folders)')
     mixup_active = args.mixup > 0 or args.cutmix > 0
     if mixup_active and args.batch_size % 2:
         raise UserError(f'mixup/cutmix needs an even batch per process, not {args.batch_size}')

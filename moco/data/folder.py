@@ -127,7 +127,7 @@ def image_folder(root, split, transform, strict=False):
         hint = f'expected {root}/{split}/<class>/<image> or {root}/{split}/<image>'
         if os.path.isdir(root) and image_files(root):
             hint = (f'{root} holds images itself: move them into {root}/{split}/, or split them into train/ and '
-                    f'val/ with: python -m moco.split_folder {root} NEW_FOLDER')
+                    f'val/ with: python -m moco.tools.split_folder {root} NEW_FOLDER')
         raise UserError(f'data folder not found: {path} ({hint})')
     if is_unlabelled_folder(path):
         return UnlabelledImageFolder(path, transform, strict=strict)

@@ -8,7 +8,7 @@ fail (caught) or pass (missed).
 
 Groups: 'views' (the random parameters and ops of the in-memory and GPU pipelines, moco/data/tensor_views.py,
 and the reference pipeline's declared ones, moco/data/views.py), 'step' (bf16, moco/amp.py), 'bench'
-(moco/bench.py), 'dist' (what each process reads and decides with two processes) and 'faults'
+(moco/tools/bench.py), 'dist' (what each process reads and decides with two processes) and 'faults'
 (foreign checkpoints, a dying peer under torchrun). Exit status 0 when every mutation is caught, 1
 when one is missed or no longer applies (its source text changed: update the mutation). Not a test
 itself: pytest does not collect tests/tools/.
@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TA, GPU, MEM = 'moco/data/tensor_views.py', 'moco/data/gpu.py', 'moco/data/memory.py'
 DATA, SAMPLER = 'moco/data/views.py', 'moco/data/sampler.py'
-AMP, DIST, BENCH, CKPT = 'moco/amp.py', 'moco/dist.py', 'moco/bench.py', 'moco/checkpoint.py'
+AMP, DIST, BENCH, CKPT = 'moco/amp.py', 'moco/dist.py', 'moco/tools/bench.py', 'moco/checkpoint.py'
 
 VIEW_TESTS = ('tests/test_data_view_params.py', 'tests/test_data_tensor_views.py', 'tests/test_data_memory.py',
               'tests/test_data_gpu.py::test_gpu_loader_views_are_the_sampled_views')

@@ -1,13 +1,13 @@
 """Training-step benchmark: our step against a straightforward reference-style step, in one run.
 
-    python -m moco.bench                         # GPU: vit_small 256, resnet50 256, vit_base 128, 224 px
-    python -m moco.bench --tiny                  # CPU-sized models and images (what CI runs)
-    python -m moco.bench --data DIR              # also end to end from DIR/train (JPEG files)
-    python -m moco.bench --fullsize-jpegs DIR    # ... from ImageNet-sized JPEGs made from the demo data
-    python -m moco.bench --configs ours_compiled --inputs synthetic   # only our compiled step
-    python -m moco.bench --monitors              # the step with the gradient monitors at -p 10 and 1, vs without
-    python -m moco.bench --pipeline              # the data pipeline instead: ours vs the original's
-                                                 # two-view transform per core, and the loader (moco/bench_pipeline.py)
+    python -m moco.tools.bench                         # GPU: vit_small 256, resnet50 256, vit_base 128, 224 px
+    python -m moco.tools.bench --tiny                  # CPU-sized models and images (what CI runs)
+    python -m moco.tools.bench --data DIR              # also end to end from DIR/train (JPEG files)
+    python -m moco.tools.bench --fullsize-jpegs DIR    # ... from ImageNet-sized JPEGs made from the demo data
+    python -m moco.tools.bench --configs ours_compiled --inputs synthetic   # only our compiled step
+    python -m moco.tools.bench --monitors              # the step with the gradient monitors at -p 10 and 1, vs without
+    python -m moco.tools.bench --pipeline              # the data pipeline instead: ours vs the original's
+                                                 # two-view transform per core, and the loader (moco/tools/bench_pipeline.py)
 
 reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
     LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
@@ -226,7 +226,7 @@ def profile_steps(runner, batches, out, title, steps=3, warmup=3, row_limit=25):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='MoCo v3 training-step benchmark (ours vs reference-style)',
-                                prog='python -m moco.bench')
+                                prog='python -m moco.tools.bench')
     p.add_argument('--tiny', action='store_true', help='CPU-sized models at 32 px (CI)')
     p.add_argument('--models', nargs='+', default=None, metavar='ARCH:BATCH',
                    help='e.g. vit_small:256 resnet50:256 (default: the three above, or two tiny ones)')
@@ -254,7 +254,7 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='also write the rows as JSON here (rewritten after every row)')
     p.add_argument('--monitors', action='store_true',
                    help='time our step without the gradient monitors and with them at print frequency 10 and 1')
-    g = p.add_argument_group('--pipeline: the reference data pipeline against the original release\'s (moco/bench_pipeline.py)')
+    g = p.add_argument_group('--pipeline: the reference data pipeline against the original release\'s (moco/tools/bench_pipeline.py)')
     g.add_argument('--pipeline', action='store_true',
                    help='measure the two-view transform per core and the loader end to end, instead of the step')
     g.add_argument('--photos', default=None, metavar='DIR',
@@ -272,7 +272,7 @@ def main(argv=None):
                         'torch.profiler and append its top operations to FILE')
     args = p.parse_args(argv)
     if args.pipeline:
-        from moco import bench_pipeline
+        from moco.tools import bench_pipeline
         return bench_pipeline.run(args.photos, args.images, args.rounds, args.loader_workers, args.loader_batch,
                                   loader_rounds=args.loader_rounds, image_size=args.image_size or 224, out=args.out)
 

@@ -1,7 +1,7 @@
 """PNG figures of pretraining runs (main_moco.py's log.txt and tensorboard/):
 
-    python -m moco.plot output/run --out run.png                  # one run: the paper's figure
-    python -m moco.plot output/run1 output/run2 --out curves.png  # several: loss and kNN per epoch
+    python -m moco.tools.plot output/run --out run.png                  # one run: the paper's figure
+    python -m moco.tools.plot output/run1 output/run2 --out curves.png  # several: loss and kNN per epoch
 
 One run with gradient magnitudes logged (every run since they were added; ``--kind gradients``): on
 one iteration axis, the kNN top-1 (or RankMe, in a folder without labels) above, the first layer's
@@ -140,7 +140,7 @@ def plot(runs, out, labels=None, title=None):
 
 
 def main(argv=None):
-    p = cli.parser(__doc__.splitlines()[0], prog='python -m moco.plot')
+    p = cli.parser(__doc__.splitlines()[0], prog='python -m moco.tools.plot')
     p.add_argument('runs', nargs='+', type=cli.path, help='run folders (with log.txt) or log.txt files')
     p.add_argument('--out', default='curves.png', type=cli.path, help='PNG to write')
     p.add_argument('--labels', nargs='+', default=None, help='one label per run (default: folder names)')

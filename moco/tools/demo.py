@@ -1,6 +1,6 @@
 """The README's first command: MoCo v3 on the small CIFAR-10 set the repository ships, on a laptop CPU.
 
-    python -m moco.demo            (or: make demo)
+    python -m moco.tools.demo            (or: make demo)
 
 Unpacks the shipped CIFAR-10 JPEGs (32x32, 10 classes; train/ and held-out val/), pretrains a small
 ResNet with MoCo v3 through main_moco.py (the same code as a full run; loss, momentum encoder and
@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco import cli, demo_data, plot
+from moco import cli, demo_data
+from moco.tools import plot
 
 ARCH = 'resnet10_w16'
 # The recipe of CONFIG.md's "Embedded demo": MoCo v3 (LARS, predictor, momentum encoder, InfoNCE at T 0.2,
@@ -46,7 +47,7 @@ KNN_K, KNN_T = 20, 0.1
 
 
 def get_args_parser():
-    p = cli.parser('MoCo v3 demo on the shipped CIFAR-10 subset (CPU friendly)', prog='python -m moco.demo')
+    p = cli.parser('MoCo v3 demo on the shipped CIFAR-10 subset (CPU friendly)', prog='python -m moco.tools.demo')
     p.add_argument('--epochs', default=64, type=int, help='pretraining epochs')
     p.add_argument('--knn-freq', default=8, type=int, help='kNN of the learned features every N epochs')
     p.add_argument('--seed', default=0, type=int, help='seed of the pretraining and of the baselines (default: 0)')

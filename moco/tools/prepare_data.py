@@ -1,6 +1,6 @@
 """Download CIFAR-10 or CIFAR-100 with torchvision and write the ImageFolder layout the scripts read:
 
-    python -m moco.prepare_data cifar10 data/cifar10        ->  data/cifar10/{train,val}/<class>/<index>.png
+    python -m moco.tools.prepare_data cifar10 data/cifar10        ->  data/cifar10/{train,val}/<class>/<index>.png
 
 PNG keeps the images exactly as published (the shipped demo data is JPEG to stay small). ``val/`` is
 the official test split. Needs network access the first time (torchvision's download into --cache).
@@ -43,7 +43,7 @@ def prepare(name, dest, cache=None, download=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog='python -m moco.prepare_data',
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog='python -m moco.tools.prepare_data',
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('dataset', choices=sorted(DATASETS))
     p.add_argument('dest', help='folder to create train/ and val/ in')

@@ -1,25 +1,25 @@
 """The GPU check of README "Speed": one command that measures, in a fixed time, what only a GPU can show.
 
-    python -m moco.gpu_check                  # on the GPU machine: everything below in --budget-min minutes
-    python -m moco.gpu_check --dry-run        # the same parts on CPU, tiny (CI: tests/test_gpu_check.py)
+    python -m moco.tools.gpu_check                  # on the GPU machine: everything below in --budget-min minutes
+    python -m moco.tools.gpu_check --dry-run        # the same parts on CPU, tiny (CI: tests/test_gpu_check.py)
     make gpu-check-prepare CIFAR_TAR=PATH    # here, once: the CIFAR-10 tarball into .gpu_data/ (git-ignored)
 
 Parts, in this order, each time-boxed (its own timeout, derived from the budget, so that a slow part
 cannot eat the next; a part that fails or times out is recorded and the next one runs):
  1. tests      the CUDA-only tests (python -m pytest tests/test_gpu.py; the compile test in a second run)
- 2. bench      python -m moco.bench: vit_small:256 resnet50:256 vit_base:128 at 224 px, reference and ours,
+ 2. bench      python -m moco.tools.bench: vit_small:256 resnet50:256 vit_base:128 at 224 px, reference and ours,
                synthetic and end to end from 2,048 ImageNet-sized JPEGs (--fullsize-jpegs, made in the
                background while the tests run); img/s, TFLOP/s, fraction of 790 TFLOP/s, peak GiB, vs ref
-    monitors   python -m moco.bench --monitors: our vit_small step without the gradient monitors and with them
+    monitors   python -m moco.tools.bench --monitors: our vit_small step without the gradient monitors and with them
                at print frequency 10 and 1
-    pipeline   python -m moco.bench --pipeline: the reference pipeline's two-view transform per core against
+    pipeline   python -m moco.tools.bench --pipeline: the reference pipeline's two-view transform per core against
                the original release's (bit-identical views checked first), and the loader at -j 1 and 8
     profile    only when a target is missed: torch.profiler's top operations of a few steps of ours
     bench_compiled  the same models, ours with torch.compile, synthetic input
  3. cifar      CIFAR-10 ResNet-18 (CONFIG.md recipe, --fast, memory pipeline), kNN every 20 epochs: a short
                calibration run (4 epochs) measures start-up, epoch and kNN times; then main_moco.py runs
                200 epochs if they fit in the time left, else as many as fit; prints the projected
-               200-epoch wall time; curves.png by python -m moco.plot
+               200-epoch wall time; curves.png by python -m moco.tools.plot
  4. cifar_ref  if time remains: the same for 50 epochs (or as many as fit) with the original numerics
                (--amp fp16 --data-pipeline reference), to compare kNN with the fast path at equal epochs
 Then summary.md (a table, printed last). Results, each written as soon as it exists, in one flat folder
@@ -31,7 +31,7 @@ The device call (python3 there has torch 2.11, torchvision 0.26, timm, tensorboa
 no network; the CIFAR-10 tarball travels as the carried, git-ignored .gpu_data/):
 
     here, once:  make gpu-check-prepare CIFAR_TAR=PATH
-    run(command="PYTHONUNBUFFERED=1 python3 -m moco.gpu_check --budget-min 9",
+    run(command="PYTHONUNBUFFERED=1 python3 -m moco.tools.gpu_check --budget-min 9",
         carry=[".gpu_data"], timeout_s=600)
 
 The budget (9 min = 540 s) ends ~60 s before timeout_s; the machine's start (1-2 min) comes on top, so
@@ -80,7 +80,7 @@ TAIL = 0.03                        # kept for the summary, x budget
 MIN_SECONDS = {'tests': 20, 'bench': 20, 'monitors': 10, 'pipeline': 20, 'profile': 15, 'bench_compiled': 30,
                'cifar': 45, 'cifar_ref': 60}
 KILL_GRACE_S = 10                  # SIGTERM, then SIGKILL (main_moco.py saves and exits on SIGTERM)
-PLOT_RESERVE_S = 20                # kept after a CIFAR run for python -m moco.plot
+PLOT_RESERVE_S = 20                # kept after a CIFAR run for python -m moco.tools.plot
 FIT_MARGIN = 0.05                  # a CIFAR run is sized to 95% of the time it has
 
 PEAK_TFLOPS = 790                  # bf16 matmul measured on an H200 (README "Speed")
@@ -237,7 +237,7 @@ class Check:
         self.log = open(os.path.join(self.out, 'parts.log'), 'a')
         self.parts = [p for p in PARTS if p in args.parts]
         self.results = {'started': datetime.datetime.now().isoformat(timespec='seconds'),
-                        'command': [sys.executable, '-m', 'moco.gpu_check'] + sys.argv[1:],
+                        'command': [sys.executable, '-m', 'moco.tools.gpu_check'] + sys.argv[1:],
                         'dry_run': self.dry, 'budget_s': args.budget_min * 60, 'parts': {}}
         self.bench_rows = {}
         self.background = {}
@@ -356,7 +356,7 @@ class Check:
         fullsize = os.path.join(self.work, 'fullsize')
         self.fullsize = fullsize
         if any(p in self.parts for p in ('bench', 'profile', 'bench_compiled')):
-            cmd = [sys.executable, '-m', 'moco.bench', '--fullsize-jpegs', fullsize, '--prepare-only',
+            cmd = [sys.executable, '-m', 'moco.tools.bench', '--fullsize-jpegs', fullsize, '--prepare-only',
                    '--fullsize-count', str(24 if self.dry else 2048)]
             self.background['fullsize'] = self.start(cmd, 'prepare_fullsize')
         self.cifar_data = None
@@ -459,7 +459,7 @@ class Check:
 
     def bench_cmd(self, out_json, configs, inputs=None):
         models = (DRY_MODELS if configs != ['ours_compiled'] else DRY_MODELS[:1]) if self.dry else GPU_MODELS
-        cmd = [sys.executable, '-m', 'moco.bench', '--models', *models, '--configs', *configs,
+        cmd = [sys.executable, '-m', 'moco.tools.bench', '--models', *models, '--configs', *configs,
                '--peak-tflops', str(PEAK_TFLOPS), '-j', str(1 if self.dry else min(16, os.cpu_count() or 1)),
                '--warmup', str(1 if self.dry else 5), '--steps', str(1 if self.dry else 20), '--out', out_json]
         if self.dry:
@@ -500,7 +500,7 @@ class Check:
     def part_monitors(self, timeout, record):
         out_json = os.path.join(self.work, 'monitors.json')
         models = DRY_MODELS[1:] if self.dry else ('vit_small:256',)
-        cmd = [sys.executable, '-m', 'moco.bench', '--monitors', '--models', *models, '--out', out_json,
+        cmd = [sys.executable, '-m', 'moco.tools.bench', '--monitors', '--models', *models, '--out', out_json,
                '--warmup', '1' if self.dry else '3', '--steps', '2' if self.dry else '20']
         if self.dry:
             cmd += ['--tiny', '--image-size', '16']
@@ -522,7 +522,7 @@ class Check:
 
     def part_pipeline(self, timeout, record):
         out_json = os.path.join(self.work, 'pipeline.json')
-        cmd = [sys.executable, '-m', 'moco.bench', '--pipeline', '--out', out_json]
+        cmd = [sys.executable, '-m', 'moco.tools.bench', '--pipeline', '--out', out_json]
         cmd += ['--loader-rounds', '1']
         cmd += (['--images', '8', '--rounds', '1', '--loader-workers', '1', '--loader-batch', '4'] if self.dry else
                 ['--images', '96', '--rounds', '2', '--loader-workers', '1', str(min(8, os.cpu_count() or 1))])
@@ -676,7 +676,7 @@ class Check:
         if runs:
             labels = ['fast (--fast, bf16, memory)' if n == 'cifar' else 'original numerics (fp16, reference)'
                       for n, _ in runs]
-            plot = [sys.executable, '-m', 'moco.plot', *[d for _, d in runs], '--labels', *labels,
+            plot = [sys.executable, '-m', 'moco.tools.plot', *[d for _, d in runs], '--labels', *labels,
                     '--title', 'CIFAR-10 (JPEG), ResNet-18, MoCo v3', '--out', os.path.join(self.out, 'curves.png')]
             plot_status, output, _ = self.run(plot, f'{name}_plot', max(10.0, deadline - time.time()))
             record['plot'] = plot_status
@@ -720,7 +720,7 @@ class Check:
         rows = [row for k in ('bench', 'bench_compiled') for row in self.bench_rows.get(k, [])]
         if rows:
             ref = {(x['model'], x['batch'], x['input']): x['images_per_s'] for x in rows if x['config'] == 'reference'}
-            lines += ['', f'Bench (python -m moco.bench; TFLOP/s of the model step; peak {PEAK_TFLOPS} TFLOP/s):', '',
+            lines += ['', f'Bench (python -m moco.tools.bench; TFLOP/s of the model step; peak {PEAK_TFLOPS} TFLOP/s):', '',
                       '| model | batch | input | config | precision | img/s | TFLOP/s | of peak | peak GiB | vs ref '
                       '| target |', '|---|---|---|---|---|---|---|---|---|---|---|']
             for x in rows:
@@ -739,7 +739,7 @@ class Check:
                              f"{'' if vs is None else f'{vs:.2f}x'} | {met} |")
         pipeline = r['parts'].get('pipeline', {}).get('rows')
         if pipeline:
-            lines += ['', f"Reference pipeline (python -m moco.bench --pipeline; {r['parts']['pipeline'].get('cpu')}; "
+            lines += ['', f"Reference pipeline (python -m moco.tools.bench --pipeline; {r['parts']['pipeline'].get('cpu')}; "
                           f"views identical to the original's: {r['parts']['pipeline'].get('identical_views')}):", '',
                       '| row | config | img/s | of the original / of the transform alone |', '|---|---|---|---|']
             for x in pipeline:
@@ -844,7 +844,7 @@ def parse_parts(text):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(prog='python -m moco.gpu_check', description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog='python -m moco.tools.gpu_check', description=__doc__.splitlines()[0])
     p.add_argument('--dry-run', action='store_true', help='the same parts on CPU with tiny stand-ins (CI)')
     p.add_argument('--budget-min', type=float, default=None,
                    help='minutes for all parts (default 9; dry run 30: a limit only, its parts take what they need)')

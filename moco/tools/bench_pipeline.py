@@ -1,8 +1,8 @@
-"""Data-pipeline benchmark (``python -m moco.bench --pipeline``): the reference pipeline's two-view
+"""Data-pipeline benchmark (``python -m moco.tools.bench --pipeline``): the reference pipeline's two-view
 transform against the original release's, in one run, on ImageNet-sized JPEGs cut from photographs.
 
-    python -m moco.bench --pipeline                          # transform per core, loader at -j 1 and 2
-    python -m moco.bench --pipeline --photos DIR --out F     # also cut from the photographs in DIR
+    python -m moco.tools.bench --pipeline                          # transform per core, loader at -j 1 and 2
+    python -m moco.tools.bench --pipeline --photos DIR --out F     # also cut from the photographs in DIR
 
 The original: its op list as the release's main_moco.py writes it (``original_pretrain_transform``,
 torchvision ops on PIL images, ToTensor + Normalize in the worker) behind torchvision's ImageFolder

@@ -1,6 +1,6 @@
 """Split a folder of images into the train/ and val/ folders the scripts read:
 
-    python -m moco.split_folder SRC DEST [--val-fraction 0.1] [--seed 0] [--copy]
+    python -m moco.tools.split_folder SRC DEST [--val-fraction 0.1] [--seed 0] [--copy]
 
 SRC holds class folders of images (SRC/<class>/<image>), or images alone (then DEST/train and
 DEST/val hold images alone: pretraining needs no labels, the kNN monitor and the probe do). The same
@@ -17,7 +17,7 @@ from moco.data.folder import image_files
 
 
 def get_args_parser():
-    p = cli.parser('Split a folder of images into train/ and val/', prog='python -m moco.split_folder')
+    p = cli.parser('Split a folder of images into train/ and val/', prog='python -m moco.tools.split_folder')
     p.add_argument('src', metavar='SRC', help='class folders of images, or images alone')
     p.add_argument('dest', metavar='DEST', help='new folder: DEST/train and DEST/val are written')
     p.add_argument('--val-fraction', default=0.1, type=float, help='share of each class that goes to val/')

@@ -1,6 +1,6 @@
 """MoCo v3's study of training stability (paper, section 4), small enough for a CPU (``make study``):
 
-    python -m moco.study --out output/study          # the grid below, then study.md, study.json, figures
+    python -m moco.tools.study --out output/study          # the grid below, then study.md, study.json, figures
 
 A 6-block ViT on 4x4 patches (``vit_mini_patch4``) pretrained with MoCo v3 on the shipped CIFAR-10
 (JPEG) demo images at 16 px (in-memory pipeline, AdamW, batch 128), for each base learning rate of
@@ -9,7 +9,7 @@ A 6-block ViT on 4x4 patches (``vit_mini_patch4``) pretrained with MoCo v3 on th
 (``-p 1``) and kNN top-1 on the held-out images after every epoch. The table: kNN at the end and its
 best, the largest kNN dip, the gradient spikes (first layer above 5x its running median) and how
 many iterations later the last block spiked. The figure of each learned-projection run at the first
-seed is ``python -m moco.plot``'s (kNN above, first layer and last block below).
+seed is ``python -m moco.tools.plot``'s (kNN above, first layer and last block below).
 
 Runs already finished in ``--out`` are read, not run again (a stopped study continues where it was).
 """
@@ -79,7 +79,7 @@ def table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog='python -m moco.study', description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog='python -m moco.tools.study', description=__doc__.splitlines()[0])
     p.add_argument('--out', default=os.path.join(ROOT, 'output', 'study'), help='folder of the runs and results')
     p.add_argument('--lrs', type=float, nargs='+', default=[5e-4, 8e-3, 3e-2],
                    help='base learning rates (x batch / 256; default: 5e-4 8e-3 3e-2)')
@@ -108,7 +108,7 @@ def main(argv=None):
         rows.append(dict(lr=lr, frozen=frozen, seed=seed, **summarise(run_dir)))
         with open(os.path.join(args.out, 'study.json'), 'w') as f:
             json.dump(rows, f, indent=1)
-    from moco.plot import plot_gradients
+    from moco.tools.plot import plot_gradients
     for lr in args.lrs:
         run = run_name(lr, False, args.seeds[0])
         plot_gradients(os.path.join(args.out, run), os.path.join(args.out, f'{run}.png'),
