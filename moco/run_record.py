@@ -20,7 +20,7 @@ OPERATIONAL = frozenset({
     'data', 'workers', 'output_dir', 'resume', 'keep_checkpoints', 'save_every_iters', 'print_freq',
     'knn_freq', 'knn_k', 'knn_t', 'seed', 'start_epoch', 'world_size', 'rank', 'dist_url', 'dist_backend',
     'gpu', 'dist_timeout', 'multiprocessing_distributed', 'strict_data', 'max_nonfinite_steps', 'compile',
-    'channels_last', 'accept_changes', 'evaluate', 'stop_signal'})
+    'channels_last', 'accept_changes', 'evaluate', 'stop_signals'})
 # Flags the shapes of the weights depend on: another value cannot load the checkpoint at all.
 SHAPE_FLAGS = ('arch', 'method', 'moco_dim', 'moco_mlp_dim')
 
