@@ -12,7 +12,7 @@ heads; DeiT-S has 6). ``transfer/finetune.py --pretrained`` reads it, and so doe
 import sys
 
 from moco import cli
-from moco.checkpoint import read_pretrained_encoder, save_checkpoint
+from moco.checkpoint import read_backbone, save_checkpoint
 from moco.errors import UserError
 
 
@@ -27,7 +27,7 @@ def get_args_parser():
 
 def convert(input_path):
     """The DeiT-format dict of a MoCo ViT checkpoint; a ResNet or non-MoCo file is a UserError."""
-    state, arch, _ = read_pretrained_encoder(input_path, 'head')
+    state, arch, _ = read_backbone(input_path)
     if not any(k.startswith('patch_embed.') for k in state) or not any(k.startswith('blocks.') for k in state):
         what = f'a {arch} encoder' if arch else 'an encoder without patch_embed/blocks weights'
         raise UserError(f'{input_path} holds {what}, not a ViT: only ViT checkpoints convert to DeiT '

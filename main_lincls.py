@@ -18,16 +18,15 @@ main_moco.py or of the original release (e.g. vit-s-300ep.pth.tar). See CONFIG.m
 import torch
 import torch.nn as nn
 
-from moco import cli, dist
+from moco import cli, dist, launch
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (check_recorded, ddp_state_dict, hold_output_dir, load_checkpoint, load_pretrained,
-                             read_pretrained_encoder, restore, save_last_and_best, single_file_resume)
+from moco.checkpoint import (check_recorded, ddp_state_dict, load_backbone, load_checkpoint, read_backbone, restore,
+                             save_last_and_best, single_file_resume)
 from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
 from moco.errors import UserError
 from moco.metrics import RunLog
 from moco.models import arch_names, encoder_factory, head_name
-from moco.schedules import scaled_lr
 
 CHECKPOINT, BEST = 'checkpoint.pth.tar', 'model_best.pth.tar'
 
@@ -75,11 +74,11 @@ def get_args_parser():
     g.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
                    help='only evaluate the model (give the probe with --resume) on the validation set')
     g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
-    dist.add_stop_signals_arg(g, 'keeping the last epoch\'s checkpoint (the epoch in progress is redone)')
+    launch.add_stop_signals_arg(g, 'keeping the last epoch\'s checkpoint (the epoch in progress is redone)')
     g.add_argument('--seed', default=None, type=int,
                    help='seed for initializing training; makes CPU runs (and resumes) repeatable')
 
-    dist.add_distributed_args(parser)
+    launch.add_distributed_args(parser)
     return parser
 
 
@@ -115,20 +114,11 @@ def settle_arch_and_size(args, recorded_arch, recorded_size, path):
 
 def main_worker(args):
     cli.require_positive(args, 'epochs', 'batch_size', 'print_freq')
-    cli.require_output_folder(args.output_dir)
-    dist.stop_signal_names(args.stop_signals)
-    device = dist.init_process(args)
-    if not args.evaluate:
-        hold_output_dir(args.output_dir, 'linear-probe')
-    stop = dist.stop_request(args)
-
-    base_lr, total_batch = args.lr, dist.share_batch(args)
-    args.lr = scaled_lr(base_lr, total_batch)
+    device, stop, base_lr, total_batch = launch.start_run(args, 'linear-probe', hold_output=not args.evaluate)
 
     encoder_state = None
     if args.pretrained:
-        encoder_state, recorded_arch, recorded = read_pretrained_encoder(
-            args.pretrained, lambda recorded_arch: head_name(args.arch or recorded_arch or 'resnet50'))
+        encoder_state, recorded_arch, recorded = read_backbone(args.pretrained)
         settle_arch_and_size(args, recorded_arch, (recorded or {}).get('image_size'), args.pretrained)
     elif args.resume and args.resume != 'auto' and (args.arch is None or args.image_size is None):
         probe = load_checkpoint(args.resume)
@@ -149,7 +139,7 @@ def main_worker(args):
               f'is one step at lr {args.lr:.4g}, scaled for {total_batch} images; lower -b (and the lr follows)')
 
     model, head = build_model(args.arch, args.image_size, num_classes)
-    pretrained = load_pretrained(model, encoder_state, args.pretrained, head) if args.pretrained else None
+    pretrained = load_backbone(model, encoder_state, head, args.pretrained) if args.pretrained else None
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(trainable) == 2, 'only the classifier weight and bias are trained'
@@ -221,7 +211,7 @@ def main_worker(args):
 def main(args):
     """Run the probe; returns {'acc1' (last epoch), 'best_acc1', 'best_epoch'} (or the evaluation's
     {'acc1', 'acc5', 'loss'} with -e) when it ran in this process, None with spawned workers."""
-    return dist.run(main_worker, args)
+    return launch.run(main_worker, args)
 
 
 if __name__ == '__main__':

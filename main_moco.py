@@ -11,7 +11,315 @@ Without a GPU the same commands run on CPU processes with the gloo backend.
 DIR holds train/<class>/<image> or train/<image> (no labels needed; val/<class>/<image> for the optional
 kNN monitor). See CONFIG.md for recipes, README "Runs you can follow" for what a run writes.
 """
-from moco.pretrain import get_args_parser, main
+import argparse
+import os
+
+import torch
+
+from moco import cli, dist, launch, run_record
+from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
+from moco.checkpoint import ddp_state_dict, pretrain_checkpoint_name, resume_pretraining, save_pretraining
+from moco.data import is_unlabelled_folder, pipelines, start_epoch
+from moco.engine_pretrain import train_one_epoch
+from moco.errors import UserError
+from moco.knn import feature_monitors, knn_sets, train_eval_set
+from moco.builder import METHODS
+from moco.methods import apply_method_defaults
+from moco.metrics import RunLog
+from moco.models import BackboneFeatures, arch_names, build_moco, compile_networks, head_name, is_vit
+from moco.monitors import TrainingMonitors, dips, rankme_indices
+from moco.norm import convert_sync_batchnorm
+from moco.optim import build_optimizer
+
+
+def get_args_parser():
+    parser = cli.parser('MoCo v3 pretraining')
+    parser.add_argument('data', metavar='DIR', type=cli.path, help='dataset folder with train/ (and optionally val/)')
+
+    g = parser.add_argument_group('model')
+    g.add_argument('--method', default='mocov3', choices=list(METHODS),
+                   help='mocov3 (default), byol (no negatives) or m2t (Momentum² Teacher: momentum BN in the '
+                        'teacher, no synchronised BN); --lr, --wd, --moco-m and --optimizer default to the '
+                        "method's recipe (CONFIG.md)")
+    g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', type=cli.choice_type(arch_names()),
+                   help='model architecture: ' + ' | '.join(arch_names()[:8]) + ' | ... (default: resnet50)')
+    g.add_argument('--moco-dim', default=256, type=int, help='feature dimension (default: 256)')
+    g.add_argument('--moco-mlp-dim', default=4096, type=int, help='hidden dimension in MLPs (default: 4096)')
+    g.add_argument('--moco-m', default=None, type=float,
+                   help='moco momentum of updating momentum encoder (default: 0.99; byol: its preset)')
+    g.add_argument('--moco-m-cos', action='store_true',
+                   help='gradually increase moco momentum to 1 with a half-cycle cosine schedule')
+    g.add_argument('--moco-t', default=1.0, type=float, help='softmax temperature (default: 1.0)')
+    g.add_argument('--stop-grad-conv1', action='store_true',
+                   help='stop-grad after first conv, or patch embedding (the "random patch projection" that '
+                        'stabilises ViT training)')
+    g.add_argument('--image-size', default=224, type=int, help='crop size of both views (default: 224)')
+
+    g = parser.add_argument_group('optimization')
+    g.add_argument('--epochs', default=100, type=int, metavar='N', help='number of total epochs to run')
+    g.add_argument('--accept-changes', action='store_true',
+                   help='resume although flags that change the mathematics (lr, batch, temperature, ...) differ '
+                        'from the ones the run was started with (each is listed; --epochs may always change)')
+    g.add_argument('--start-epoch', default=0, type=int, metavar='N',
+                   help='manual epoch number (useful on restarts)')
+    g.add_argument('-b', '--batch-size', default=4096, type=int, metavar='N',
+                   help='mini-batch size (default: 4096), this is the total batch size of all processes')
+    g.add_argument('--lr', '--learning-rate', default=None, type=float, metavar='LR', dest='lr',
+                   help='initial (base) learning rate; the actual lr is base x batch / 256 (default: 0.6; '
+                        'byol and m2t: their recipe)')
+    g.add_argument('--momentum', default=0.9, type=float, metavar='M', help='momentum of SGD solver')
+    g.add_argument('--wd', '--weight-decay', default=None, type=float, metavar='W', dest='weight_decay',
+                   help='weight decay (default: 1e-6; byol and m2t: their recipe)')
+    g.add_argument('--optimizer', default=None, type=str, choices=['lars', 'adamw', 'sgd'],
+                   help='optimizer used (default: lars; the paper uses adamw for ViTs; m2t at batch <= 1024: sgd)')
+    g.add_argument('--lars-trust', default=0.001, type=float, metavar='ETA',
+                   help='trust coefficient of LARS (default: 0.001, as MoCo v3; solo-learn\'s CIFAR recipes: 0.02)')
+    g.add_argument('--warmup-epochs', default=10, type=int, metavar='N', help='number of warmup epochs')
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels_last memory format for convolutional models (same math, only the order of '
+                        'float operations differs; faster on GPUs; default: on with CUDA)')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the encoders and the predictor (same math; slow first steps, faster after)')
+    add_training_precision_args(g, reference="the original's",
+                                fast_help='bf16 autocast on GPUs that have it, and the in-memory data pipeline '
+                                          'for folders of small images of one size or the GPU one otherwise '
+                                          '(with CUDA)')
+
+    g = parser.add_argument_group('data')
+    g.add_argument('-j', '--workers', default=32, type=int, metavar='N',
+                   help='number of data loading workers (default: 32), divided among the processes of a node')
+    g.add_argument('--crop-min', default=0.08, type=float, help='minimum scale for random cropping (default: 0.08)')
+    g.add_argument('--no-blur', action='store_true', help='no Gaussian blur in either view (small images)')
+    g.add_argument('--data-pipeline', default='auto', choices=pipelines.PIPELINES,
+                   help="auto (default): reference, or with --fast memory for folders of small images of one "
+                        "size, else gpu with CUDA | reference: PIL/torchvision ops in loader workers, the "
+                        "original's pixels | gpu: workers read JPEG files, the batch is decoded (nvJPEG) and both "
+                        'views made on the GPU | memory: decode DIR/train once into (GPU) memory, views made '
+                        'batch-wise on the device (small images such as CIFAR). gpu and memory: same ops, order '
+                        "and ranges as reference, pixels within PIL's 8-bit rounding (README)")
+    g.add_argument('--strict-data', action='store_true',
+                   help='stop at the first unreadable image (default: skip it, warn once and count it in the log)')
+
+    g = parser.add_argument_group('run folder, checkpoints and monitoring')
+    g.add_argument('--output-dir', default='./output', type=cli.path,
+                   help='folder for checkpoints, log.txt and tensorboard/ (default: ./output)')
+    g.add_argument('--resume', default='', type=cli.path, metavar='PATH',
+                   help="checkpoint to resume from, or 'auto' for the newest readable one in --output-dir")
+    g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
+                   help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
+    launch.add_stop_signals_arg(g, 'after saving a resumable checkpoint (mid-epoch: checkpoint_last.pth.tar)')
+    g.add_argument('--save-every-iters', default=0, type=int, metavar='N',
+                   help='also save checkpoint_last.pth.tar every N iterations inside an epoch, for long epochs '
+                        '(--resume auto continues from it mid-epoch; default: 0 = only at epoch ends)')
+    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
+    g.add_argument('--knn-freq', '--monitor-freq', default=0, type=int, metavar='N', dest='knn_freq',
+                   help='every N epochs (and before training) report weighted kNN top-1 on DIR/val with '
+                        'DIR/train as memory (when DIR/train has class folders), and RankMe and the std of the '
+                        'normalised backbone features of up to 25,000 training images (README "Monitoring"); '
+                        '0 = off')
+    g.add_argument('--skip-spikes', action='store_true',
+                   help='skip, on every process, a step whose loss or gradient norm exceeds the mean + 6 std of '
+                        'the recent steps (off by default: the original takes every finite step)')
+    g.add_argument('--knn-k', default=200, type=int, help='neighbours of the kNN monitor (default: 200)')
+    g.add_argument('--knn-t', default=0.1, type=float, help='temperature of the kNN monitor (default: 0.1)')
+    g.add_argument('--seed', default=None, type=int,
+                   help='seed for initializing training; makes CPU runs (and resumes) repeatable')
+
+    launch.add_distributed_args(parser)
+    return parser
+
+
+def check_args(args):
+    """Impossible values are one-line errors before anything is created."""
+    cli.require_positive(args, 'batch_size', 'epochs', 'print_freq', 'image_size', 'moco_dim', 'moco_mlp_dim',
+                         'moco_t', 'knn_k')
+    cli.require_not_negative(args, 'workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs',
+                             'max_nonfinite_steps')
+    if not 0 < args.crop_min <= 1:
+        raise UserError(f'--crop-min must be in (0, 1] (got {args.crop_min})')
+
+
+def main_worker(args):
+    check_args(args)
+    apply_method_defaults(args)
+    settings = run_record.settings(args, get_args_parser())   # as given (total batch, base lr), for args.json
+    device, stop, base_lr, total_batch = launch.start_run(args, 'pretraining')
+    print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
+          f'({args.batch_size} per process) | base lr {base_lr:.4g} -> actual lr {args.lr:.4g} | '
+          f'{args.workers} data workers per process')
+
+    model = build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, args.moco_t,
+                       image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1, method=args.method)
+    sync_bn, eval_encoder = model.sync_bn, model.eval_encoder
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'{args.method} model: {n_params:,} parameters ({n_trainable:,} trainable) | optimizer {args.optimizer} | '
+          f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | weight decay {args.weight_decay}')
+    if args.distributed and sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    if args.channels_last is None:
+        args.channels_last = device.type == 'cuda'
+    args.memory_format = torch.channels_last if args.channels_last and not is_vit(args.arch) else torch.contiguous_format
+    model.to(device, memory_format=args.memory_format)
+    optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum, args.lars_trust)
+    amp = Amp(args.amp, device, fast=args.fast)
+    print(f'precision: {amp.precision}')
+
+    shape_flags = run_record.SHAPE_FLAGS + (('image_size', 'stop_grad_conv1') if is_vit(args.arch) else ())
+    resume, ckpt = resume_pretraining(args, settings, model, optimizer, amp, shape_flags)
+    start_iter, data_seed = 0, args.seed
+    if resume:
+        args.start_epoch, start_iter = ckpt['epoch'], ckpt.get('iter', 0)
+        data_seed = ckpt.get('data_seed', data_seed)  # the same data order and views as before the stop
+        if args.start_epoch >= args.epochs and not start_iter:
+            print(f'the run in {args.output_dir} is finished ({args.start_epoch} of {args.epochs} epochs): nothing to '
+                  'do. To train it longer, pass a larger --epochs (the schedules then stretch)')
+            dist.cleanup()
+            return {'finished': True}
+
+    if args.compile:
+        compile_networks(model)
+    if args.distributed:
+        # gradients live in DDP's all-reduce buckets (no second copy); buckets overlap the backward
+        model = dist.ddp(model, device, args.gpu, sync_buffers=sync_bn, gradient_as_bucket_view=True)
+
+    args.data_pipeline = pipelines.resolve(args.data_pipeline, device, args.data, fast=args.fast)
+    loader, n_train = pipelines.pretrain_loader(args.data_pipeline, args.data, args.batch_size, device,
+                                                args.image_size, args.crop_min, blur=not args.no_blur,
+                                                seed=data_seed, workers=args.workers, strict=args.strict_data)
+    if n_train < total_batch:
+        raise UserError(f'{n_train} training images are fewer than one batch of {total_batch}; lower -b')
+    iters_per_epoch = len(loader)
+    print(f'{n_train} training images, {iters_per_epoch} iterations per epoch ({args.data_pipeline} data pipeline)')
+
+    unwrapped = dist.unwrap(model)
+    monitors = TrainingMonitors(unwrapped, is_vit(args.arch), unwrapped.collapsed_loss(total_batch),
+                                skip_spikes=args.skip_spikes)
+    if resume:
+        monitors.load_state_dict(ckpt.get('monitors'))
+    evaluate = None
+    if args.knn_freq > 0:
+        labelled = not is_unlabelled_folder(os.path.join(args.data, 'train'))
+        if labelled:
+            sets = knn_sets(loader, args.data, args.image_size, args.workers, args.strict_data)
+        else:
+            print(f'kNN monitor off: it needs labels, and {args.data}/train holds images without class folders; '
+                  'RankMe and the feature std only')
+            sets = (train_eval_set(loader, args.data, args.image_size, args.strict_data), None)
+        backbone = BackboneFeatures(getattr(unwrapped, eval_encoder), head_name(args.arch))
+        evaluate = lambda: feature_monitors(  # noqa: E731
+            backbone, *sets, device, rankme_indices(len(sets[0])), k=args.knn_k, T=args.knn_t,
+            batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
+
+    if dist.is_main_process():
+        written = run_record.write(args.output_dir, settings)
+        print(f'run folder: {os.path.abspath(args.output_dir)} (checkpoints, log.txt, tensorboard/; settings in '
+              f'{os.path.basename(written)})')
+    run_log = RunLog(args.output_dir)
+    knn_acc1 = best_knn = None
+
+    def report(epoch_done, record):
+        """Run the feature monitors, print and log them into ``record``; returns kNN top-1 (or None)."""
+        values = evaluate()
+        record.update(values)
+        monitors.evaluations.append((epoch_done, values))
+        when = 'at initialisation' if epoch_done == 0 else f'after epoch {epoch_done}'
+        label_free = (f"RankMe {values['rankme']:.1f}, feature std {values['feature_std']:.4f} "
+                      f'({len(rankme_indices(len(sets[0])))} training images)')
+        print(f"kNN top-1 {when}: {values['knn_top1']:.2f}; {label_free}" if 'knn_top1' in values
+              else f'{when}: {label_free}')
+        run_log.scalars(epoch_done * iters_per_epoch, 'val', **values)
+        monitors.tripwire.rankme(values['rankme'])
+        return values.get('knn_top1')
+
+    if evaluate is not None and args.start_epoch == 0 and start_iter == 0:
+        first = {'epoch': 0}
+        knn_acc1 = report(0, first)
+        run_log.epoch(first)
+
+    def save(epochs_done, iters_done=0):
+        """The original's checkpoint (plus method, eval_encoder, data_seed, knn_top1 and, mid-epoch, iter);
+        rank 0 writes it."""
+        if not dist.is_main_process():
+            return
+        state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'eval_encoder': eval_encoder,
+                 'state_dict': ddp_state_dict(model),
+                 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
+                 'data_seed': loader.sampler.seed, 'args': settings, 'monitors': monitors.state_dict()}
+        if knn_acc1 is not None:
+            state['knn_top1'] = knn_acc1
+        save_pretraining(state, args.output_dir, epochs_done, iters_done, args.keep_checkpoints)
+
+    nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
+    for epoch in range(args.start_epoch, args.epochs):
+        start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
+        stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch,
+                                start_iter=start_iter, save_progress=save, nonfinite=nonfinite, stop=stop,
+                                monitors=monitors)
+        start_iter = 0
+        record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}, **monitors.epoch_record(epoch)}
+        if evaluate is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            knn_acc1 = report(epoch + 1, record)
+            if knn_acc1 is not None:
+                best_knn = knn_acc1 if best_knn is None else max(best_knn, knn_acc1)
+        save(epoch + 1)
+        run_log.epoch(record)
+        if epoch + 1 < args.epochs:
+            launch.stop_after_step(stop, f'at the end of epoch {epoch + 1}: saved '
+                                       f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
+    run_log.close()
+    last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
+    print(closing_summary(args, last, best_knn, monitors))
+    dist.cleanup()
+    return {'checkpoint': last, 'best_knn_top1': best_knn, 'spikes': monitors.spikes.events}
+
+
+def closing_summary(args, last, best_knn, monitors=None):
+    """What the run wrote where, what its monitors saw, and what to run next."""
+    lines = [f'done: {args.epochs} epochs of {args.method} ({args.arch}) in {args.output_dir}',
+             f'  last checkpoint: {last}', f'  log: {os.path.join(args.output_dir, "log.txt")} (one line per epoch); '
+             f'curves: python -m moco.tools.plot {args.output_dir} --out {os.path.join(args.output_dir, "curves.png")}']
+    if best_knn is not None:
+        lines.append(f'  best kNN top-1: {best_knn:.2f}')
+    if monitors is not None:
+        lines += monitor_summary(monitors)
+    if is_unlabelled_folder(os.path.join(args.data, 'train')):
+        lines.append('  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.tools.split_folder '
+                     'makes them from a folder of class folders')
+    else:
+        lines.append(f'  next, a linear probe: python main_lincls.py --pretrained {last} '
+                     f'--output-dir {os.path.join(args.output_dir, "lincls")} {args.data}')
+    if is_vit(args.arch):
+        lines.append(f'  or fine-tuning: python convert_to_deit.py --input {last} --output '
+                     f'{os.path.join(args.output_dir, "deit.pth")}, then python -m transfer.finetune (transfer/README.md)')
+    return '\n'.join(lines)
+
+
+def monitor_summary(monitors):
+    """Lines of the closing summary: gradient spikes and kNN (or RankMe) dips, collapse, skipped steps."""
+    events = monitors.spikes.events
+    lines = [f'  gradient spikes (first layer > {monitors.spikes.factor:g}x its running median, logged steps): '
+             + (', '.join(f"iteration {e['iteration']} ({e['ratio']}x"
+                          + ''.join(f"; {name} +{lag}" for name, lag in sorted(e['later'].items(), key=lambda x: x[1]))
+                          + ')' for e in events[:8]) + (f' and {len(events) - 8} more' if len(events) > 8 else '')
+                if events else 'none')]
+    for name, label in (('knn_top1', 'kNN'), ('rankme', 'RankMe')):
+        series = [(e, v[name]) for e, v in monitors.evaluations if name in v]
+        if len(series) > 1:
+            found = dips(series, 1.0 if name == 'knn_top1' else 0.05 * max(v for _, v in series))
+            lines.append(f'  {label} dips: ' + (', '.join(f'after epoch {e} (-{d:g})' for e, d in found)
+                                               if found else 'none'))
+            break
+    if monitors.tripwire.warned:
+        lines.append('  warning: the run looked collapsed (see the warning above)')
+    if monitors.guard is not None:
+        lines.append(f'  steps skipped by --skip-spikes: {monitors.guard.skipped}')
+    return lines
+
+
+def main(args):
+    return launch.run(main_worker, args)
+
 
 if __name__ == '__main__':
     main(get_args_parser().parse_args())

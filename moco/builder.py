@@ -46,6 +46,11 @@ class MoCo(nn.Module):
     eval_encoder = 'base_encoder'  # what linear probing, the kNN monitor and conversion read
     zero_init_residual = True   # ResNets start with the last BN of each residual block at zero
 
+    @staticmethod
+    def defaults(epochs, total_batch):
+        """The flags a run leaves unset (moco/methods.py): the original main_moco.py's defaults."""
+        return dict(lr=0.6, weight_decay=1e-6, moco_m=0.99, optimizer='lars', moco_m_cos=None)
+
     def __init__(self, base_encoder, dim=256, mlp_dim=4096, T=1.0):
         super().__init__()
         self.T = T
@@ -163,6 +168,15 @@ class BYOL:
     mlp_bias = (True, False)
     last_bn = False
     zero_init_residual = False
+    # the official presets (configs/byol.py, batch 4096), chosen by the number of epochs:
+    # epochs up to -> (base lr per 256, weight decay, base momentum of the target)
+    PRESETS = ((40, 0.45, 1e-6, 0.97), (100, 0.45, 1e-6, 0.99), (300, 0.3, 1e-6, 0.99),
+               (float('inf'), 0.2, 1.5e-6, 0.996))
+
+    @classmethod
+    def defaults(cls, epochs, total_batch):
+        _, lr, wd, m = next(p for p in cls.PRESETS if epochs <= p[0])
+        return dict(lr=lr, weight_decay=wd, moco_m=m, optimizer='lars', moco_m_cos=True)
 
     def pair_loss(self, p, z):
         return regression_loss(p, z)
@@ -183,6 +197,14 @@ class MomentumSquaredTeacher(BYOL):
     mlp_bias = (True, True)
     sync_bn = False
     eval_encoder = 'momentum_encoder'
+
+    @staticmethod
+    def defaults(epochs, total_batch):
+        """The release's: SGD (weight decay on every parameter) up to batch 1024, LARS above."""
+        if total_batch <= 1024:
+            return dict(lr=0.05, weight_decay=1e-4, moco_m=0.99, optimizer='sgd', moco_m_cos=True)
+        return dict(lr=0.45 if epochs <= 200 else 0.3, weight_decay=1e-6, moco_m=0.99, optimizer='lars',
+                    moco_m_cos=True)
 
     def __init__(self, *args, mbn_faithful=True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -213,7 +235,7 @@ class M2T_ViT(MomentumSquaredTeacher, MoCo_ViT):
     pass
 
 
-MODEL_CLASSES = {  # --method -> (ResNet class, ViT class)
+METHODS = {  # --method -> (ResNet class, ViT class); each class declares its defaults and needs
     'mocov3': (MoCo_ResNet, MoCo_ViT),
     'byol': (BYOL_ResNet, BYOL_ViT),
     'm2t': (M2T_ResNet, M2T_ViT),

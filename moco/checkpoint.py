@@ -8,35 +8,23 @@ and ours are interchangeable. Only tensors and plain types are saved, and every 
 or, by ``--resume auto``, moved aside for the newest intact one; a new numbered checkpoint is checked
 after it is written, before any older one is removed.
 """
-import errno
-import fcntl
 import os
 import re
+from typing import NamedTuple, Optional
 
 import torch
 
-from moco import dist
-from moco.builder import MODEL_CLASSES
+from moco import dist, run_record
+from moco.builder import METHODS
 from moco.errors import UserError, first_line
 from moco.file_check import damage
 
 DDP_PREFIX = 'module.'
 
 
-def unwrap(model):
-    """The bare model under DDP and torch.compile wrappers (their keys must not reach the file)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def ddp_state_dict(model):
     """state_dict of the bare model with the keys a DDP-wrapped model has: ``module.*``."""
-    return {DDP_PREFIX + k: v for k, v in unwrap(model).state_dict().items()}
+    return {DDP_PREFIX + k: v for k, v in dist.unwrap(model).state_dict().items()}
 
 
 def strip_prefix(state_dict, prefix):
@@ -250,6 +238,26 @@ def pretraining_resume(resume, output_dir, allow_existing=False):
     return found
 
 
+def resume_pretraining(args, settings, model, optimizer, amp, shape_flags):
+    """``--resume`` of a pretraining run in one call: find the file (``pretraining_resume``), check that
+    it is one, that its recorded settings agree with ``settings`` (``run_record.check_resume``: a flag of
+    ``shape_flags`` must be the same, another change of the mathematics needs ``--accept-changes``) and
+    that -a and --method are its own, then restore model, optimizer and scaler. Returns (path,
+    checkpoint), or (None, None) for a new run."""
+    path, ckpt = pretraining_resume(args.resume, args.output_dir, allow_existing=args.start_epoch > 0)
+    if path is None:
+        return None, None
+    require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], path)
+    run_record.check_resume(run_record.recorded_settings(ckpt, args.output_dir), settings, path, args.accept_changes,
+                            shape_flags)
+    check_recorded(ckpt, path, '-a', args.arch)
+    check_recorded(ckpt, path, '--method', args.method, default='mocov3')
+    restore(ckpt, path, model, optimizer, amp, optimizer_flag=args.optimizer)
+    print(f"=> resumed from '{path}': {ckpt['epoch']} epoch(s) done"
+          + (f", continuing epoch {ckpt['epoch'] + 1} at step {ckpt['iter'] + 1}" if ckpt.get('iter') else ""))
+    return path, ckpt
+
+
 def single_file_resume(resume, output_dir, name, kind, needs, hint, allow_existing=False):
     """``resolve_resume`` for the probe and fine-tuning, whose run is the one file ``output_dir/name``;
     a file without the keys ``needs`` is a one-line error that ends with ``hint``."""
@@ -274,7 +282,7 @@ def load_model_state(model, state_dict, path):
     one-line UserError naming the first problem."""
     state = strip_prefix(state_dict, DDP_PREFIX) if any(k.startswith(DDP_PREFIX) for k in state_dict) else state_dict
     try:
-        unwrap(model).load_state_dict(state)
+        dist.unwrap(model).load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f'{path} does not match this model: {str(e).splitlines()[1].strip()[:200]}') from None
 
@@ -344,110 +352,60 @@ def thin_checkpoints(folder, keep, protect=None):
             remove_file(os.path.join(folder, name))
 
 
-def hold_output_dir(folder, program):
-    """Lock the run folder (``OutputDirLock``) until this process's run ends (``dist.at_end``)."""
-    lock = OutputDirLock(folder, program).__enter__()
-    dist.at_end(lambda: lock.__exit__(None, None, None))
-    return lock
-
-
-class OutputDirLock:
-    """An exclusive lock on a run folder for the life of the run (``flock`` on the folder itself: nothing
-    is written, the kernel releases it when the process ends however it ends, so a crashed run leaves no
-    stale lock). A second run on the same folder is a one-line error at once. Taken by rank 0; a folder
-    it created for the run is removed again if the run ends before writing anything into it."""
-
-    def __init__(self, folder, program):
-        self.folder, self.program, self.fd, self.created = folder, program, None, False
-
-    def __enter__(self):
-        if not dist.is_main_process():
-            return self
-        if not os.path.isdir(self.folder):
-            try:
-                os.makedirs(self.folder)
-                self.created = True
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise UserError(f'cannot create --output-dir {self.folder}: {e.strerror}') from None
-        self.fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self.fd)
-            self.fd = None
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise UserError(f'another {self.program} run is using {self.folder} right now: wait for it to end, or '
-                                'choose another --output-dir') from None
-            # a file system without locks (some network ones): run unlocked
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)   # releases the lock
-            self.fd = None
-        if self.created:
-            try:
-                os.rmdir(self.folder)   # only if the run left it empty
-            except OSError:
-                pass
-        return False
-
-
 # ---- backbone weights of a pretraining checkpoint (linear probe, DeiT conversion, fine-tuning) ----
 
 
 def evaluated_encoder(method):
     """The encoder of a pretraining checkpoint that is evaluated, as its method's class declares it
-    (``eval_encoder``: for Momentum² Teacher the teacher, with its momentum-BN statistics); files
-    without a method (the original release's) are MoCo v3's."""
-    return MODEL_CLASSES.get(method, MODEL_CLASSES['mocov3'])[0].eval_encoder
+    (``eval_encoder``: for Momentum² Teacher the teacher, with its momentum-BN statistics), for files
+    that do not record it (older ones); files without a method (the original release's) are MoCo v3's."""
+    return METHODS.get(method, METHODS['mocov3'])[0].eval_encoder
 
 
-def load_encoder_from_moco(state_dict, head, path='checkpoint', encoder='base_encoder'):
-    """The backbone of a MoCo pretraining ``state_dict``: the ``module.<encoder>.*`` entries minus
-    the projector that replaced the classifier (``head``: 'fc' or 'head'), prefix stripped.
+CLASSIFIERS = ('fc', 'head')   # the classifier the projector replaced: ResNets' fc, ViTs' head
 
-    The other encoder and the predictor are dropped. Works for files of this project and of the
-    original release alike (same keys).
-    """
+
+class Backbone(NamedTuple):
+    """The backbone weights of a checkpoint (prefix stripped, no projector), with what the file records."""
+    state: dict
+    arch: Optional[str]
+    settings: Optional[dict]   # the pretraining's recorded flags (args.json's), None in the original's files
+
+
+def read_backbone(path, allow_deit=False):
+    """The one way to read a backbone (the probe, fine-tuning, conversion, the demo): from a MoCo
+    pretraining checkpoint (``{'state_dict': {'module.<encoder>.*': ...}}``, ours or the original
+    release's) the evaluated encoder's weights without the projector that replaced its classifier; the
+    other encoder and the predictor are dropped. With ``allow_deit``, also a converted file
+    ``{'model': state_dict}`` (convert_to_deit.py), its classifier dropped."""
+    ckpt = load_checkpoint(path)
+    arch = ckpt.get('arch')
+    settings = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else None
+    if allow_deit and 'model' in ckpt and 'state_dict' not in ckpt:
+        return Backbone(_without_classifier(ckpt['model']), arch, settings)
+    require_keys(ckpt, ['state_dict'], path)
+    encoder = ckpt.get('eval_encoder') or evaluated_encoder(ckpt.get('method'))
+    if encoder != 'base_encoder':
+        print(f'=> {path} is a {ckpt.get("method", "")} checkpoint: using its {encoder}')
     prefix = f'{DDP_PREFIX}{encoder}.'
-    skip = prefix + head + '.'
-    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and not k.startswith(skip)}
+    weights = _without_classifier({k[len(prefix):]: v for k, v in ckpt['state_dict'].items() if k.startswith(prefix)})
     if not weights:
-        sample = ', '.join(sorted(map(str, state_dict))[:3]) or 'none'
+        sample = ', '.join(sorted(map(str, ckpt['state_dict']))[:3]) or 'none'
         raise UserError(f'{path} holds no {prefix}* weights, so it is not a MoCo pretraining '
                         f'checkpoint (first keys: {sample})')
-    return weights
+    return Backbone(weights, arch, settings)
 
 
-def read_pretrained_encoder(path, head, allow_deit=False):
-    """Read a file and return ``(encoder_state, arch or None, recorded settings or None)``.
-
-    Accepts a MoCo pretraining checkpoint (``{'state_dict': {'module.base_encoder.*': ...}}``) and,
-    with ``allow_deit``, a converted file ``{'model': state_dict}`` (convert_to_deit.py), whose head
-    entries, if any, are dropped. ``head``: the classifier's attribute name, or a function of the
-    recorded arch (None when the file does not say) that gives it.
-    """
-    ckpt = load_checkpoint(path)
-    arch, recorded = ckpt.get('arch'), ckpt.get('args') if isinstance(ckpt.get('args'), dict) else None
-    head = head(arch) if callable(head) else head
-    if allow_deit and 'model' in ckpt and 'state_dict' not in ckpt:
-        skip = head + '.'
-        return {k: v for k, v in ckpt['model'].items() if not k.startswith(skip)}, arch, recorded
-    require_keys(ckpt, ['state_dict'], path)
-    encoder = evaluated_encoder(ckpt.get('method'))
-    if encoder != 'base_encoder':
-        print(f'=> {path} is a {ckpt["method"]} checkpoint: using its {encoder}')
-    return load_encoder_from_moco(ckpt['state_dict'], head, path, encoder), arch, recorded
+def _without_classifier(state):
+    return {k: v for k, v in state.items() if k.split('.', 1)[0] not in CLASSIFIERS}
 
 
-def load_backbone(model, encoder_state, head, path='checkpoint'):
-    """``load_state_dict(strict=False)`` of backbone weights into a fresh model whose classifier is
-    ``head``; anything but exactly the classifier's weight and bias missing is a one-line UserError."""
+def load_backbone(model, state, head, path='checkpoint'):
+    """Load backbone weights (``read_backbone``) into a fresh model whose classifier is ``head``, saying
+    so; anything but exactly the classifier's weight and bias missing is a one-line UserError. Returns
+    the weights (for the probe's sanity check)."""
     try:
-        msg = model.load_state_dict(encoder_state, strict=False)
+        msg = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a shape mismatch fails even with strict=False
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         raise UserError(f'{path} does not fit this model: {detail[:200]}') from None
@@ -462,11 +420,5 @@ def load_backbone(model, encoder_state, head, path='checkpoint'):
         if not expected <= set(msg.missing_keys):
             problems.append(f'it holds a classifier {head}.*')
         raise UserError(f'{path} does not fit this model: {"; ".join(problems)}')
-
-
-def load_pretrained(model, encoder_state, path, head):
-    """Load backbone weights read by ``read_pretrained_encoder`` into a fresh model with the classifier
-    ``head`` (the probe and fine-tuning); returns the weights (for the probe's sanity check)."""
-    load_backbone(model, encoder_state, head, path)
-    print(f"=> loaded the pretrained backbone of '{path}' ({len(encoder_state)} tensors)")
-    return encoder_state
+    print(f"=> loaded the pretrained backbone of '{path}' ({len(state)} tensors)")
+    return state

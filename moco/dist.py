@@ -1,310 +1,19 @@
-"""Process launch and distributed helpers shared by every script.
-
-Launch modes (the PyTorch ImageNet example's, plus the ones it lacks):
-  * one process, CPU or one GPU, no process group          python main_moco.py [--gpu 0] DIR
-  * one spawned process per local GPU (one on a CPU host)  --multiprocessing-distributed
-  * several nodes                                         ... --world-size N --rank R --dist-url tcp://HOST:PORT
-  * torchrun (env:// with RANK, WORLD_SIZE, LOCAL_RANK)      torchrun --nproc_per_node=K main_moco.py DIR
-
-``rank()``, ``world_size()`` and ``concat_all_gather`` work with or without a process group; at
-world size 1 the gather is the identity.
+"""The process group and its primitives, shared by every script: joining the group, the batch
+shared among processes, DDP, and collectives that also work without a group (``rank()``,
+``world_size()`` and ``concat_all_gather``: at world size 1 the gather is the identity). How the
+processes are started, stopped and exit is moco/launch.py.
 """
-import atexit
 import builtins
 import datetime
 import inspect
-import multiprocessing
 import os
 import random
-import signal
 import sys
 
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
-from moco.errors import UserError, first_line
-
-
-EXIT_STOPPED = 75   # EX_TEMPFAIL: stopped on request (a preemption warning) with a resumable checkpoint
-
-
-class Stopped(Exception):
-    """The run stopped on a stop signal after saving: one line, exit code EXIT_STOPPED."""
-
-
-class StopRequest:
-    """Stop signals (SIGTERM and SIGUSR1 by default: what SLURM, Kubernetes and torchrun send before they
-    take a job away). The handler only notes the signal; the training loop asks ``agreed()`` after each
-    step, and since every process asks at the same step and they agree through one all-reduce, all of
-    them stop after the same step, even when the signal reached only one. A second signal changes
-    nothing (the save in progress goes on)."""
-
-    def __init__(self, names=('TERM', 'USR1')):
-        self.received = None
-        self.names = tuple(names)
-        for name in self.names:
-            signal.signal(getattr(signal, 'SIG' + name), self._note)
-
-    def _note(self, signum, frame):
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            print(f'{self.received} received: stopping after this step', file=sys.stderr, flush=True)
-
-    def agreed(self):
-        """Whether any process received a stop signal (the same answer on every process)."""
-        flag = self.received is not None
-        if world_size() > 1:
-            t = torch.tensor([int(flag)], device='cuda' if tdist.get_backend() == 'nccl' else 'cpu')
-            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
-    def describe(self):
-        return self.received or 'a stop signal (on another process)'
-
-
-def ignore_stop_signals(worker_id=None):
-    """``worker_init_fn`` of the data loaders: a loader worker outlives SIGTERM/SIGUSR1 sent to the whole
-    process group, so that the training process can finish its step and save (the workers end with it)."""
-    for name in ('SIGTERM', 'SIGUSR1'):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-def add_stop_signals_arg(group, saved):
-    """``--stop-signals`` of the training scripts; ``saved`` says what a stop keeps."""
-    group.add_argument('--stop-signals', default='TERM,USR1', metavar='SIGNALS',
-                       help=f'signals on which every process finishes its step and the run exits with code '
-                            f"{EXIT_STOPPED}, {saved} (a preemption warning, CONFIG.md); 'none': the default actions")
-
-
-def stop_request(args):
-    """The StopRequest of ``args.stop_signals`` (None for 'none'); call after ``init_process``."""
-    names = stop_signal_names(args.stop_signals)
-    return StopRequest(names) if names else None
-
-
-def stop_after_step(stop, what, save=None):
-    """Raise Stopped when any process received a stop signal (the same answer on every process), after
-    ``save()`` when given. One all-reduce per call in a distributed run."""
-    if stop is not None and stop.agreed():
-        if save is not None:
-            save()
-        raise Stopped(f'{stop.describe()} {what}; to continue, run the same command with --resume auto')
-
-
-def _end_loader_workers():
-    """At exit, end the data-loading workers still running (after an error): they ignore SIGTERM
-    (``ignore_stop_signals``), so multiprocessing's own exit handler, which terminates and then joins
-    them, would wait forever. Registered after multiprocessing's, so it runs before it."""
-    workers = [p for p in multiprocessing.active_children() if p.daemon]
-    if workers:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # the DataLoader's handler would report them as failed
-        for p in workers:
-            p.kill()
-
-
-atexit.register(_end_loader_workers)
-
-
-def stop_signal_names(value):
-    """--stop-signals: 'TERM,USR1' -> ('TERM', 'USR1'); 'none' -> ()."""
-    if value.strip().lower() in ('', 'none'):
-        return ()
-    names = tuple(n.strip().upper().removeprefix('SIG') for n in value.split(','))
-    for n in names:
-        if not hasattr(signal, 'SIG' + n) or n in ('KILL', 'STOP'):
-            raise UserError(f'--stop-signals: {n} is not a signal that can be caught (e.g. TERM,USR1 or none)')
-    return names
-
-
-def add_distributed_args(parser):
-    g = parser.add_argument_group('distributed (same flags as the PyTorch ImageNet example)')
-    g.add_argument('--world-size', default=-1, type=int,
-                   help='number of NODES for distributed training (the process count is nodes x GPUs '
-                        'with --multiprocessing-distributed)')
-    g.add_argument('--rank', default=-1, type=int, help='node rank for distributed training')
-    g.add_argument('--dist-url', default='tcp://localhost:10001', type=str,
-                   help='url used to set up distributed training; under torchrun env:// is used')
-    g.add_argument('--dist-backend', default='nccl', type=str,
-                   help="distributed backend; falls back to gloo (with a log line) when there is no GPU")
-    g.add_argument('--gpu', default=None, type=int,
-                   help='GPU id to use: one process on that GPU, no process group')
-    g.add_argument('--dist-timeout', default=30., type=float, metavar='MIN',
-                   help='minutes a collective may wait for a silent process before the job fails (default: 30); '
-                        'a process that dies is noticed at once')
-    g.add_argument('--multiprocessing-distributed', action='store_true',
-                   help='spawn one process per GPU on this node (one CPU process when there is no GPU); '
-                        'the batch size and workers are divided among all processes')
-    return g
-
-
-def torchrun_env():
-    """(rank, world_size, local_rank) when launched by torchrun (or any env:// launcher), else None."""
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
-    return None
-
-
-def slurm_env():
-    """(rank, world_size, local_rank) for one process per task of a multi-task SLURM step
-    (``srun python main_moco.py --dist-url tcp://HOST:PORT ...``), else None."""
-    if int(os.environ.get('SLURM_NTASKS', 1)) > 1 and 'SLURM_PROCID' in os.environ:
-        return int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS']), int(os.environ.get('SLURM_LOCALID', 0))
-    return None
-
-
-def launch(worker, args):
-    """Run ``worker(args)`` in every process the flags and environment ask for.
-
-    Sets on args: ``distributed``, ``rank`` (global), ``world_size`` (processes), ``local_rank``,
-    ``gpu`` (None on CPU).
-    """
-    if args.gpu is not None and not torch.cuda.is_available():
-        raise UserError(f'--gpu {args.gpu} was given but this machine has no CUDA GPU')
-    if args.gpu is not None and args.gpu >= torch.cuda.device_count():
-        raise UserError(f'--gpu {args.gpu} was given but only {torch.cuda.device_count()} GPU(s) are visible')
-
-    env = torchrun_env()
-    if env is None and not args.multiprocessing_distributed and args.world_size == -1:
-        env = slurm_env()
-        if env is not None and args.dist_url == 'env://':
-            raise UserError('under SLURM pass --dist-url tcp://HOST:PORT (the first node of the job)')
-    elif env is not None:
-        args.dist_url = 'env://'
-    if env is not None:  # torchrun or srun: one process per rank was already started for us
-        args.rank, args.world_size, args.local_rank = env
-        args.distributed = True
-        args.multiprocessing_distributed = False
-        if torch.cuda.is_available():
-            args.gpu = args.local_rank
-        return worker(args)
-
-    if args.dist_url == 'env://' and args.world_size == -1:
-        args.world_size = int(os.environ.get('WORLD_SIZE', 1))
-    args.distributed = args.world_size > 1 or args.multiprocessing_distributed
-    if args.world_size == -1:
-        args.world_size = 1
-    if args.rank == -1:
-        args.rank = 0
-    if args.rank >= args.world_size:
-        raise UserError(f'--rank {args.rank} must be smaller than --world-size {args.world_size}')
-
-    if args.multiprocessing_distributed:
-        procs_per_node = torch.cuda.device_count() or 1
-        args.world_size = procs_per_node * args.world_size
-        context = mp.spawn(_spawned_worker, nprocs=procs_per_node, args=(procs_per_node, worker, args), join=False)
-
-        def forward(signum, frame):  # a stop signal sent to this process alone reaches every worker
-            for p in context.processes:
-                if p.is_alive():
-                    os.kill(p.pid, signum)
-        for name in stop_signal_names(getattr(args, 'stop_signals', 'none')):
-            signal.signal(getattr(signal, 'SIG' + name), forward)
-        while not context.join():
-            pass
-    else:
-        args.local_rank = 0
-        if args.gpu is None and torch.cuda.is_available():
-            args.gpu = 0
-        return worker(args)
-
-
-# Messages of the failures a process sees when another process of the job (or a data-loading worker)
-# died or became unreachable: reported in one line, not as a traceback of the collective that noticed.
-_PEER_FAILURES = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe',
-                  'Socket Timeout', 'Timed out waiting', 'timed out', 'NCCL communicator was aborted',
-                  'DataLoader worker (pid')
-
-
-def fatal_error(e):
-    """(exit code, one-line message) for an exception that should not print a traceback, else None."""
-    if isinstance(e, Stopped):
-        return EXIT_STOPPED, str(e)
-    if isinstance(e, UserError):
-        msg = str(e)
-        if 'Original Traceback' in msg:  # re-raised by the DataLoader from a worker: keep the last line
-            msg = msg.strip().splitlines()[-1].split('Error: ', 1)[-1]
-        return 2, msg
-    text = str(e)
-    if isinstance(e, (RuntimeError, tdist.DistError)) and any(p in text for p in _PEER_FAILURES):
-        detail = first_line(e, limit=None).split('] ', 1)[-1][:200]  # drop the source location gloo puts first
-        return 1, (f'another process of the job, or a data-loading worker, died or became unreachable '
-                   f'({detail}); stopping. Checkpoints already written are intact: restart every process '
-                   'with --resume auto')
-    return None
-
-
-_AT_END = []
-
-
-def at_end(release):
-    """Call ``release()`` when the run of this process ends, however it ends (``run``): e.g. the run
-    folder's lock, so that several runs in one process (tests) do not hold each other's."""
-    _AT_END.append(release)
-
-
-def _release_all():
-    while _AT_END:
-        _AT_END.pop()()
-
-
-def run(worker, args):
-    """``launch`` for a script's ``main``: a UserError becomes one line on stderr and exit code 2, a
-    failed or unreachable peer one line and exit code 1, a spawned worker that failed makes this
-    process exit with its code. Returns the worker's result when it ran in this process."""
-    handlers = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return launch(worker, args)
-    except mp.ProcessExitedException as e:  # the worker already said why
-        sys.exit(e.exit_code or 1)
-    except KeyboardInterrupt:
-        _release_all()
-        _exit_interrupted(args)
-    except Exception as e:
-        _release_all()   # before a fatal error's os._exit skips the finally below
-        _exit_if_fatal(e)
-        raise
-    finally:  # a StopRequest's handlers end with the run (tests run several in one process)
-        _release_all()
-        for n, handler in handlers.items():
-            signal.signal(n, handler)
-
-
-INTERRUPTED = 130   # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
-
-
-def _exit_interrupted(args):
-    """Ctrl-C: one line saying what is kept and how to go on, exit code 130."""
-    where = getattr(args, 'output_dir', None)
-    sys.stdout.flush()
-    print(f'interrupted: the checkpoints already written{f" in {where}" if where else ""} are intact; to continue, '
-          'run the same command with --resume auto', file=sys.stderr, flush=True)
-    os._exit(INTERRUPTED)
-
-
-def _exit_if_fatal(e):
-    known = fatal_error(e)
-    if known is not None:
-        sys.stdout.flush()
-        print(f'{"stopped" if known[0] == EXIT_STOPPED else "error"}: {known[1]}', file=sys.stderr, flush=True)
-        os._exit(known[0]) if is_initialized() else sys.exit(known[0])
-
-
-def _spawned_worker(local_rank, procs_per_node, worker, args):
-    args.local_rank = local_rank
-    args.rank = args.rank * procs_per_node + local_rank
-    args.gpu = local_rank if torch.cuda.is_available() else None
-    try:
-        worker(args)
-    except KeyboardInterrupt:   # the parent says it once
-        os._exit(INTERRUPTED)
-    except Exception as e:  # one line, not a traceback from every child
-        _release_all()
-        _exit_if_fatal(e)
-        raise
-    finally:
-        _release_all()
+from moco.errors import UserError
 
 
 def _store_of_this_restart(args, timeout):
@@ -381,6 +90,17 @@ def ddp(module, device, gpu=None, sync_buffers=True, **kwargs):
         module, device_ids=[gpu] if device.type == 'cuda' else None, **kwargs)
 
 
+def unwrap(model):
+    """The bare model under DDP and torch.compile wrappers (their keys must not reach the file)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def cleanup():
     if is_initialized():
         tdist.destroy_process_group()
@@ -439,7 +159,20 @@ def all_reduce_mean(value):
     """Average a python number or tensor over processes (for logging)."""
     if world_size() == 1:
         return value
-    t = torch.as_tensor(value, dtype=torch.float64,
-                        device='cuda' if tdist.get_backend() == 'nccl' else 'cpu').clone()
+    t = torch.as_tensor(value, dtype=torch.float64, device=collective_device()).clone()
     tdist.all_reduce(t)
     return (t / world_size()).item() if not torch.is_tensor(value) else t / world_size()
+
+
+def any_true(flag):
+    """True if the python bool ``flag`` is true on any process (the same answer everywhere)."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(flag)], device=collective_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def collective_device():
+    """Where the tensors of a collective must live: CUDA for nccl, the CPU for gloo."""
+    return torch.device('cuda') if tdist.get_backend() == 'nccl' else torch.device('cpu')

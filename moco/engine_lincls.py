@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from moco import dist, schedules
+from moco import dist, launch, schedules
 from moco.metrics import MetricLogger, SmoothedValue, accuracy
 from moco.models import BackboneFeatures
 
@@ -68,7 +68,7 @@ def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log, s
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, step {i + 1}: stopping')
             run_log.scalars(epoch * iters + i, loss=loss_value, lr=lr)
-        dist.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1}: the checkpoint of epoch {epoch} in '
+        launch.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1}: the checkpoint of epoch {epoch} in '
                                    f'{args.output_dir} is kept (epoch {epoch + 1} is redone)')
     return logger.global_averages()
 
@@ -111,7 +111,7 @@ def sharded_eval_loader(dataset, batch_size, workers, pin_memory=False):
     process; the result is the same)."""
     shard = torch.utils.data.Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
     return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=pin_memory, drop_last=False, worker_init_fn=dist.ignore_stop_signals)
+                                       pin_memory=pin_memory, drop_last=False, worker_init_fn=launch.ignore_stop_signals)
 
 
 def sanity_check(model, pretrained, head):

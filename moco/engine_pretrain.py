@@ -3,9 +3,9 @@ import math
 import os
 import time
 
-from moco import dist, schedules
+from moco import dist, launch, schedules
 from moco.amp import NonFiniteSteps
-from moco.checkpoint import LAST_CHECKPOINT, unwrap
+from moco.checkpoint import LAST_CHECKPOINT
 from moco.metrics import MetricLogger, SmoothedValue
 
 
@@ -17,8 +17,8 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     Starts at iteration ``start_iter`` of the epoch (a mid-epoch resume); ``save_progress(epoch, iters_done)``
     is called every ``args.save_every_iters`` iterations. A step whose loss is not finite is skipped;
     ``nonfinite`` (a NonFiniteSteps, kept across epochs by the caller) stops the run after
-    ``args.max_nonfinite_steps`` of them in a row. ``stop`` (a dist.StopRequest): after each step, if any
-    process received a stop signal, the progress is saved (``save_progress``) and ``dist.Stopped`` raised;
+    ``args.max_nonfinite_steps`` of them in a row. ``stop`` (a launch.StopRequest): after each step, if any
+    process received a stop signal, the progress is saved (``save_progress``) and ``launch.Stopped`` raised;
     at the epoch's last step the epoch just ends (the caller saves it and stops). ``monitors`` (a
     monitors.TrainingMonitors): the gradient magnitudes of the logged steps and, with --skip-spikes,
     the spike guard. Returns the epoch's averages (and the monitors' per-epoch fields). The only host
@@ -27,7 +27,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     guard's decision.
     """
     model.train()
-    method = unwrap(model)   # the MoCo/BYOL/M2T model under DDP and compile wrappers
+    method = dist.unwrap(model)   # the MoCo/BYOL/M2T model under DDP and compile wrappers
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     logger.add_meter('m', SmoothedValue(window_size=1, fmt='{value:.5f}'))
@@ -80,7 +80,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
                 and i + 1 < iters_per_epoch:
             save_progress(epoch, i + 1)
         if i + 1 < iters_per_epoch:   # at the epoch's last step the caller saves the epoch, then stops
-            dist.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1} of {iters_per_epoch}: saved '
+            launch.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1} of {iters_per_epoch}: saved '
                                        f'{os.path.join(args.output_dir, LAST_CHECKPOINT)}',
                                  save=save_progress and (lambda: save_progress(epoch, i + 1)))
 

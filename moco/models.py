@@ -15,7 +15,7 @@ import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
 import vits
-from moco.builder import MODEL_CLASSES
+from moco.builder import METHODS
 from moco.errors import UserError
 
 
@@ -119,7 +119,7 @@ def check_patch_size(arch, image_size, flag='--image-size'):
 def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, image_size=None, stop_grad_conv1=False, method='mocov3'):
     """The model of ``method`` for an arch name; for mocov3 the one of the original ``main_moco.py``.
     The method's class says whether ResNets zero-initialise their residual branches (only MoCo v3's do)."""
-    resnet_cls, vit_cls = MODEL_CLASSES[method]
+    resnet_cls, vit_cls = METHODS[method]
     cls = vit_cls if is_vit(arch) else resnet_cls
     factory = encoder_factory(arch, image_size=image_size, stop_grad_conv1=stop_grad_conv1,
                               zero_init_residual=cls.zero_init_residual)

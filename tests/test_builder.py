@@ -339,12 +339,12 @@ def test_teacher_passes_update_each_momentum_bn_once_per_step():
 def test_each_method_declares_what_the_scripts_need():
     """Synchronised BN, the evaluated encoder, zero-initialised residuals and the per-step hook are
     attributes of the method's class: nothing else asks for the method's name."""
-    from moco.builder import MODEL_CLASSES
+    from moco.builder import METHODS
     from moco.checkpoint import evaluated_encoder
     declared = {'mocov3': (True, 'base_encoder', True), 'byol': (True, 'base_encoder', False),
                 'm2t': (False, 'momentum_encoder', False)}
     for method, expected in declared.items():
-        for cls in MODEL_CLASSES[method]:
+        for cls in METHODS[method]:
             assert (cls.sync_bn, cls.eval_encoder, cls.zero_init_residual) == expected, cls
         assert evaluated_encoder(method) == expected[1]
     assert evaluated_encoder(None) == 'base_encoder'      # a file of the original release records no method

@@ -1,6 +1,6 @@
 """moco/checkpoint.py: atomic saves, the newest readable checkpoint (damaged ones moved aside), thinning
 that never removes the file just written, damaged files refused, stale temporaries, loads that cannot
-run code, the run folder's lock, and which encoder of a pretraining checkpoint is evaluated."""
+run code, and which encoder of a pretraining checkpoint is evaluated."""
 import os
 import subprocess
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import small_moco
-from moco.checkpoint import load_backbone, read_pretrained_encoder
+from moco.checkpoint import load_backbone, read_backbone
 from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                              save_checkpoint, single_file_resume, thin_checkpoints)
 from moco.errors import UserError
@@ -106,28 +106,6 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [f'.checkpoint_0004.pth.tar.tmp.{os.getpid()}', 'notes.tmp.1']
 
 
-def test_a_second_run_on_a_locked_folder_is_refused_and_the_lock_goes_with_the_process(tmp_path):
-    from moco.checkpoint import OutputDirLock
-    folder = tmp_path / 'run'
-    with OutputDirLock(str(folder), 'pretraining'):
-        with pytest.raises(UserError, match='another pretraining run is using .*run right now'):
-            OutputDirLock(str(folder), 'pretraining').__enter__()
-        holder = subprocess.Popen([__import__('sys').executable, '-c', 'import time; time.sleep(60)'])
-    assert not folder.exists()   # created for the run, left empty: removed
-    # a process that holds the lock and dies (kill -9) leaves nothing stale behind
-    code = (f'import fcntl, os, time; os.makedirs({str(folder)!r}, exist_ok=True); fd = os.open({str(folder)!r}, '
-            'os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(60)')
-    holder.kill()
-    holder = subprocess.Popen([__import__('sys').executable, '-c', code], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == 'locked'
-    with pytest.raises(UserError, match='another pretraining run'):
-        OutputDirLock(str(folder), 'pretraining').__enter__()
-    holder.kill()
-    holder.wait()
-    with OutputDirLock(str(folder), 'pretraining'):
-        pass
-
-
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ('touch PWNED',))
@@ -150,7 +128,7 @@ def test_linear_probe_reads_the_m2t_teacher_with_its_statistics(tmp_path):
     state = {'module.' + k: v for k, v in model.state_dict().items()}
     path = tmp_path / 'm2t.pth.tar'
     torch.save({'state_dict': state, 'epoch': 1, 'arch': 'resnet18_cifar', 'method': 'm2t'}, path)
-    encoder, arch, _ = read_pretrained_encoder(str(path), 'fc')
+    encoder, arch, _ = read_backbone(str(path))
     assert arch == 'resnet18_cifar'
     teacher_mean = model.momentum_encoder.bn1.running_mean
     assert torch.equal(encoder['bn1.running_mean'], teacher_mean)

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import broken_folder, jpeg_bytes
 from moco.data import tensor_views as ta
 from moco.data.folder import BadImage, load_rgb
-from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, jpeg_decoder, resized_crops
+from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, jpeg_decoder
 from moco.data.sampler import start_epoch
 from moco.errors import UserError
 
@@ -69,13 +69,13 @@ def test_every_file_decodes_to_the_reference_pixels(odd_images, tmp_path, decode
         assert image.dtype == torch.uint8 and torch.equal(image, expected), path
 
 
-def test_resized_crops_equal_torchvision_and_round_to_pil():
+def test_per_image_resized_crops_equal_torchvision_and_round_to_pil():
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
               for h, w in ((40, 60), (17, 13), (100, 80), (24, 24))]
     top, left = torch.tensor([3, 0, 10, 0]), torch.tensor([5, 2, 0, 0])
     h, w = torch.tensor([30, 17, 90, 24]), torch.tensor([50, 9, 70, 24])
-    ours = resized_crops(images, top, left, h, w, 20)           # shrinks, stretches and keeps sizes
+    ours = ta.resized_crop(images, top, left, h, w, 20)         # shrinks, stretches and keeps sizes
     assert ours.shape == (4, 3, 20, 20) and ours.dtype == torch.float32
     for k, image in enumerate(images):
         box = int(top[k]), int(left[k]), int(h[k]), int(w[k])
@@ -133,7 +133,7 @@ def test_gpu_loader_is_deterministic_and_resumes_mid_epoch(tiny_folder):
 
 
 def test_gpu_loader_views_are_the_sampled_views(tiny_folder, monkeypatch):
-    """Each batch's two views are its images (PIL's pixels), cropped with ``resized_crops`` and augmented
+    """Each batch's two views are its images (PIL's pixels), cropped with ``resized_crop`` and augmented
     by ``tensor_views.after_crop`` with the parameters ``sample_two_views`` drew for the batch, with the
     loader's crop_min and blur (the parameters themselves: tests/test_data_view_params.py)."""
     calls = []
@@ -153,7 +153,7 @@ def test_gpu_loader_views_are_the_sampled_views(tiny_folder, monkeypatch):
         images = [TF.pil_to_tensor(load_rgb(loader.folder.samples[i][0])) for i in indices]
         assert targets.tolist() == [loader.folder.targets[i] for i in indices]
         for got, p in zip(views, params):
-            expected = ta.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], 16), p)
+            expected = ta.after_crop(ta.resized_crop(images, p['top'], p['left'], p['h'], p['w'], 16), p)
             assert torch.equal(got, expected), b
 
 

@@ -2,9 +2,11 @@
 not depend on the number of loader workers."""
 
 
-from conftest import assert_identical
-from moco.data.folder import image_folder
-from moco.data.sampler import EpochSampler, make_loader, start_epoch
+import torch
+
+from conftest import assert_identical, broken_folder
+from moco.data.folder import SafeImageFolder, image_folder
+from moco.data.sampler import EpochDataset, EpochSampler, make_loader, start_epoch
 from moco.data.views import pretrain_transform
 
 
@@ -42,3 +44,21 @@ def test_loader_workers_stay_up_between_epochs(tiny_folder):
         pids.append([w.pid for w in loader._iterator._workers])
         assert len(first) == len(ds) // 8
     assert pids[0] == pids[1] and all(p is not None for p in pids[0])
+
+
+def test_epoch_dataset_reads_an_image_folder_with_load_and_any_other_dataset_by_index(tmp_path):
+    """A SafeImageFolder's item counts the unreadable files passed over (``load``); any other dataset,
+    even one with a ``load`` of its own, is read by index with nothing skipped."""
+    class Other(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.full((1,), float(i)), i
+
+        def load(self, i):
+            raise AssertionError('not an image folder: read by index')
+
+    assert [EpochDataset(Other())[(i, 0)][1:] for i in range(2)] == [(0, 0), (1, 0)]
+    folder = SafeImageFolder(str(broken_folder(tmp_path / 'data')))
+    assert [EpochDataset(folder)[(i, 0)][2] for i in range(5)] == [0, 3, 2, 1, 0]

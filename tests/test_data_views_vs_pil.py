@@ -19,7 +19,6 @@ import torchvision.transforms.functional as TFP   # the PIL ops the reference pi
 from PIL import Image, ImageFilter, ImageOps
 
 from moco.data import tensor_views as ta
-from moco.data.gpu import resized_crops
 
 BORDER = 4
 
@@ -55,15 +54,15 @@ def _worst(rows):
 
 
 def crop_differences(photos, size=224):
-    """RandomResizedCrop: PIL's crop + bilinear resize vs ``tensor_views.resized_crop`` (in-memory
-    pipeline) and ``gpu_data.resized_crops`` (GPU pipeline), over 8 crops per photo."""
+    """RandomResizedCrop: PIL's crop + bilinear resize vs ``tensor_views.resized_crop`` of a float batch
+    (in-memory pipeline) and of a list of uint8 images (GPU pipeline), over 8 crops per photo."""
     g = torch.Generator().manual_seed(0)
     memory, gpu = [], []
     for img in photos:
         x = _tensor(img)
         top, left, h, w = ta.sample_crops(8, img.height, img.width, (0.08, 1.), generator=g)
         a = ta.resized_crop(x.expand(8, -1, -1, -1), top, left, h, w, size)
-        b = resized_crops([TFP.pil_to_tensor(img)] * 8, top, left, h, w, size)
+        b = ta.resized_crop([TFP.pil_to_tensor(img)] * 8, top, left, h, w, size)
         for k in range(8):
             ref = TFP.resized_crop(img, int(top[k]), int(left[k]), int(h[k]), int(w[k]), [size, size])
             memory.append(_levels(a[k:k + 1], ref))
@@ -130,7 +129,7 @@ def test_gpu_and_in_memory_crops_agree(photos):
     img = photos[-1]
     top, left, h, w = ta.sample_crops(16, img.height, img.width, (0.08, 1.), generator=torch.Generator().manual_seed(5))
     a = ta.resized_crop(_tensor(img).expand(16, -1, -1, -1), top, left, h, w, 96)
-    b = resized_crops([TFP.pil_to_tensor(img)] * 16, top, left, h, w, 96)
+    b = ta.resized_crop([TFP.pil_to_tensor(img)] * 16, top, left, h, w, 96)
     assert torch.allclose(a, b, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ import main_moco
 from conftest import ROOT
 from moco.amp import Amp
 from moco.builder import MoCo_ResNet, MoCo_ViT
-from moco.checkpoint import ddp_state_dict, load_pretrained, read_pretrained_encoder, save_checkpoint
+from moco.checkpoint import ddp_state_dict, load_backbone, read_backbone, save_checkpoint
 from moco.engine_lincls import LinearProbe, sanity_check
 from moco.errors import UserError
 from moco.models import BackboneFeatures, encoder_factory
@@ -184,9 +184,9 @@ def test_loads_original_format(arch, tmp_path):
 
     model, head_attr = main_lincls.build_model(arch, 32, num_classes=7, **small)
     assert head_attr == head
-    encoder_state, recorded_arch, _ = read_pretrained_encoder(path, head)
+    encoder_state, recorded_arch, _ = read_backbone(path)
     assert recorded_arch == arch
-    loaded = load_pretrained(model, encoder_state, path, head)
+    loaded = load_backbone(model, encoder_state, head, path)
     expected = {k: v for k, v in moco.base_encoder.state_dict().items() if not k.startswith(head + '.')}
     assert loaded.keys() == expected.keys()
     got = model.state_dict()
@@ -209,7 +209,7 @@ def test_loads_original_format(arch, tmp_path):
     save_checkpoint(state, path)
     wrong, _ = main_lincls.build_model(other, 32, num_classes=7, **small)
     with pytest.raises(UserError, match='does not fit this model'):
-        load_pretrained(wrong, read_pretrained_encoder(path, head)[0], path, head)
+        load_backbone(wrong, read_backbone(path).state, head, path)
 
 
 def test_sanity_check_catches_a_changed_backbone():

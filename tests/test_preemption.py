@@ -21,7 +21,7 @@ import torch
 
 import main_moco
 from conftest import ROOT, assert_identical, cli_env, kill_group, load, unassigned_port
-from moco import dist
+from moco import launch
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
@@ -181,7 +181,7 @@ def test_stop_signals_during_a_checkpoint_write_leave_files_whole(tiny_folder, t
     args = main_moco.get_args_parser().parse_args(_single(tiny_folder, tmp_path / 'run', '--resume', 'auto')[2:])
     main_moco.main(args)
     assert load(tmp_path / 'run' / FINAL)['epoch'] == 2
-    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), '__self__', None), dist.StopRequest)
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), '__self__', None), launch.StopRequest)
 
 
 def test_probe_stops_on_a_signal_keeping_its_last_epoch(tiny_folder, reference, tmp_path, monkeypatch, capsys):

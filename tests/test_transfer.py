@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 import convert_to_deit
 import main_moco
-from moco.checkpoint import read_pretrained_encoder
+from moco.checkpoint import read_backbone
 from transfer import finetune
 from transfer.datasets import Flowers, Pets, build_dataset, read_mat, transfer_transform
 
@@ -169,7 +169,7 @@ def test_finetune_one_step(data_set, layouts, pretrained, tmp_path, capsys):
 
     # the run started from the pretrained backbone: one AdamW step moves a weight by at most
     # lr x (1 + wd |w|) (|m / sqrt(v)| <= 1 at the first step), and it moves them all by about lr
-    start, _, _ = read_pretrained_encoder(pretrained['moco'], 'head')
+    start = read_backbone(pretrained['moco']).state
     moved = []
     for k, w0 in start.items():
         delta = (ckpt['model'][k] - w0).abs()

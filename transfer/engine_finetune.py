@@ -3,12 +3,12 @@ forward and loss under autocast, one scaled AdamW step per batch. Evaluation is
 ``moco.engine_lincls.evaluate``.
 References: facebookresearch/deit engine.py.
 """
-from moco import dist
+from moco import launch
 from moco.metrics import MetricLogger, SmoothedValue
 
 
 def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, args, run_log, nonfinite, stop=None):
-    """``stop``: a dist.StopRequest; on a stop signal the epoch ends after the current step (the
+    """``stop``: a launch.StopRequest; on a stop signal the epoch ends after the current step (the
     checkpoint of the previous epoch is the one to resume from)."""
     model.train()
     logger = MetricLogger()
@@ -27,6 +27,6 @@ def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, a
             logger.update(loss=loss.detach(), lr=lr)
         if (i % args.print_freq == 0 or i == iters - 1) and 'loss' in logger.meters:
             run_log.scalars(epoch * iters + i, loss=logger.meters['loss'].value, lr=lr)
-        dist.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1}: the checkpoint of epoch {epoch} in '
+        launch.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1}: the checkpoint of epoch {epoch} in '
                                    f'{args.output_dir} is kept (epoch {epoch + 1} is redone)')
     return logger.global_averages()

@@ -24,16 +24,15 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 import vits
-from moco import cli, dist
+from moco import cli, dist, launch
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
-from moco.checkpoint import (check_recorded, hold_output_dir, load_pretrained, read_pretrained_encoder, restore,
-                             save_last_and_best, single_file_resume, unwrap)
+from moco.checkpoint import (check_recorded, load_backbone, read_backbone, restore, save_last_and_best,
+                             single_file_resume)
 from moco.data import is_unlabelled, make_loader, start_epoch
 from moco.engine_lincls import evaluate, sharded_eval_loader
 from moco.errors import UserError
 from moco.metrics import RunLog
 from moco.models import check_patch_size
-from moco.schedules import scaled_lr
 from transfer.datasets import DATA_SETS, build_dataset, deit_transform, transfer_transform
 from transfer.engine_finetune import train_one_epoch
 
@@ -105,10 +104,10 @@ def get_args_parser():
     g.add_argument('--eval-freq', default=1, type=int, metavar='N',
                    help='evaluate every N epochs and after the last (default: 1)')
     g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency')
-    dist.add_stop_signals_arg(g, "keeping the last epoch's checkpoint (the epoch in progress is redone)")
+    launch.add_stop_signals_arg(g, "keeping the last epoch's checkpoint (the epoch in progress is redone)")
     g.add_argument('--seed', default=0, type=int, help='seed (default: 0, as DeiT)')
 
-    dist.add_distributed_args(parser)
+    launch.add_distributed_args(parser)
     return parser
 
 
@@ -160,16 +159,8 @@ def set_epoch_lr(scheduler, epoch):
 
 def main_worker(args):
     cli.require_positive(args, 'epochs', 'batch_size', 'input_size', 'print_freq', 'eval_freq')
-    cli.require_output_folder(args.output_dir)
-    dist.stop_signal_names(args.stop_signals)
-    device = dist.init_process(args)
-    if not args.evaluate:
-        hold_output_dir(args.output_dir, 'fine-tuning')
-    stop = dist.stop_request(args)
-    cli.warn_short_schedule(args.epochs, args.warmup_epochs)
-
-    base_lr, total_batch = args.lr, dist.share_batch(args)
-    args.lr = scaled_lr(base_lr, total_batch, reference_batch=512)  # DeiT's recipe
+    device, stop, base_lr, total_batch = launch.start_run(args, 'fine-tuning', hold_output=not args.evaluate,
+                                                          reference_batch=512)  # DeiT's recipe
 
     aug = args.aug if args.aug != 'auto' else ('deit' if args.data_set == 'imagenet' else 'transfer')
     if aug == 'deit':
@@ -191,9 +182,9 @@ def main_worker(args):
     check_patch_size(args.arch, args.input_size, '--input-size')
     model = build_model(args.arch, num_classes, args.input_size, args.drop_path)
     if args.pretrained:
-        state, pretrained_arch, _ = read_pretrained_encoder(args.pretrained, 'head', allow_deit=True)
-        check_recorded({'arch': pretrained_arch}, args.pretrained, '-a', args.arch, what='was pretrained with')
-        load_pretrained(model, fit_position_embedding(state, model), args.pretrained, 'head')
+        pretrained = read_backbone(args.pretrained, allow_deit=True)
+        check_recorded({'arch': pretrained.arch}, args.pretrained, '-a', args.arch, what='was pretrained with')
+        load_backbone(model, fit_position_embedding(pretrained.state, model), 'head', args.pretrained)
     model.to(device)
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay, eps=1e-8)
     scheduler = build_scheduler(optimizer, args)
@@ -242,7 +233,7 @@ def main_worker(args):
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin, drop_last=True,
             sampler=RepeatAugSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank()),
-            generator=generator, worker_init_fn=dist.ignore_stop_signals)
+            generator=generator, worker_init_fn=launch.ignore_stop_signals)
     else:
         train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
                                    seed=args.seed, pin_memory=pin)
@@ -258,7 +249,7 @@ def main_worker(args):
                                       nonfinite, stop)
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()}}
         is_best = False
-        state = {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
+        state = {'model': dist.unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
                  'epoch': epoch + 1, 'arch': args.arch, 'max_accuracy': max_accuracy}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             test_stats = evaluate(model, val_loader, args, amp)
@@ -274,7 +265,7 @@ def main_worker(args):
 
 
 def main(args):
-    return dist.run(main_worker, args)
+    return launch.run(main_worker, args)
 
 
 if __name__ == '__main__':

@@ -6,11 +6,12 @@ views.py          MoCo v3's two augmented views on PIL images (the reference pat
 pil_ops.py        PIL's hue and Gaussian blur computed faster with the same bytes (for views.py)
 sampler.py        the order of an epoch and each image's view seed, from (seed, epoch, position);
                   the reference loader (``make_loader``) and ``start_epoch``
-tensor_views.py   the same two views computed batch-wise on tensors (CPU or GPU)
-device_loader.py  what the device pipelines share: the sampler, batches made ahead in a thread
+tensor_views.py   the same two views computed batch-wise on tensors (CPU or GPU): the views (and the
+                  one crop-and-resize) of both device pipelines, for a batch of one size or a list
+device_loader.py  what the device pipelines share: the sampler, ``num_images``, batches made ahead
 memory.py         --data-pipeline memory: a folder of small images decoded once into (GPU) memory
-gpu.py            --data-pipeline gpu: JPEGs decoded (nvJPEG) and augmented on the GPU
-pipelines.py      --data-pipeline: which of the three a run uses
+gpu.py            --data-pipeline gpu: JPEGs decoded (nvJPEG) on the GPU, views by tensor_views
+pipelines.py      --data-pipeline: which of the three a run uses (``resolve``, once) and its loader
 
 The names the scripts use are importable from ``moco.data`` itself.
 """

@@ -13,14 +13,20 @@ from moco.data.sampler import epoch_sampler
 
 class DeviceLoader:
     """Iterable over ``([view1, view2], targets, skipped)`` batches like the reference loader, with
-    ``.sampler`` an EpochSampler (so ``start_epoch`` and checkpoints work unchanged). Subclasses yield
-    the batches from ``_batches()``; ``prefetch`` (default: 2 with CUDA, else 0) makes that many ahead
-    in a thread."""
+    ``.sampler`` an EpochSampler (so ``start_epoch`` and checkpoints work unchanged) over ``n`` images,
+    ``num_images``. Subclasses yield the batches from ``_batches()``; ``prefetch`` (default: 2 with
+    CUDA, else 0) makes that many ahead in a thread."""
 
     def __init__(self, n, batch_size, device, seed=None, prefetch=None):
         self.device, self.batch_size = torch.device(device), batch_size
         self.prefetch = (2 if self.device.type == 'cuda' else 0) if prefetch is None else prefetch
         self.sampler = epoch_sampler(n, batch_size, shuffle=True, drop_last=True, seed=seed)
+
+    @property
+    def num_images(self):
+        """The images of the data set (of all processes), the count every pretraining loader gives this
+        way (read from the sampler, which draws each epoch from them)."""
+        return self.sampler.n
 
     def __len__(self):
         return len(self.sampler) // self.batch_size

@@ -3,10 +3,11 @@
 Loader workers only read files: a JPEG's bytes travel to the training process as they are, and the
 batch is decoded there at once on the GPU (nvJPEG, through TorchCodec's ``decode_jpeg`` where TorchCodec
 is installed, else torchvision's, which torchvision 0.29 deprecates in TorchCodec's favour). Both
-views are then made on the device: each image's random resized crop is resized on its own (images
-differ in size; bilinear with antialiasing, torchvision's tensor op), and the crops of the batch go
-through the rest of the view together (``moco.data.tensor_views``: colour jitter, grayscale, blur,
-solarize, flip, normalise; same order, probabilities and ranges as the reference PIL path).
+views are then made on the device by ``moco.data.tensor_views.two_views``, the in-memory pipeline's
+code, given the batch as a list (the images differ in size): each image's random resized crop is
+resized on its own, and the crops of the batch go through the rest of the view together (colour
+jitter, grayscale, blur, solarize, flip, normalise; same order, probabilities and ranges as the
+reference PIL path).
 
 What the GPU decoder should not or cannot take goes the CPU way, with the reference path's own
 decoder (PIL, ``moco.data.folder.load_rgb``): files that are not JPEGs, CMYK/YCCK JPEGs (decoded by the
@@ -24,10 +25,9 @@ seed, so a seeded run is repeatable for any number of workers.
 import functools
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.functional import pil_to_tensor
 
-from moco import dist
+from moco import launch
 from moco.data import tensor_views
 from moco.data.device_loader import DeviceLoader, to_device_async
 from moco.data.folder import BadImage, image_folder, load_rgb
@@ -152,28 +152,6 @@ def _decode_one(data, path, device, decode):
         return e
 
 
-def resized_crops(images, top, left, h, w, size):
-    """Each uint8 image (3, H_i, W_i) cropped to its box and resized to size x size: float in [0, 1]
-    (N, 3, size, size). Bilinear with antialiasing: torch's kernel computes PIL's resize weights, the
-    ones ``tensor_views.resize_weights`` builds for the in-memory pipeline (equal within 1e-5, tested).
-    One kernel call per image, since the images differ in size; the in-memory pipeline's two batched
-    matrix products would need each image's weights built on the device, several launches each."""
-    boxes = torch.stack([top, left, h, w], 1).tolist()   # one host copy for the whole batch
-    out = torch.empty(len(images), 3, size, size, device=images[0].device)
-    for i, (image, (t, le, hh, ww)) in enumerate(zip(images, boxes)):
-        crop = image[None, :, t:t + hh, le:le + ww].float()
-        out[i] = F.interpolate(crop, size=(size, size), mode='bilinear', align_corners=False, antialias=True)[0]
-    return out.div_(255)
-
-
-def two_views_of_list(images, size, crop_min=0.08, blur=True, generator=None):
-    """``tensor_views.two_views`` for a list of uint8 images of different sizes on one device."""
-    heights = torch.tensor([im.shape[1] for im in images])
-    widths = torch.tensor([im.shape[2] for im in images])
-    return [tensor_views.after_crop(resized_crops(images, p['top'], p['left'], p['h'], p['w'], size), p)
-            for p in tensor_views.sample_two_views(len(images), heights, widths, crop_min, blur, generator)]
-
-
 class GpuJpegLoader(DeviceLoader):
     """The GPU pipeline as a loader (see DeviceLoader). ``decode_in_workers`` (default: without CUDA)
     decodes every file in the workers on the CPU."""
@@ -189,7 +167,7 @@ class GpuJpegLoader(DeviceLoader):
             EncodedFiles(self.folder.samples, decode_all=decode_in_workers), batch_size=batch_size,
             sampler=self.sampler, num_workers=workers, collate_fn=list, drop_last=True,
             pin_memory=self.device.type == 'cuda', prefetch_factor=4 if workers else None,
-            worker_init_fn=dist.ignore_stop_signals)
+            worker_init_fn=launch.ignore_stop_signals)
 
     def _batches(self):
         for items in self.files:
@@ -198,7 +176,7 @@ class GpuJpegLoader(DeviceLoader):
             images = decode_on_device(payloads, paths, self.device)
             images, targets, skipped = self._replace_unreadable(images, list(targets), indices)
             generator = torch.Generator().manual_seed(seeds[0])
-            views = two_views_of_list(images, self.image_size, self.crop_min, self.blur, generator)
+            views = tensor_views.two_views(images, self.image_size, self.crop_min, self.blur, generator)
             yield views, to_device_async(torch.tensor(targets), self.device), skipped
 
     def _replace_unreadable(self, images, targets, indices):

@@ -8,6 +8,9 @@ gpu:       workers read JPEG bytes, the batch is decoded and both views made on 
            folders such as ImageNet (moco/data/gpu.py).
 auto:      reference, the original's pixels. With --fast: memory when the training images share one
            small size (CIFAR, STL-10), else gpu with CUDA, else reference.
+
+``resolve`` decides 'auto' (once, in the pretraining program); ``pretrain_loader`` builds the loader of
+the name it returned. Every loader gives its image count as ``num_images``.
 """
 import os
 
@@ -16,13 +19,15 @@ from moco.data.sampler import make_loader
 from moco.data.views import ToFloat, pretrain_transform
 
 PIPELINES = ('auto', 'reference', 'memory', 'gpu')
+RESOLVED = ('reference', 'memory', 'gpu')   # what ``resolve`` returns, and ``pretrain_loader`` takes
 MEMORY_MAX_SIDE = 96      # --fast keeps folders of images up to this size (and of one size) in memory
 MEMORY_MAX_IMAGES = 200_000
 SIZES_LOOKED_AT = 32
 
 
 def resolve(pipeline, device, root=None, fast=False):
-    """The pipeline that ``--data-pipeline`` names; 'auto' is the reference pipeline unless ``fast``."""
+    """The pipeline that ``--data-pipeline`` names; 'auto' is the reference pipeline unless ``fast``.
+    The one place 'auto' is decided; a name it returned resolves to itself without reading any file."""
     if pipeline != 'auto':
         return pipeline
     if not fast:
@@ -55,31 +60,37 @@ def one_small_size(folder):
 
 def pretrain_loader(pipeline, root, batch_size, device, image_size, crop_min=0.08, blur=True, seed=None,
                     workers=0, strict=False):
-    """(loader of ``([view1, view2], targets, skipped)`` batches of root/train, number of images)."""
-    pipeline = resolve(pipeline, device, root)
+    """(loader of ``([view1, view2], targets, skipped)`` batches of root/train, its ``num_images``).
+    ``pipeline``: a name ``resolve`` returned (one of RESOLVED; 'auto' is decided there, with --fast)."""
+    if pipeline not in RESOLVED:
+        raise ValueError(f'data pipeline {pipeline!r}: expected one of {RESOLVED} (resolve {PIPELINES[0]!r} first)')
     if pipeline == 'memory':
         from moco.data.memory import InMemoryLoader
         loader = InMemoryLoader(root, 'train', batch_size, device, image_size, crop_min, blur=blur, seed=seed,
                                 workers=workers, strict=strict)
-        return loader, len(loader.images)
-    if pipeline == 'gpu':
+    elif pipeline == 'gpu':
         from moco.data.gpu import GpuJpegLoader
         loader = GpuJpegLoader(root, 'train', batch_size, device, image_size, crop_min, blur=blur, seed=seed,
                                workers=workers, strict=strict)
-        return loader, len(loader.folder)
-    train_set = image_folder(root, 'train', pretrain_transform(image_size, crop_min, blur=blur), strict=strict)
-    loader = make_loader(train_set, batch_size, workers, shuffle=True, drop_last=True, seed=seed,
-                         pin_memory=device.type == 'cuda')
-    return ReferenceLoader(loader, device), len(train_set)
+    else:
+        train_set = image_folder(root, 'train', pretrain_transform(image_size, crop_min, blur=blur), strict=strict)
+        loader = ReferenceLoader(make_loader(train_set, batch_size, workers, shuffle=True, drop_last=True, seed=seed,
+                                             pin_memory=device.type == 'cuda'), device)
+    return loader, loader.num_images
 
 
 class ReferenceLoader:
     """The reference pipeline's DataLoader, its uint8 views sent to ``device`` and made the original's
-    float32 input there (``views.ToFloat``). ``sampler`` is the DataLoader's (``start_epoch`` sets it)."""
+    float32 input there (``views.ToFloat``). ``sampler`` is the DataLoader's (``start_epoch`` sets it);
+    ``num_images`` as the device pipelines' (``DeviceLoader.num_images``)."""
 
     def __init__(self, loader, device):
         self.loader, self.device, self.to_float = loader, device, ToFloat()
         self.sampler = loader.sampler
+
+    @property
+    def num_images(self):
+        return self.sampler.n
 
     def __len__(self):
         return len(self.loader)

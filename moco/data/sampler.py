@@ -7,7 +7,8 @@ import random
 import numpy as np
 import torch
 
-from moco import dist
+from moco import dist, launch
+from moco.data.folder import SafeImageFolder
 
 
 def sample_seed(seed, epoch, position):
@@ -18,7 +19,7 @@ def sample_seed(seed, epoch, position):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """This process's share of an epoch, as ``(index, sample_seed)`` pairs.
+    """This process's share of an epoch of ``n`` items (all processes'), as ``(index, sample_seed)`` pairs.
 
     The order is a permutation drawn from (seed, epoch) and split among processes as DistributedSampler
     does (every world_size-th position, from the rank); it can start after ``skip_batches`` batches,
@@ -56,10 +57,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
 class EpochDataset(torch.utils.data.Dataset):
     """Wraps a dataset for an EpochSampler: item ``(index, seed)`` is ``(sample, target, skipped)``
-    with every random op of the transform drawn from ``seed`` (torch and python RNGs)."""
+    with every random op of the transform drawn from ``seed`` (torch and python RNGs). A SafeImageFolder
+    gives its ``load(index)`` (``skipped``: the unreadable files passed over); any other dataset
+    ``(sample, target)`` with ``skipped`` 0."""
 
     def __init__(self, dataset):
         self.dataset = dataset
+        self.counts_skips = isinstance(dataset, SafeImageFolder)
 
     def __len__(self):
         return len(self.dataset)
@@ -71,7 +75,7 @@ class EpochDataset(torch.utils.data.Dataset):
         torch.default_generator.manual_seed(seed)   # the CPU stream the transforms draw from (torch.manual_seed
         random.seed(seed)                            # also seeds CUDA's: 100x slower, and unused here)
         try:
-            if hasattr(self.dataset, 'load'):
+            if self.counts_skips:
                 return self.dataset.load(index)
             sample, target = self.dataset[index]
             return sample, target, 0
@@ -107,7 +111,7 @@ def make_loader(dataset, batch_size, workers, shuffle, drop_last, seed=None, pin
     sampler = epoch_sampler(len(dataset), batch_size, shuffle, drop_last, seed)
     return torch.utils.data.DataLoader(EpochDataset(dataset), batch_size=batch_size, sampler=sampler,
                                        num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
-                                       persistent_workers=workers > 0, worker_init_fn=dist.ignore_stop_signals)
+                                       persistent_workers=workers > 0, worker_init_fn=launch.ignore_stop_signals)
 
 
 def start_epoch(loader, epoch, seed=None, skip_batches=0):

@@ -6,6 +6,10 @@ BYOL), each sample with its own random parameters.
     adjustments in a random order per sample -> RandomGrayscale(0.2) -> GaussianBlur(sigma in [0.1, 2])
     with p 1.0 / 0.1 -> Solarize(128) with p 0 / 0.2 -> HorizontalFlip(0.5) -> Normalize
 
+The images are a uint8 batch of one size (the in-memory pipeline, moco/data/memory.py) or a list of
+images of different sizes (the GPU pipeline, moco/data/gpu.py): both pipelines call ``two_views``, and
+only the crop-and-resize (``resized_crop``) differs between the two forms.
+
 Parameters are drawn on the CPU from a torch.Generator (so a seeded run is repeatable and resumable)
 and the ops run where the images are. The decisions (which ops run at all, kernel sizes) are read from
 the CPU copy; the arithmetic uses a device copy sent in one transfer (``params_to``), so making a view
@@ -100,14 +104,27 @@ def resize_weights(start, length, size, full, device=None):
 
 
 def resized_crop(images, top, left, h, w, size):
-    """Each image (N, C, H, W) cropped to its box and resized to size x size as PIL resizes the cropped
-    image (bilinear, antialiased when shrinking): two matrix products per image, ``Wy @ x @ Wx^T``.
-    The one crop-and-resize of the in-memory and GPU pipelines; an image's result does not depend on
-    the rest of its batch."""
-    n, _, height, width = images.shape
-    wy = resize_weights(top, h, size, height, images.device).to(images.dtype)        # (N, S, H)
-    wx = resize_weights(left, w, size, width, images.device).to(images.dtype)        # (N, S, W)
-    return torch.matmul(torch.matmul(wy[:, None], images), wx[:, None].transpose(2, 3))
+    """Each image cropped to its box and resized to size x size as PIL resizes the cropped image
+    (bilinear, antialiased when shrinking): float in [0, 1] (N, C, size, size). The one crop-and-resize
+    of the in-memory and GPU pipelines; an image's result does not depend on the rest of its batch.
+
+    ``images``: a float batch in [0, 1] (N, C, H, W), images of one size (the in-memory pipeline): two
+    batched matrix products, ``Wy @ x @ Wx^T`` with ``resize_weights``' matrices; the boxes may be on
+    the images' device. Or a list of uint8 images (C, H_i, W_i) of different sizes (the GPU pipeline's
+    decoded JPEGs): one antialiased bilinear ``F.interpolate`` per image, whose kernel computes the same
+    weights (PIL's; equal within 1e-5, tested), since the matrices would need building per image on
+    the device, several launches each; the boxes are CPU tensors, read in one host copy."""
+    if isinstance(images, torch.Tensor):
+        _, _, height, width = images.shape
+        wy = resize_weights(top, h, size, height, images.device).to(images.dtype)        # (N, S, H)
+        wx = resize_weights(left, w, size, width, images.device).to(images.dtype)        # (N, S, W)
+        return torch.matmul(torch.matmul(wy[:, None], images), wx[:, None].transpose(2, 3))
+    boxes = torch.stack([top, left, h, w], 1).tolist()   # one host copy for the whole batch
+    out = torch.empty(len(images), images[0].shape[0], size, size, device=images[0].device)
+    for i, (image, (t, le, hh, ww)) in enumerate(zip(images, boxes)):
+        crop = image[None, :, t:t + hh, le:le + ww].float()
+        out[i] = F.interpolate(crop, size=(size, size), mode='bilinear', align_corners=False, antialias=True)[0]
+    return out.div_(255)
 
 
 def _per_sample(factor, images):
@@ -290,9 +307,12 @@ def normalize(images):
 
 
 def view(images, size, p):
-    """One augmented, normalised view of a batch of float images in [0, 1] (N, 3, H, W)."""
-    d = params_to(p, images.device)
-    x = resized_crop(images, d['top'], d['left'], d['h'], d['w'], size)
+    """One augmented, normalised view of ``images``, a float batch in [0, 1] (N, 3, H, W) or a list of
+    uint8 images (3, H_i, W_i) (as ``resized_crop`` takes them)."""
+    batch = isinstance(images, torch.Tensor)
+    d = params_to(p, images.device if batch else images[0].device)
+    box = d if batch else p     # the per-image crops read their boxes on the host, from the CPU copy
+    x = resized_crop(images, box['top'], box['left'], box['h'], box['w'], size)
     return after_crop(x, p, d)
 
 
@@ -320,7 +340,13 @@ def sample_two_views(n, height, width, crop_min=0.08, blur=True, generator=None)
 
 
 def two_views(images_uint8, size, crop_min=0.08, blur=True, generator=None):
-    """MoCo v3's two views of a uint8 batch (N, 3, H, W) on any device."""
-    x = images_uint8.float() / 255
-    n, _, h, w = x.shape
-    return [view(x, size, p) for p in sample_two_views(n, h, w, crop_min, blur, generator)]
+    """MoCo v3's two views of uint8 images on any device: a batch (N, 3, H, W) of one size (the in-memory
+    pipeline), or a list of images (3, H_i, W_i) of different sizes on one device (the GPU pipeline)."""
+    if isinstance(images_uint8, torch.Tensor):
+        images = images_uint8.float() / 255
+        n, _, h, w = images.shape
+    else:
+        images, n = images_uint8, len(images_uint8)
+        h = torch.tensor([im.shape[1] for im in images])
+        w = torch.tensor([im.shape[2] for im in images])
+    return [view(images, size, p) for p in sample_two_views(n, h, w, crop_min, blur, generator)]

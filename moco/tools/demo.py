@@ -79,16 +79,11 @@ def features(encoder, images, batch_size=500):
 
 
 def pretrained_encoder(path, arch=ARCH):
-    """The base encoder of a pretraining checkpoint (``module.base_encoder.*``, without the projector)."""
-    from moco.checkpoint import load_checkpoint
-    from moco.models import encoder_factory
-    state = load_checkpoint(path)['state_dict']
-    prefix = 'module.base_encoder.'
+    """The evaluated encoder of a pretraining checkpoint, without the projector (as the probe reads it)."""
+    from moco.checkpoint import load_backbone, read_backbone
+    from moco.models import encoder_factory, head_name
     encoder = encoder_factory(arch, zero_init_residual=False)(num_classes=1)
-    weights = {k[len(prefix):]: v for k, v in state.items()
-               if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}
-    missing = encoder.load_state_dict(weights, strict=False).missing_keys
-    assert sorted(missing) == ['fc.bias', 'fc.weight'], missing
+    load_backbone(encoder, read_backbone(path).state, head_name(arch), path)
     return encoder
 
 
@@ -141,7 +136,7 @@ def linear_probe(train_f, train_y, val_f, val_y, wds=PROBE_WDS, folds=5, max_ite
 def main(args, moco_overrides=()):
     """Runs the demo; returns a dict of the figures it printed. ``moco_overrides``: main_moco.py flags
     appended to the demo's (tests make the run tiny with them)."""
-    from moco import pretrain
+    import main_moco
     from moco.knn import eval_resize, knn_top1, raw_pixel_knn_accuracy
     from moco.data.memory import decode_folder
     from moco.models import encoder_factory
@@ -150,7 +145,7 @@ def main(args, moco_overrides=()):
     run_dir = os.path.join(args.output_dir, time.strftime('run-%Y%m%d-%H%M%S'))
     per_class = None if args.per_class is None else {'train': args.per_class[0], 'val': args.per_class[1]}
     data = demo_data.extract(os.path.join(args.output_dir, 'data'), per_class=per_class)
-    moco_args = pretrain.get_args_parser().parse_args(
+    moco_args = main_moco.get_args_parser().parse_args(
         DEMO_ARGS + ['--epochs', str(args.epochs), '--knn-freq', str(args.knn_freq), '--seed', str(args.seed),
                      '--output-dir', run_dir, *moco_overrides, data])
     # every row of the table reads the same view of the images: the kNN monitor's (resized whole to the
@@ -173,7 +168,7 @@ def main(args, moco_overrides=()):
     print(f'kNN top-1 of raw pixels: {raw:.2f}; of the network with the default initialisation: {default_knn:.2f}\n')
 
     pre_tic = time.time()
-    pretrain.main(moco_args)
+    main_moco.main(moco_args)
     pretrain_min = (time.time() - pre_tic) / 60
 
     history = knn_history(run_dir)

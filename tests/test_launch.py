@@ -1,0 +1,43 @@
+"""moco/launch.py: the run folder's lock (a second run on a folder is refused; a dead holder leaves no
+stale lock), and the one-line fatal errors."""
+import subprocess
+import sys
+
+import pytest
+
+from moco import launch
+from moco.errors import UserError
+from moco.launch import OutputDirLock
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_and_the_lock_goes_with_the_process(tmp_path):
+    folder = tmp_path / 'run'
+    with OutputDirLock(str(folder), 'pretraining'):
+        with pytest.raises(UserError, match='another pretraining run is using .*run right now'):
+            OutputDirLock(str(folder), 'pretraining').__enter__()
+        holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    assert not folder.exists()   # created for the run, left empty: removed
+    # a process that holds the lock and dies (kill -9) leaves nothing stale behind
+    code = (f'import fcntl, os, time; os.makedirs({str(folder)!r}, exist_ok=True); fd = os.open({str(folder)!r}, '
+            'os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(60)')
+    holder.kill()
+    holder = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(UserError, match='another pretraining run'):
+        OutputDirLock(str(folder), 'pretraining').__enter__()
+    holder.kill()
+    holder.wait()
+    with OutputDirLock(str(folder), 'pretraining'):
+        pass
+
+
+def test_fatal_errors_are_one_line():
+    wrapped = UserError('Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
+                        'last):\n  File "x.py", line 1\nmoco.UserError: unreadable image a.jpg: broken')
+    assert launch.fatal_error(wrapped) == (2, 'unreadable image a.jpg: broken')
+    gloo = RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: '
+                        'Connection reset by peer. This is typically caused by ...\nmore')
+    code, msg = launch.fatal_error(gloo)
+    assert code == 1 and '\n' not in msg and msg.count('Connection reset by peer') == 1 and 'pair.cc' not in msg
+    assert launch.fatal_error(RuntimeError('shape mismatch')) is None   # bugs keep their traceback
+    assert launch.fatal_error(ValueError('Connection reset by peer')) is None
