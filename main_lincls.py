@@ -66,19 +66,11 @@ def get_args_parser():
     g.add_argument('-j', '--workers', default=32, type=int, metavar='N',
                    help='number of data loading workers (default: 32), divided among the processes of a node')
 
-    g = parser.add_argument_group('run folder, checkpoints and monitoring')
-    g.add_argument('--output-dir', default='./output/lincls', type=cli.path,
-                   help=f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/ (default: ./output/lincls)')
-    g.add_argument('--resume', default='', type=cli.path, metavar='PATH',
-                   help=f"linear-probe checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}")
+    g = launch.add_run_args(parser, './output/lincls', f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/',
+                            f"linear-probe checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}",
+                            "keeping the last epoch's checkpoint (the epoch in progress is redone)")
     g.add_argument('-e', '--evaluate', dest='evaluate', action='store_true',
                    help='only evaluate the model (give the probe with --resume) on the validation set')
-    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
-    launch.add_stop_signals_arg(g, 'keeping the last epoch\'s checkpoint (the epoch in progress is redone)')
-    g.add_argument('--seed', default=None, type=int,
-                   help='seed for initializing training; makes CPU runs (and resumes) repeatable')
-
-    launch.add_distributed_args(parser)
     return parser
 
 

@@ -100,18 +100,14 @@ def get_args_parser():
     g.add_argument('--strict-data', action='store_true',
                    help='stop at the first unreadable image (default: skip it, warn once and count it in the log)')
 
-    g = parser.add_argument_group('run folder, checkpoints and monitoring')
-    g.add_argument('--output-dir', default='./output', type=cli.path,
-                   help='folder for checkpoints, log.txt and tensorboard/ (default: ./output)')
-    g.add_argument('--resume', default='', type=cli.path, metavar='PATH',
-                   help="checkpoint to resume from, or 'auto' for the newest readable one in --output-dir")
+    g = launch.add_run_args(parser, './output', 'folder for checkpoints, log.txt and tensorboard/',
+                            "checkpoint to resume from, or 'auto' for the newest readable one in --output-dir",
+                            'after saving a resumable checkpoint (mid-epoch: checkpoint_last.pth.tar)')
     g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
                    help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
-    launch.add_stop_signals_arg(g, 'after saving a resumable checkpoint (mid-epoch: checkpoint_last.pth.tar)')
     g.add_argument('--save-every-iters', default=0, type=int, metavar='N',
                    help='also save checkpoint_last.pth.tar every N iterations inside an epoch, for long epochs '
                         '(--resume auto continues from it mid-epoch; default: 0 = only at epoch ends)')
-    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
     g.add_argument('--knn-freq', '--monitor-freq', default=0, type=int, metavar='N', dest='knn_freq',
                    help='every N epochs (and before training) report weighted kNN top-1 on DIR/val with '
                         'DIR/train as memory (when DIR/train has class folders), and RankMe and the std of the '
@@ -122,10 +118,6 @@ def get_args_parser():
                         'the recent steps (off by default: the original takes every finite step)')
     g.add_argument('--knn-k', default=200, type=int, help='neighbours of the kNN monitor (default: 200)')
     g.add_argument('--knn-t', default=0.1, type=float, help='temperature of the kNN monitor (default: 0.1)')
-    g.add_argument('--seed', default=None, type=int,
-                   help='seed for initializing training; makes CPU runs (and resumes) repeatable')
-
-    launch.add_distributed_args(parser)
     return parser
 
 

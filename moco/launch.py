@@ -114,6 +114,21 @@ def stop_signal_names(value):
     return names
 
 
+def add_run_args(parser, output_dir, output_help, resume_help, stop_keeps, seed=None,
+                 seed_help='seed for initializing training; makes CPU runs (and resumes) repeatable'):
+    """The flags every program shares: the run folder (--output-dir, --resume, -p, --stop-signals,
+    --seed) and the launch (``add_distributed_args``). Returns the run folder's group, for the
+    program's own flags of that kind."""
+    g = parser.add_argument_group('run folder, checkpoints and monitoring')
+    g.add_argument('--output-dir', default=output_dir, type=cli.path, help=f'{output_help} (default: {output_dir})')
+    g.add_argument('--resume', default='', type=cli.path, metavar='PATH', help=resume_help)
+    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency (default: 10)')
+    add_stop_signals_arg(g, stop_keeps)
+    g.add_argument('--seed', default=seed, type=int, help=seed_help)
+    add_distributed_args(parser)
+    return g
+
+
 def add_distributed_args(parser):
     g = parser.add_argument_group('distributed (same flags as the PyTorch ImageNet example)')
     g.add_argument('--world-size', default=-1, type=int,

@@ -95,19 +95,13 @@ def get_args_parser():
                    help='repeated augmentation: 3 augmented copies of each image per epoch (DeiT default)')
     g.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
 
-    g = parser.add_argument_group('run folder, checkpoints and monitoring')
-    g.add_argument('--output-dir', default='./output/finetune', type=cli.path,
-                   help=f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/ (default: ./output/finetune)')
-    g.add_argument('--resume', default='', type=cli.path, metavar='PATH',
-                   help=f"fine-tuning checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}")
+    g = launch.add_run_args(parser, './output/finetune', f'folder for {CHECKPOINT}, {BEST}, log.txt and tensorboard/',
+                            f"fine-tuning checkpoint to resume from, or 'auto' for --output-dir/{CHECKPOINT}",
+                            "keeping the last epoch's checkpoint (the epoch in progress is redone)",
+                            seed=0, seed_help='seed (default: 0, as DeiT)')
     g.add_argument('-e', '--evaluate', action='store_true', help='only evaluate (the model given by --resume)')
     g.add_argument('--eval-freq', default=1, type=int, metavar='N',
                    help='evaluate every N epochs and after the last (default: 1)')
-    g.add_argument('-p', '--print-freq', default=10, type=int, metavar='N', help='print frequency')
-    launch.add_stop_signals_arg(g, "keeping the last epoch's checkpoint (the epoch in progress is redone)")
-    g.add_argument('--seed', default=0, type=int, help='seed (default: 0, as DeiT)')
-
-    launch.add_distributed_args(parser)
     return parser
 
 
