@@ -10,7 +10,7 @@ import torch.nn as nn
 import torchvision
 
 import vits
-from conftest import TinyNet, small_moco
+from helpers import TinyNet, small_moco
 from moco.builder import MoCo_ResNet, MoCo_ViT
 from moco.models import build_moco
 from moco.momentum_bn import MomentumBatchNorm, mbn_alpha

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import small_moco
+from helpers import small_moco
 from moco.checkpoint import load_backbone, read_backbone
 from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
                              save_checkpoint, single_file_resume, thin_checkpoints)

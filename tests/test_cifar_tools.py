@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import start, wait_output
+from helpers import start, wait_output
 from moco import demo_data
 from moco.tools import plot, prepare_data
 from moco.knn import knn_classify

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, assert_identical, cli_env, kill_group, load, start, unassigned_port, wait_output
+from helpers import ROOT, assert_identical, cli_env, kill_group, load, start, unassigned_port, wait_output
 from moco.checkpoint import LAST_CHECKPOINT, load_checkpoint
 from moco.data.folder import image_folder
 from moco.data.sampler import EpochSampler

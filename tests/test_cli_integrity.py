@@ -24,7 +24,7 @@ import pytest
 
 import main_lincls
 import main_moco
-from conftest import ROOT, assert_identical, cli_env, kill_group, load, start, wait_output
+from helpers import ROOT, assert_identical, cli_env, kill_group, load, start, wait_output
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 

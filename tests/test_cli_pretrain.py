@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, unassigned_port
+from helpers import ROOT, cli_env, unassigned_port
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 import main_lincls
 import main_moco
-from conftest import ROOT, cli_env, wait_output
+from helpers import ROOT, cli_env, wait_output
 from moco.tools import plot, split_folder
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)

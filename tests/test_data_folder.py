@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from conftest import broken_folder
+from helpers import broken_folder
 from moco.data.folder import SafeImageFolder, image_folder, load_rgb
 from moco.data.views import eval_transform, pretrain_transform
 from moco.errors import UserError

@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from conftest import broken_folder, jpeg_bytes
+from helpers import broken_folder, jpeg_bytes
 from moco.data import tensor_views as ta
 from moco.data.folder import BadImage, load_rgb
 from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device, jpeg_components, jpeg_decoder

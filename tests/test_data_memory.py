@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import broken_folder
+from helpers import broken_folder
 from moco.data.memory import InMemoryLoader
 from moco.data.sampler import EpochSampler, start_epoch
 from moco.errors import UserError

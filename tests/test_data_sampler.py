@@ -4,7 +4,7 @@ not depend on the number of loader workers."""
 
 import torch
 
-from conftest import assert_identical, broken_folder
+from helpers import assert_identical, broken_folder
 from moco.data.folder import SafeImageFolder, image_folder
 from moco.data.sampler import EpochDataset, EpochSampler, make_loader, start_epoch
 from moco.data.views import pretrain_transform

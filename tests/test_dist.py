@@ -4,7 +4,7 @@ statistics per process."""
 import pytest
 import torch
 
-from conftest import small_moco
+from helpers import small_moco
 from moco.momentum_bn import mbn_alpha
 
 
@@ -39,7 +39,7 @@ def test_m2t_under_ddp_keeps_momentum_bn_statistics_per_process(tmp_path):
     rank keeps its own momentum-BN history (no buffer broadcast), as in the release under torch 1.5."""
     import torch.multiprocessing as mp
 
-    from conftest import unassigned_port
+    from helpers import unassigned_port
     path = tmp_path / 'result.pt'
     mp.spawn(_m2t_ddp_worker, args=(unassigned_port(), str(path)), nprocs=2)
     r = torch.load(path, weights_only=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import vits
-from conftest import unassigned_port
+from helpers import unassigned_port
 from moco import dist as moco_dist
 from moco.builder import MoCo_ViT
 from moco.losses import infonce

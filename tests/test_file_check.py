@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import TinyNet
+from helpers import TinyNet
 from moco.file_check import damage
 
 
@@ -89,7 +89,7 @@ def test_every_cut_is_found(tmp_path):
 
 @pytest.mark.slow
 def test_flips_in_a_larger_checkpoint_at_seeded_offsets_are_found(tmp_path):
-    from conftest import small_moco
+    from helpers import small_moco
     model = small_moco('mocov3', 'vit_tiny_patch4')
     path = tmp_path / 'vit.pth.tar'
     torch.save({'state_dict': model.state_dict(), 'epoch': 1}, path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from conftest import start, wait_output
+from helpers import start, wait_output
 from moco.amp import Amp
 from moco.data.folder import image_folder, load_rgb
 from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device

@@ -11,7 +11,7 @@ import torch
 
 import main_lincls
 import main_moco
-from conftest import ROOT
+from helpers import ROOT
 from moco.amp import Amp
 from moco.builder import MoCo_ResNet, MoCo_ViT
 from moco.checkpoint import ddp_state_dict, load_backbone, read_backbone, save_checkpoint

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moco.dist
-from conftest import TinyNet
+from helpers import TinyNet
 from moco.builder import MoCo_ResNet
 from moco.losses import infonce, regression_loss
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import small_moco
+from helpers import small_moco
 from moco.momentum_bn import MomentumBatchNorm, convert_to_momentum_bn, mbn_alpha
 from moco.norm import convert_sync_batchnorm
 from moco.schedules import moco_momentum

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import small_moco
+from helpers import small_moco
 from moco import monitors as mon
 from moco.amp import Amp
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import main_moco
-from conftest import ROOT, assert_identical, cli_env, kill_group, load, unassigned_port
+from helpers import ROOT, assert_identical, cli_env, kill_group, load, unassigned_port
 from moco import launch
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)

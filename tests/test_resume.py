@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import assert_identical, kill_group, load, start, wait_output
+from helpers import assert_identical, kill_group, load, start, wait_output
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 

@@ -4,9 +4,9 @@ none of them (bit for bit). Run from the repository root:
 
     python tests/tools/layout_fingerprint.py [--work /tmp/layout_fp] > fingerprint.txt
 
-and compare the output of two commits with ``diff`` (layout_fingerprint_c9bb37f.txt: the output at commit
-c9bb37f, before moco/data/ became a package, on this project's CPU machine with torch 2.14.1; hashes of
-float results may differ on other hardware or versions). It prints SHA-256 hashes of
+and compare the output of two commits with ``diff``, made on the same machine with the same versions
+(hashes of float results differ between CPUs and torch versions, so no reference output is kept).
+It prints SHA-256 hashes of
 * two epochs of batches (both views and the targets) of each data pipeline that runs on the CPU: the
   reference PIL loader (workers 0), the in-memory pipeline, and the GPU pipeline's code on the CPU
   (files decoded in the workers, and JPEG bytes decoded in the training process);
