@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 
-.PHONY: demo study test test-fast env clean gpu-check gpu-check-dry gpu-check-prepare device-versions
+.PHONY: demo study test test-fast lint env clean gpu-check gpu-check-dry gpu-check-prepare device-versions
 
 # `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.tools.demo (--help lists them)
 DEMO_FLAGS ?=
@@ -18,6 +18,10 @@ study: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# ruff with the rule set of .ruff.toml (pyflakes, pycodestyle, import order, bugbear); CI runs it first
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # the edit-test loop: every test but the slow ones (script launches, several processes), under 2 minutes
 test-fast: $(VENV)/.installed

@@ -20,8 +20,16 @@ import torch.nn as nn
 
 from moco import cli, dist, launch
 from moco.amp import PRECISIONS, Amp
-from moco.checkpoint import (check_recorded, ddp_state_dict, load_backbone, load_checkpoint, read_backbone, restore,
-                             save_last_and_best, single_file_resume)
+from moco.checkpoint import (
+    check_recorded,
+    ddp_state_dict,
+    load_backbone,
+    load_checkpoint,
+    read_backbone,
+    restore,
+    save_last_and_best,
+    single_file_resume,
+)
 from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
 from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
 from moco.errors import UserError

@@ -18,12 +18,12 @@ import torch
 
 from moco import cli, dist, launch, run_record
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
+from moco.builder import METHODS
 from moco.checkpoint import ddp_state_dict, pretrain_checkpoint_name, resume_pretraining, save_pretraining
 from moco.data import is_unlabelled_folder, pipelines, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.errors import UserError
 from moco.knn import feature_monitors, knn_sets, train_eval_set
-from moco.builder import METHODS
 from moco.methods import apply_method_defaults
 from moco.metrics import RunLog
 from moco.models import BackboneFeatures, arch_names, build_moco, compile_networks, head_name, is_vit
@@ -146,12 +146,14 @@ def main_worker(args):
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'{args.method} model: {n_params:,} parameters ({n_trainable:,} trainable) | optimizer {args.optimizer} | '
-          f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | weight decay {args.weight_decay}')
+          f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | '
+          f'weight decay {args.weight_decay}')
     if args.distributed and sync_bn:
         model = convert_sync_batchnorm(model, device)
     if args.channels_last is None:
         args.channels_last = device.type == 'cuda'
-    args.memory_format = torch.channels_last if args.channels_last and not is_vit(args.arch) else torch.contiguous_format
+    channels_last = args.channels_last and not is_vit(args.arch)
+    args.memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=args.memory_format)
     optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum, args.lars_trust)
     amp = Amp(args.amp, device, fast=args.fast)
@@ -276,14 +278,16 @@ def closing_summary(args, last, best_knn, monitors=None):
     if monitors is not None:
         lines += monitor_summary(monitors)
     if is_unlabelled_folder(os.path.join(args.data, 'train')):
-        lines.append('  next, a linear probe needs labelled train/ and val/ (class folders): python -m moco.tools.split_folder '
+        lines.append('  next, a linear probe needs labelled train/ and val/ (class folders): '
+                     'python -m moco.tools.split_folder '
                      'makes them from a folder of class folders')
     else:
         lines.append(f'  next, a linear probe: python main_lincls.py --pretrained {last} '
                      f'--output-dir {os.path.join(args.output_dir, "lincls")} {args.data}')
     if is_vit(args.arch):
         lines.append(f'  or fine-tuning: python convert_to_deit.py --input {last} --output '
-                     f'{os.path.join(args.output_dir, "deit.pth")}, then python -m transfer.finetune (transfer/README.md)')
+                     f'{os.path.join(args.output_dir, "deit.pth")}, '
+                     'then python -m transfer.finetune (transfer/README.md)')
     return '\n'.join(lines)
 
 

@@ -48,8 +48,9 @@ def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log, s
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     iters = len(loader)
-    for i, (images, target, _) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch {epoch + 1}/{args.epochs}',
-                                                                                 images_per_step=args.batch_size * args.world_size)):
+    steps = logger.log_every(loader, args.print_freq, f'Epoch {epoch + 1}/{args.epochs}',
+                             images_per_step=args.batch_size * args.world_size)
+    for i, (images, target, _) in enumerate(steps):
         images = images.to(args.device, non_blocking=True)
         target = target.to(args.device, non_blocking=True)
         output = model(images)
@@ -111,7 +112,8 @@ def sharded_eval_loader(dataset, batch_size, workers, pin_memory=False):
     process; the result is the same)."""
     shard = torch.utils.data.Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
     return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=pin_memory, drop_last=False, worker_init_fn=launch.ignore_stop_signals)
+                                       pin_memory=pin_memory, drop_last=False,
+                                       worker_init_fn=launch.ignore_stop_signals)
 
 
 def sanity_check(model, pretrained, head):

@@ -2,6 +2,7 @@
 import math
 import os
 import time
+from functools import partial
 
 from moco import dist, launch, schedules
 from moco.amp import NonFiniteSteps
@@ -82,7 +83,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         if i + 1 < iters_per_epoch:   # at the epoch's last step the caller saves the epoch, then stops
             launch.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1} of {iters_per_epoch}: saved '
                                        f'{os.path.join(args.output_dir, LAST_CHECKPOINT)}',
-                                 save=save_progress and (lambda: save_progress(epoch, i + 1)))
+                                 save=save_progress and partial(save_progress, epoch, i + 1))
 
     stats = logger.global_averages()
     stats.pop('grad_first', None)   # per-step values: log.txt gets the epoch's maximum and median instead

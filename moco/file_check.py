@@ -70,7 +70,8 @@ def _end_records(data):
     the end record (the last 22 bytes: torch writes no archive comment) and, when present before it,
     the zip64 locator and end record, with which it must agree."""
     pos = len(data) - 22
-    sig, disk, cd_disk, count_disk, count, cd_size, cd_offset, comment = _unpack('<IHHHHIIH', data, pos, 'the end record')
+    (sig, disk, cd_disk, count_disk, count, cd_size, cd_offset,
+     comment) = _unpack('<IHHHHIIH', data, pos, 'the end record')
     if sig != END or comment != 0:
         raise Damaged('the end of the zip archive is missing or damaged (the file was cut short?)')
     if disk or cd_disk or count_disk != count:

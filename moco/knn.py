@@ -119,7 +119,8 @@ def extract_features(backbone, dataset, device, batch_size=256, workers=0, amp=N
         loader = dataset.batches(indices, batch_size)
     else:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                             num_workers=workers, shuffle=False, worker_init_fn=launch.ignore_stop_signals)
+                                             num_workers=workers, shuffle=False,
+                                             worker_init_fn=launch.ignore_stop_signals)
     feats, labels = [], []
     for images, target in loader:
         with (amp.autocast() if amp is not None else torch.autocast('cpu', enabled=False)):

@@ -25,7 +25,6 @@ from moco import cli, dist
 from moco.errors import UserError, first_line
 from moco.schedules import scaled_lr
 
-
 EXIT_STOPPED = 75   # EX_TEMPFAIL: stopped on request (a preemption warning) with a resumable checkpoint
 
 

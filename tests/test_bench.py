@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from moco.tools import bench
 from moco.errors import UserError
+from moco.tools import bench
 
 
 @pytest.mark.slow   # forks the loader workers and the processes that work without them
@@ -19,7 +19,8 @@ def test_pipeline_bench_checks_the_views_and_reports_every_row(tmp_path, capsys)
     assert result['identical_views'] is True and json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result['rows']
     assert [(r['kind'], r['config']) for r in rows] == [('transform', 'original'), ('transform', 'ours'),
-                                                        ('loader', 'original'), ('loader', 'ours'), ('to_float', 'ours')]
+                                                        ('loader', 'original'), ('loader', 'ours'),
+                                                        ('to_float', 'ours')]
     transform = {r['config']: r for r in rows if r['kind'] == 'transform'}
     assert transform['ours']['vs_original'] == pytest.approx(
         transform['ours']['images_per_s_per_core'] / transform['original']['images_per_s_per_core'])

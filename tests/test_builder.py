@@ -331,7 +331,8 @@ def test_teacher_passes_update_each_momentum_bn_once_per_step():
     model = small_moco('m2t').train()
     x = torch.randn(4, 3, 8, 8)
     model(x, x.flip(3), 0.99, mbn_alpha(0.25))
-    counts = {m.num_batches_tracked.item() for m in model.momentum_encoder.modules() if isinstance(m, MomentumBatchNorm)}
+    counts = {m.num_batches_tracked.item() for m in model.momentum_encoder.modules()
+              if isinstance(m, MomentumBatchNorm)}
     alphas = {m.alpha for m in model.momentum_encoder.modules() if isinstance(m, MomentumBatchNorm)}
     assert counts == {1} and alphas == {mbn_alpha(0.25)}
 

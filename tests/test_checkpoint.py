@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from helpers import small_moco
-from moco.checkpoint import load_backbone, read_backbone
-from moco.checkpoint import (LAST_CHECKPOINT, latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                             save_checkpoint, single_file_resume, thin_checkpoints)
+from moco.checkpoint import (
+    LAST_CHECKPOINT,
+    latest_checkpoint,
+    load_backbone,
+    load_checkpoint,
+    read_backbone,
+    remove_stale_temporaries,
+    save_checkpoint,
+    single_file_resume,
+    thin_checkpoints,
+)
 from moco.errors import UserError
 from moco.momentum_bn import mbn_alpha
 
@@ -143,7 +151,8 @@ def test_single_file_resume_takes_the_run_file_and_refuses_another_kind(tmp_path
     """The probe's and fine-tuning's resume: 'auto' finds output_dir/name or starts from scratch; a file
     without the kind's keys (a pretraining checkpoint given to the probe) is a one-line error."""
     needs = ('state_dict', 'epoch', 'optimizer', 'best_acc1')
-    assert single_file_resume('auto', str(tmp_path), 'checkpoint.pth.tar', 'linear-probe', needs, 'hint') == (None, None)
+    found = single_file_resume('auto', str(tmp_path), 'checkpoint.pth.tar', 'linear-probe', needs, 'hint')
+    assert found == (None, None)
     torch.save({'state_dict': {}, 'epoch': 3, 'optimizer': {}, 'best_acc1': 1.0}, tmp_path / 'checkpoint.pth.tar')
     path, ckpt = single_file_resume('auto', str(tmp_path), 'checkpoint.pth.tar', 'linear-probe', needs, 'hint')
     assert path == str(tmp_path / 'checkpoint.pth.tar') and ckpt['epoch'] == 3

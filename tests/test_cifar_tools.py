@@ -11,8 +11,8 @@ from PIL import Image
 
 from helpers import start, wait_output
 from moco import demo_data
-from moco.tools import plot, prepare_data
 from moco.knn import knn_classify
+from moco.tools import plot, prepare_data
 
 
 class _FakeCIFAR:
@@ -81,7 +81,8 @@ def test_demo_data_is_present_and_well_formed(tmp_path):
         for c in classes:
             files = os.listdir(os.path.join(root, split, c))
             assert len(files) == per_class
-        img = Image.open(os.path.join(root, split, classes[0], sorted(os.listdir(os.path.join(root, split, classes[0])))[0]))
+        first_class = os.path.join(root, split, classes[0])
+        img = Image.open(os.path.join(first_class, sorted(os.listdir(first_class))[0]))
         assert img.size == (32, 32) and img.mode == 'RGB'
     def contents(split):
         folder = os.path.join(root, split)

@@ -223,7 +223,8 @@ def test_unusable_output_folders_tildes_and_patch_sizes(tiny_folder, tmp_path, c
         assert code == 2 and 'cannot create --output-dir' in one_error_line(err), err
         capsys.readouterr()
         try:
-            main_lincls.main(main_lincls.get_args_parser().parse_args(['--output-dir', bad, '-j', '0', str(tiny_folder)]))
+            args = main_lincls.get_args_parser().parse_args(['--output-dir', bad, '-j', '0', str(tiny_folder)])
+            main_lincls.main(args)
             code = 0
         except SystemExit as e:
             code = e.code

@@ -1,10 +1,10 @@
 """The GPU data pipeline (moco/data/gpu.py), run on the CPU: the same code decodes and augments on a GPU.
 
 Decoding: TorchCodec's and torchvision's JPEG decoders give PIL's pixels exactly (all libjpeg-turbo on
-the CPU), and every file they refuse takes PIL's path. Crops: equal to torchvision's tensor resized_crop (1e-5); against PIL's
-resize of the reference path the difference is PIL's 8-bit rounding (at most 1/255 after rounding
-ours). The ops after the crop are tensor_views', tested in test_data_tensor_views.py; the random parameters
-of the views in test_data_view_params.py."""
+the CPU), and every file they refuse takes PIL's path. Crops: equal to torchvision's tensor
+resized_crop (1e-5); against PIL's resize of the reference path the difference is PIL's 8-bit
+rounding (at most 1/255 after rounding ours). The ops after the crop are tensor_views', tested in
+test_data_tensor_views.py; the random parameters of the views in test_data_view_params.py."""
 import io
 
 import pytest

@@ -221,8 +221,8 @@ def _spy(monkeypatch):
 
 
 def test_the_loaders_pass_crop_min_and_blur(tiny_folder, monkeypatch):
-    from moco.data.sampler import start_epoch
     from moco.data.pipelines import pretrain_loader
+    from moco.data.sampler import start_epoch
     calls = _spy(monkeypatch)
     for pipeline in ('memory', 'gpu'):
         for crop_min, blur in ((0.08, True), (0.3, False)):

@@ -17,10 +17,18 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from moco.tools.bench_pipeline import cut_jpegs, original_loader, original_pretrain_transform, photo_files
 from moco.data.folder import SafeImageFolder, load_rgb
-from moco.data.views import (IMAGENET_MEAN, IMAGENET_STD, ToFloat, adjust_contrast, eval_transform,
-                             lincls_train_transform, pretrain_transform, random_resized_crop_params)
+from moco.data.views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ToFloat,
+    adjust_contrast,
+    eval_transform,
+    lincls_train_transform,
+    pretrain_transform,
+    random_resized_crop_params,
+)
+from moco.tools.bench_pipeline import cut_jpegs, original_loader, original_pretrain_transform, photo_files
 
 TO_FLOAT = ToFloat()
 
@@ -162,6 +170,7 @@ def test_pretrain_views_are_uint8_and_asymmetric(photo_jpegs):
 def test_original_op_list_is_the_papers():
     """The reference the views are tested against: the paper's appendix (BYOL's recipe)."""
     import inspect
+
     from moco.tools import bench_pipeline
     source = inspect.getsource(bench_pipeline.original_pretrain_transform)
     for piece in ('RandomResizedCrop(image_size, scale=(crop_min, 1.))', 'ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)',

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-import torchvision.transforms.functional as TFP   # the PIL ops the reference pipeline calls
+import torchvision.transforms.functional as TFP  # the PIL ops the reference pipeline calls
 from PIL import Image, ImageFilter, ImageOps
 
 from moco.data import tensor_views as ta

@@ -5,10 +5,10 @@ import os
 
 import torch
 
-from moco.tools import demo
 from moco.data.memory import decode_folder
 from moco.knn import eval_resize, knn_top1, raw_pixel_knn_accuracy
 from moco.models import build_moco, encoder_factory
+from moco.tools import demo
 
 
 def test_demo_recipe_runs_a_few_steps(tmp_path):

@@ -18,7 +18,7 @@ def _m2t_ddp_worker(rank, port, result_path):
         model = small_moco('m2t').train()
         ddp = dist.ddp(model, torch.device('cpu'), sync_buffers=model.sync_bn)
         torch.manual_seed(100 + rank)              # different images on each rank
-        for step in range(2):
+        for _ in range(2):
             x = torch.randn(4, 3, 8, 8)
             ddp(x, x.flip(3), 0.99, mbn_alpha(0.5)).backward()
         teacher = model.momentum_encoder.bn1.running_mean.clone()

@@ -18,7 +18,8 @@ def _checkpoint(path, zip64_sized=False):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net(torch.randn(2, 3, 8, 8)).sum().backward()
     opt.step()
-    state = {'epoch': 3, 'arch': 'tiny', 'state_dict': {'module.base_encoder.' + k: v for k, v in net.state_dict().items()},
+    weights = {'module.base_encoder.' + k: v for k, v in net.state_dict().items()}
+    state = {'epoch': 3, 'arch': 'tiny', 'state_dict': weights,
              'optimizer': opt.state_dict(), 'args': {'lr': 0.1, 'note': 'ü'}}
     torch.save(state, path)
     return path

@@ -100,7 +100,8 @@ def test_default_precision_and_fused_adamw_on_cuda():
         assert torch.allclose(p, q, atol=1e-6)
 
 
-@pytest.mark.skipif(not ON_GPU, reason='compiling takes minutes on a CPU (tests/test_fast_step.py compiles with aot_eager)')
+@pytest.mark.skipif(not ON_GPU,
+                    reason='compiling takes minutes on a CPU (tests/test_fast_step.py compiles with aot_eager)')
 def test_compiled_bf16_step_is_close_to_eager_on_cuda():
     torch.manual_seed(0)
     eager = build_moco('resnet18_cifar', 16, 32, T=0.2).to(CUDA, memory_format=torch.channels_last)

@@ -19,7 +19,6 @@ from moco.engine_lincls import LinearProbe, sanity_check
 from moco.errors import UserError
 from moco.models import BackboneFeatures, encoder_factory
 
-
 CLASSES = ('airplane', 'cat', 'ship')
 
 
@@ -164,8 +163,9 @@ def test_bad_pretrained_files_are_one_line_errors(probe_run, probe_data, moco_ck
 
 @pytest.mark.parametrize('arch', ['resnet18_cifar', 'vit_tiny_patch4'])
 def test_loads_original_format(arch, tmp_path):
-    """A checkpoint in the layout of the original release (README, "What is exactly the original"): only the base encoder's
-    backbone is loaded (not the momentum encoder, not the projector), features are the base encoder's."""
+    """A checkpoint in the layout of the original release (README, "What is exactly the original"): only
+    the base encoder's backbone is loaded (not the momentum encoder, not the projector), features are the
+    base encoder's."""
     torch.manual_seed(0)
     small = {'depth': 2} if arch.startswith('vit') else {}  # a 2-block ViT keeps the test fast
     moco = (MoCo_ViT if small else MoCo_ResNet)(encoder_factory(arch, image_size=32, **small), 16, 32)

@@ -150,7 +150,8 @@ def test_build_optimizer_lars():
     opt = build_optimizer('lars', model, lr=2.4, weight_decay=1e-6)
     assert isinstance(opt, LARS)
     group = opt.param_groups[0]
-    assert (group['lr'], group['weight_decay'], group['momentum'], group['trust_coefficient']) == (2.4, 1e-6, 0.9, 0.001)
+    got = (group['lr'], group['weight_decay'], group['momentum'], group['trust_coefficient'])
+    assert got == (2.4, 1e-6, 0.9, 0.001)
     assert [id(p) for p in group['params']] == [id(p) for p in model.parameters()]
     assert build_optimizer('lars', model, 0.3, 1e-6, lars_trust=0.02).param_groups[0]['trust_coefficient'] == 0.02
     with pytest.raises(ValueError):

@@ -94,7 +94,7 @@ def reference(tiny_folder, tmp_path_factory):
     """Uninterrupted runs: one process, and two processes under torchrun."""
     tmp = tmp_path_factory.mktemp('uninterrupted')
     runs = {'one': _start(_single(tiny_folder, tmp / 'one')), 'two': _start(_torchrun(2, tiny_folder, tmp / 'two'))}
-    for name, proc in runs.items():
+    for proc in runs.values():
         rc, out = _finish(proc)
         assert rc == 0, out
     return {name: tmp / name for name in runs}

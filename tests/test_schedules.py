@@ -1,4 +1,5 @@
-"""The lr and momentum schedules of the paper and the original release (README), checked against the formulas at hand-picked points."""
+"""The lr and momentum schedules of the paper and the original release (README), checked against the
+formulas at hand-picked points."""
 import math
 
 import pytest

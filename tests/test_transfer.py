@@ -1,12 +1,12 @@
 """transfer/: the data set layouts (CIFAR folders, Flowers-102 .mat files, Pets annotations), the
 .mat reader, and one fine-tuning step from a converted and from a pretraining checkpoint."""
+import base64
 import json
 import os
 import shutil
 import struct
 import zlib
 
-import base64
 import numpy as np
 import pytest
 import torch
@@ -17,8 +17,6 @@ import main_moco
 from moco.checkpoint import read_backbone
 from transfer import finetune
 from transfer.datasets import Flowers, Pets, build_dataset, read_mat, transfer_transform
-
-
 
 # Written by scipy.io.savemat({'labels': [[77, 77, 3, 102, 1]] (double), 'trnid': [[1, 4]] (double),
 # 'tstid': [[2, 3, 5]] (uint16)}), without and with compression.
@@ -224,7 +222,8 @@ def test_position_embedding_is_recomputed_for_another_input_size():
     model = finetune.build_model('vit_tiny_patch4', 10, 16, 0.)          # 4 x 4 patches
     pretrained = {'pos_embed': vits.sincos_pos_embed_2d(8, 8, 192), 'cls_token': torch.zeros(1, 1, 192)}
     fitted = finetune.fit_position_embedding(pretrained, model)
-    assert torch.equal(fitted['pos_embed'], vits.sincos_pos_embed_2d(4, 4, 192)) and fitted['cls_token'] is pretrained['cls_token']
+    assert torch.equal(fitted['pos_embed'], vits.sincos_pos_embed_2d(4, 4, 192))
+    assert fitted['cls_token'] is pretrained['cls_token']
     learned = {'pos_embed': torch.randn(1, 65, 192)}
     assert finetune.fit_position_embedding(learned, model)['pos_embed'].shape == (1, 17, 192)
     same = {'pos_embed': vits.sincos_pos_embed_2d(4, 4, 192)}

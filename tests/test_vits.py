@@ -1,5 +1,5 @@
-"""vits.py against the paper and the original vits.py: position embedding, initialisation, frozen patch projection, conv stem,
-parameter counts and timm key compatibility."""
+"""vits.py against the paper and the original vits.py: position embedding, initialisation, frozen patch
+projection, conv stem, parameter counts and timm key compatibility."""
 import math
 
 import pytest
@@ -171,7 +171,7 @@ def test_vit_tiny_patch4_runs_on_32px():
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
-# ---------------------------------------------------------------- counts and keys (meta device: no memory, no init cost)
+# ---- counts and keys (meta device: no memory, no init cost) ----
 
 PARAM_COUNTS = {
     'vit_small': (84_266_752, 42_815_104),

@@ -15,7 +15,8 @@ def train_one_epoch(model, loader, criterion, optimizer, amp, mixup_fn, epoch, a
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     lr = optimizer.param_groups[0]['lr']  # set per epoch by the scheduler
     iters = len(loader)
-    for i, (samples, targets, *_) in enumerate(logger.log_every(loader, args.print_freq, f'Epoch {epoch + 1}/{args.epochs}')):
+    steps = logger.log_every(loader, args.print_freq, f'Epoch {epoch + 1}/{args.epochs}')
+    for i, (samples, targets, *_) in enumerate(steps):
         samples = samples.to(args.device, non_blocking=True)
         targets = targets.to(args.device, non_blocking=True)
         if mixup_fn is not None:

@@ -26,8 +26,14 @@ from timm.scheduler import CosineLRScheduler
 import vits
 from moco import cli, dist, launch
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
-from moco.checkpoint import (check_recorded, load_backbone, read_backbone, restore, save_last_and_best,
-                             single_file_resume)
+from moco.checkpoint import (
+    check_recorded,
+    load_backbone,
+    read_backbone,
+    restore,
+    save_last_and_best,
+    single_file_resume,
+)
 from moco.data import is_unlabelled, make_loader, start_epoch
 from moco.engine_lincls import evaluate, sharded_eval_loader
 from moco.errors import UserError
@@ -41,7 +47,8 @@ CHECKPOINT, BEST = 'checkpoint.pth', 'best_checkpoint.pth'
 
 def get_args_parser():
     parser = cli.parser('MoCo v3 ViT fine-tuning (DeiT recipe)', prog='python -m transfer.finetune')
-    parser.add_argument('data', metavar='DIR', type=cli.path, help='data set folder (layouts: see transfer/datasets.py)')
+    parser.add_argument('data', metavar='DIR', type=cli.path,
+                        help='data set folder (layouts: see transfer/datasets.py)')
 
     g = parser.add_argument_group('data')
     g.add_argument('--data-set', default='imagenet', choices=DATA_SETS,
@@ -243,8 +250,8 @@ def main_worker(args):
                                       nonfinite, stop)
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in train_stats.items()}}
         is_best = False
-        state = {'model': dist.unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
-                 'epoch': epoch + 1, 'arch': args.arch, 'max_accuracy': max_accuracy}
+        state = {'model': dist.unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+                 'scaler': amp.state_dict(), 'epoch': epoch + 1, 'arch': args.arch, 'max_accuracy': max_accuracy}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             test_stats = evaluate(model, val_loader, args, amp)
             record.update({f'test_{k}': v for k, v in test_stats.items()})

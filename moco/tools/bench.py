@@ -7,7 +7,8 @@
     python -m moco.tools.bench --configs ours_compiled --inputs synthetic   # only our compiled step
     python -m moco.tools.bench --monitors              # the step with the gradient monitors at -p 10 and 1, vs without
     python -m moco.tools.bench --pipeline              # the data pipeline instead: ours vs the original's
-                                                 # two-view transform per core, and the loader (moco/tools/bench_pipeline.py)
+                                                 # two-view transform per core, and the loader
+                                                 # (moco/tools/bench_pipeline.py)
 
 reference: the original's step: fp16 autocast + GradScaler on CUDA (fp32 on CPU), contiguous memory,
     LARS looping over tensors in Python (AdamW without foreach for ViTs), no compilation.
@@ -49,8 +50,8 @@ def monitor_cost(arch, batch, image_size, device, steps, warmup, print_freqs=(10
     alternating; {'none': s, 'p10': s, 'p1': s}, each the median of its rounds."""
     import statistics
 
-    from moco.monitors import TrainingMonitors
     from moco.metrics import RunLog
+    from moco.monitors import TrainingMonitors
     runner = Runner(arch, batch, image_size, device, ours=True)
     monitors = TrainingMonitors(runner.model, is_vit(arch))
     run_log = RunLog('.', enabled=False)
@@ -254,7 +255,8 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='also write the rows as JSON here (rewritten after every row)')
     p.add_argument('--monitors', action='store_true',
                    help='time our step without the gradient monitors and with them at print frequency 10 and 1')
-    g = p.add_argument_group('--pipeline: the reference data pipeline against the original release\'s (moco/tools/bench_pipeline.py)')
+    g = p.add_argument_group("--pipeline: the reference data pipeline against the original release's "
+                             '(moco/tools/bench_pipeline.py)')
     g.add_argument('--pipeline', action='store_true',
                    help='measure the two-view transform per core and the loader end to end, instead of the step')
     g.add_argument('--photos', default=None, metavar='DIR',
@@ -301,8 +303,8 @@ def main(argv=None):
             cost = monitor_cost(arch, batch, size, device, steps, warmup)
             rows.append(dict(model=arch, batch=batch, **{f'seconds_per_step_{k}': v for k, v in cost.items()}))
             print(f'{arch:<16}{batch:>6}  s/step without monitors {cost["none"]:.4f}, at -p 10 {cost["p10"]:.4f} '
-                  f'({cost["p10"] / cost["none"] - 1:+.1%}), at -p 1 {cost["p1"]:.4f} ({cost["p1"] / cost["none"] - 1:+.1%})',
-                  flush=True)
+                  f'({cost["p10"] / cost["none"] - 1:+.1%}), at -p 1 {cost["p1"]:.4f} '
+                  f'({cost["p1"] / cost["none"] - 1:+.1%})', flush=True)
         if args.out:
             write_text_atomic(args.out, json.dumps({'device': name, 'torch': torch.__version__, 'image_size': size,
                                                     'rows': rows}, indent=1))

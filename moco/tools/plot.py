@@ -85,7 +85,8 @@ def plot_gradients(run, out, title=None):
     plt = _pyplot()
     scalars = read_scalars(run, GRADIENT_TAGS + ('val/knn_top1', 'val/rankme'))
     if not any(tag in scalars for tag in GRADIENT_TAGS):
-        raise SystemExit(f'error: {run} has no gradient magnitudes in tensorboard/ (a run from before they were logged?)')
+        raise SystemExit(f'error: {run} has no gradient magnitudes in tensorboard/ '
+                         '(a run from before they were logged?)')
     fig, (ax_eval, ax_grad) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(1, 1.3))
     monitor = 'val/knn_top1' if 'val/knn_top1' in scalars else 'val/rankme'
     if monitor in scalars:
@@ -93,7 +94,8 @@ def plot_gradients(run, out, title=None):
         ax_eval.plot(steps, values, marker='o', markersize=3, color='tab:green')
     ax_eval.set(ylabel='kNN top-1 (%)' if monitor == 'val/knn_top1' else 'RankMe of the features',
                 title=title or os.path.basename(os.path.normpath(run)))
-    for tag, color, label in ((GRADIENT_TAGS[0], 'tab:blue', 'first layer'), (GRADIENT_TAGS[1], 'tab:orange', 'last block')):
+    for tag, color, label in ((GRADIENT_TAGS[0], 'tab:blue', 'first layer'),
+                              (GRADIENT_TAGS[1], 'tab:orange', 'last block')):
         if tag in scalars:
             ax_grad.plot(*scalars[tag], color=color, linewidth=0.8, label=label)
     spikes = read_spikes(run)

@@ -48,7 +48,8 @@ def summarise(run_dir):
     lags = [s['later']['last_block'] for s in spikes if 'last_block' in s.get('later', {})]
     found = dips(knn, points=0.0)
     rank = [r['rankme'] for r in records if 'rankme' in r]
-    return {'rankme_start': rank[0], 'rankme_min': min(rank), 'rankme_final': rank[-1], 'knn_final': knn[-1][1], 'knn_best': max(v for _, v in knn[1:]) if len(knn) > 1 else None,
+    return {'rankme_start': rank[0], 'rankme_min': min(rank), 'rankme_final': rank[-1], 'knn_final': knn[-1][1],
+            'knn_best': max(v for _, v in knn[1:]) if len(knn) > 1 else None,
             'knn_curve': knn, 'largest_dip': max((d for _, d in found), default=0.0),
             'dips_over_1_point': sum(d > 1.0 for _, d in found), 'spikes': len(spikes),
             'spikes_reaching_last_block': len(lags), 'median_lag': statistics.median(lags) if lags else None,
@@ -103,7 +104,8 @@ def main(argv=None):
                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2')))
             if rc != 0:
-                raise SystemExit(f'error: {run_name(lr, frozen, seed)} failed (rc {rc}); see its .out file in {args.out}')
+                raise SystemExit(f'error: {run_name(lr, frozen, seed)} failed (rc {rc}); '
+                                 f'see its .out file in {args.out}')
             print(f'    {time.time() - tic:.0f} s', flush=True)
         rows.append(dict(lr=lr, frozen=frozen, seed=seed, **summarise(run_dir)))
         with open(os.path.join(args.out, 'study.json'), 'w') as f:

@@ -188,8 +188,8 @@ def run_fingerprints(root, work):
         out = os.path.join(work, f'finetune_{source}')
         pretrained = deit if source == 'deit' else os.path.join(vit, 'checkpoint_0000.pth.tar')
         run('-m', 'transfer.finetune', '-a', 'vit_tiny_patch4', '--input-size', IMAGE_SIZE, '-b', BATCH, '--epochs', 2,
-            '--warmup-epochs', 1, '--lr', 5e-4, '--aug', 'transfer', '-j', 0, '-p', 1, '--seed', SEED, '--pretrained', pretrained,
-            '--output-dir', out, *extra, root)
+            '--warmup-epochs', 1, '--lr', 5e-4, '--aug', 'transfer', '-j', 0, '-p', 1, '--seed', SEED,
+            '--pretrained', pretrained, '--output-dir', out, *extra, root)
         show_run(f'finetune {source}', out, ['checkpoint.pth', 'best_checkpoint.pth'])
 
 
