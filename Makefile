@@ -11,7 +11,7 @@ DEMO_FLAGS ?=
 demo: $(VENV)/.installed
 	$(PY) -m moco.tools.demo $(DEMO_FLAGS)
 
-# MoCo v3's stability study at CPU scale (README "Monitoring"): 12 short ViT runs, about 35 minutes on 2 cores
+# MoCo v3's stability study at CPU scale (README "Monitoring"): 12 short ViT runs, about 32 minutes on 2 cores
 STUDY_FLAGS ?=
 study: $(VENV)/.installed
 	$(PY) -m moco.tools.study $(STUDY_FLAGS)
@@ -35,7 +35,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # The GPU check (README "Speed"; python -m moco.tools.gpu_check --help): on a CUDA machine whose python3 already has
-# torch, torchvision and timm (a lent GPU machine, no network): the CUDA-only tests, the benchmark, the
+# torch, torchvision and timm (e.g. a machine without network): the CUDA-only tests, the benchmark, the
 # CIFAR-10 runs, each part time-boxed inside GPU_CHECK_FLAGS' --budget-min (default 9 minutes); results in
 # $OUT, or output/gpu_check. `make gpu-check-dry` runs the same parts on this CPU, tiny.
 # `make gpu-check-prepare CIFAR_TAR=PATH` copies a CIFAR-10 JPEG tarball (cifar10/{train,val}/<class>/*.jpg)
