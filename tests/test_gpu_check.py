@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT, start, wait_output
+from helpers import ROOT, start, wait_output
 from moco.tools import gpu_check as gc
 
 BUDGET = 9 * 60
@@ -120,27 +120,19 @@ def test_find_split_folder(tmp_path):
 
 # ---------------------------------------------------------------- the GPU command lines, without a GPU
 
-@pytest.fixture
-def gpu_check(tmp_path):
-    check = gc.Check(gc.get_args(['--out', str(tmp_path / 'out'), '--work-dir', str(tmp_path / 'work')]))
-    check.cifar_data = '/data/cifar10'
-    yield check
-    check.log.close()
-
-
-def test_gpu_cifar_commands_parse_as_main_moco_reads_them(gpu_check):
+def test_gpu_cifar_commands_parse_as_main_moco_reads_them():
     import main_moco
     parser = main_moco.get_args_parser()
-    fast = gpu_check.cifar_cmd(gc.FAST, 200, 20, '/tmp/run')
+    fast = gc.cifar_cmd(gc.FAST, 200, 20, '/tmp/run', '/data/cifar10')
     assert fast[1] == 'main_moco.py' and fast[-1] == '/data/cifar10'
     args = parser.parse_args(fast[2:])
     assert (args.arch, args.batch_size, args.epochs, args.knn_freq, args.gpu) == ('resnet18_cifar', 512, 200, 20, 0)
     assert args.fast and args.data_pipeline == 'memory' and args.lr == 0.6 and args.moco_m_cos
-    original = parser.parse_args(gpu_check.cifar_cmd(gc.ORIGINAL, 50, 20, '/tmp/run')[2:])
+    original = parser.parse_args(gc.cifar_cmd(gc.ORIGINAL, 50, 20, '/tmp/run', '/data/cifar10')[2:])
     assert not original.fast and original.amp == 'fp16' and original.data_pipeline == 'reference'
 
 
-def test_cifar_recipe_is_config_md(gpu_check):
+def test_cifar_recipe_is_config_md():
     """The flags of the CIFAR-10 ResNet-18 command of CONFIG.md, with their values, in the same order."""
     text = open(os.path.join(ROOT, 'CONFIG.md')).read()
     start_at = text.index('python main_moco.py -a resnet18_cifar')
@@ -154,11 +146,11 @@ def test_cifar_recipe_is_config_md(gpu_check):
     assert recipe == gc.CIFAR_RECIPE and '--fast' in command
 
 
-def test_gpu_bench_commands_parse(gpu_check, capsys):
+def test_gpu_bench_commands_parse(capsys):
     from moco.tools import bench
-    commands = [gpu_check.bench_cmd('/tmp/b.json', ['reference', 'ours']) + ['--fullsize-jpegs', '/tmp/fs'],
-                gpu_check.bench_cmd('/tmp/b.json', ['ours'], ['synthetic']) + ['--profile', '/tmp/p.txt'],
-                gpu_check.bench_cmd('/tmp/b.json', ['ours_compiled'], ['synthetic']) + ['--compile-backend', 'inductor']]
+    commands = [gc.bench_cmd('/tmp/b.json', ['reference', 'ours']) + ['--fullsize-jpegs', '/tmp/fs'],
+                gc.bench_cmd('/tmp/b.json', ['ours'], ['synthetic']) + ['--profile', '/tmp/p.txt'],
+                gc.bench_cmd('/tmp/b.json', ['ours_compiled'], ['synthetic']) + ['--compile-backend', 'inductor']]
     for cmd in commands:
         assert cmd[1:3] == ['-m', 'moco.tools.bench'] and '--tiny' not in cmd
         assert cmd[cmd.index('--models') + 1:cmd.index('--configs')] == list(gc.GPU_MODELS)
@@ -185,22 +177,22 @@ def test_bench_rows_without_a_reference_and_the_profile(tmp_path):
 def test_a_part_that_times_out_is_recorded_and_the_next_runs(tmp_path, monkeypatch, capsys):
     sleeper = [sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(120)']
 
-    def prepare(self):
-        self.fullsize = self.cifar_data = None
+    def prepare(check):   # no data: check.fullsize and check.cifar_data stay None
+        pass
 
-    def slow_part(self, timeout, record):
-        status, output, _ = self.run(sleeper, 'tests', timeout)
-        record['pid'] = int(output.split()[0])
-        return status
+    def slow_part(check, timeout, record):
+        job = check.runner.run(sleeper, 'tests', timeout)
+        record['pid'] = int(job.read_output().split()[0])
+        return job.status
 
-    def next_part(self, timeout, record):
-        status, output, _ = self.run([sys.executable, '-c', 'print("next part ran")'], 'bench', timeout)
-        record['result'] = output.strip()
-        return status
+    def next_part(check, timeout, record):
+        job = check.runner.run([sys.executable, '-c', 'print("next part ran")'], 'bench', timeout)
+        record['result'] = job.read_output().strip()
+        return job.status
 
-    monkeypatch.setattr(gc.Check, 'prepare', prepare)
-    monkeypatch.setattr(gc.Check, 'part_tests', slow_part)
-    monkeypatch.setattr(gc.Check, 'part_bench', next_part)
+    monkeypatch.setattr(gc.data, 'prepare', prepare)
+    monkeypatch.setitem(gc.PARTS, 'tests', slow_part)
+    monkeypatch.setitem(gc.PARTS, 'bench', next_part)
     out = tmp_path / 'out'
     rc = gc.main(['--dry-run', '--parts', 'tests,bench', '--part-timeout', 'tests=3', '--out', str(out),
                   '--work-dir', str(tmp_path / 'work')])
