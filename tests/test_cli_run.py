@@ -311,3 +311,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
     assert rc == 130, out
     assert 'Traceback' not in out and 'KeyboardInterrupt' not in out, out
     assert 'interrupted: the checkpoints already written' in out and '--resume auto' in out
+
+
+def test_tools_find_the_repository_root():
+    """The tools that start the programs as scripts find them from moco/tools/ (study, GPU check)."""
+    from moco.tools import gpu_check, study
+    for root in (study.ROOT, gpu_check.ROOT):
+        assert os.path.isfile(os.path.join(root, 'main_moco.py')), root

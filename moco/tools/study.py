@@ -24,7 +24,7 @@ import time
 from moco import demo_data
 from moco.monitors import dips
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 RECIPE = ['-a', 'vit_mini_patch4', '--image-size', '16', '--data-pipeline', 'memory', '--optimizer', 'adamw',
           '--wd', '0.1', '-b', '128', '--moco-t', '0.2', '--moco-dim', '128', '--moco-mlp-dim', '512',
           '--crop-min', '0.2', '--no-blur', '--knn-freq', '1', '-p', '1', '-j', '0']
