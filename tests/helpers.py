@@ -143,3 +143,15 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def run_in_process(script, argv, capsys):
+    """``script.main`` (main_moco or main_lincls) in this process, as its command line would run it:
+    (exit code, the lines of stderr that start with 'error:')."""
+    capsys.readouterr()
+    try:
+        script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]

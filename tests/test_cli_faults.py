@@ -15,7 +15,17 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, assert_identical, cli_env, kill_group, load, start, unassigned_port, wait_output
+from helpers import (
+    ROOT,
+    assert_identical,
+    cli_env,
+    kill_group,
+    load,
+    run_in_process,
+    start,
+    unassigned_port,
+    wait_output,
+)
 from moco.checkpoint import LAST_CHECKPOINT, load_checkpoint
 from moco.data.folder import image_folder
 from moco.data.sampler import EpochSampler
@@ -160,18 +170,6 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes(tiny_folder, tmp
 
 
 # ---------------------------------------------------------------- checkpoint files
-def _in_process(script, argv, capsys):
-    """``script.main`` (main_moco or main_lincls) in this process, as its command line would run it:
-    (exit code, the lines of stderr that start with 'error:')."""
-    capsys.readouterr()
-    try:
-        script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, _error_lines(capsys.readouterr().err)
-
-
 def _pretrain_argv(data, output_dir, *extra):
     return _command(data, output_dir, '-j', '0', *extra, epochs=1)[2:]
 
@@ -197,28 +195,28 @@ def test_foreign_and_wrong_arch_checkpoints_are_one_line_errors(tiny_folder, tmp
         path = tmp_path / f'{name}.pth'
         torch.save(content, path)
         out = tmp_path / f'resume_{name}'
-        code, errors = _in_process(main_moco, _pretrain_argv(tiny_folder, out, '--resume', path), capsys)
+        code, errors = run_in_process(main_moco, _pretrain_argv(tiny_folder, out, '--resume', path), capsys)
         assert code == 2 and len(errors) == 1 and str(path) in errors[0], (name, errors)
         if name in messages:
             assert messages[name] in errors[0], (name, errors)
         assert not any(f.endswith('.pth.tar') for f in os.listdir(out)) if out.exists() else True
         probe = ['-a', 'resnet18_cifar', '--image-size', 16, '-b', 4, '-j', 0,
                  '--output-dir', tmp_path / f'probe_{name}', '--pretrained', path, tiny_folder]
-        code, errors = _in_process(main_lincls, probe, capsys)
+        code, errors = run_in_process(main_lincls, probe, capsys)
         assert code == 2 and len(errors) == 1 and str(path) in errors[0], (name, errors)
         assert ('no state_dict' if name != 'timm_train' else 'holds no module.base_encoder') in errors[0], errors
 
-    code, errors = _in_process(main_moco, _pretrain_argv(tiny_folder, tmp_path / 'b'), capsys)
+    code, errors = run_in_process(main_moco, _pretrain_argv(tiny_folder, tmp_path / 'b'), capsys)
     assert code == 0 and errors == []
     other_arch = _pretrain_argv(tiny_folder, tmp_path / 'c', '--resume', tmp_path / 'b' / 'checkpoint_0000.pth.tar')
     other_arch[other_arch.index('vit_tiny_patch4')] = 'vit_small_patch4'
-    code, errors = _in_process(main_moco, other_arch, capsys)
+    code, errors = run_in_process(main_moco, other_arch, capsys)
     assert code == 2 and len(errors) == 1 and 'vit_tiny_patch4' in errors[0] and 'vit_small_patch4' in errors[0], errors
     other_optimizer = _command(tiny_folder, tmp_path / 'b', '-j', '0', '--resume', 'auto', '--optimizer', 'adamw',
                                epochs=2)[2:]
-    code, errors = _in_process(main_moco, other_optimizer, capsys)       # the recorded settings differ
+    code, errors = run_in_process(main_moco, other_optimizer, capsys)       # the recorded settings differ
     assert code == 2 and len(errors) == 1 and '--accept-changes' in errors[0], errors
-    code, errors = _in_process(main_moco, other_optimizer + ['--accept-changes'], capsys)  # the state does not fit
+    code, errors = run_in_process(main_moco, other_optimizer + ['--accept-changes'], capsys)  # the state does not fit
     assert code == 2 and len(errors) == 1 and 'optimizer state does not fit --optimizer adamw' in errors[0], errors
     assert sorted(f for f in os.listdir(tmp_path / 'b') if f.endswith('.pth.tar')) == ['checkpoint_0000.pth.tar']
 

@@ -24,7 +24,7 @@ import pytest
 
 import main_lincls
 import main_moco
-from helpers import ROOT, assert_identical, cli_env, kill_group, load, start, wait_output
+from helpers import ROOT, assert_identical, cli_env, kill_group, load, run_in_process, start, wait_output
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
 
@@ -41,17 +41,6 @@ def _argv(data, out, *extra, epochs=3):
 
 def _command(data, out, *extra, epochs=3):
     return [sys.executable, os.path.join(ROOT, 'main_moco.py'), *_argv(data, out, *extra, epochs=epochs)]
-
-
-def _in_process(script, argv, capsys):
-    """(exit code, stderr's 'error:' lines) of ``script.main`` run in this process."""
-    capsys.readouterr()
-    try:
-        script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
 
 
 def _same_final_state(a_dir, b_dir, name='checkpoint_0002.pth.tar'):
@@ -84,10 +73,10 @@ def test_bit_flips_are_refused_by_resume_and_pretrained(reference, tiny_folder, 
     for offset in offsets:
         damaged.write_bytes(good)
         _flip(damaged, offset, rng.randrange(8))
-        code, errors = _in_process(main_moco, _argv(tiny_folder, tmp_path / 'resumed', '--resume', damaged), capsys)
+        code, errors = run_in_process(main_moco, _argv(tiny_folder, tmp_path / 'resumed', '--resume', damaged), capsys)
         assert code == 2 and len(errors) == 1 and errors[0].startswith(f'error: damaged checkpoint {damaged}'), \
             (offset, errors)
-        code, errors = _in_process(main_lincls, [tiny_folder, '--pretrained', damaged, '-b', '8', '--epochs', '1',
+        code, errors = run_in_process(main_lincls, [tiny_folder, '--pretrained', damaged, '-b', '8', '--epochs', '1',
                                                  '-j', '0', '--output-dir', tmp_path / 'probe'], capsys)
         assert code == 2 and len(errors) == 1 and 'damaged checkpoint' in errors[0], (offset, errors)
     assert not (tmp_path / 'resumed').exists() and not (tmp_path / 'probe').exists()   # nothing left behind
