@@ -102,12 +102,16 @@ def _process_alive(pid):
 class DamagedCheckpoint(UserError):
     """A checkpoint whose bytes are not what was written (moco.file_check)."""
 
+    def __init__(self, path, problem):
+        self.what = f'damaged checkpoint {path}: {problem}'
+        super().__init__(f'{self.what}; it was not loaded')
+
 
 def check_intact(path):
     """A DamagedCheckpoint naming the file and what is wrong with it, unless it is intact."""
     problem = damage(path)
     if problem:
-        raise DamagedCheckpoint(f'damaged checkpoint {path}: {problem}; it was not loaded')
+        raise DamagedCheckpoint(path, problem)
 
 
 def load_checkpoint(path):
@@ -168,7 +172,7 @@ def _read_pretraining(path):
                 moved = f'; moved to {set_aside(path)}'
             except OSError as err:
                 moved = f'; could not move it aside ({err.strerror})'
-        print(f'warning: --resume auto passes over {str(e).split("; it was")[0]}{moved}', flush=True)
+        print(f'warning: --resume auto passes over {e.what}{moved}', flush=True)
         return None
     except UserError as e:
         print(f'warning: skipping {e}')

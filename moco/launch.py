@@ -11,6 +11,7 @@ The process group itself and the collectives are moco/dist.py.
 import atexit
 import errno
 import fcntl
+import functools
 import multiprocessing
 import os
 import signal
@@ -246,15 +247,13 @@ def fatal_error(e):
 
 
 _AT_END = []
-_EXIT_HANDLER = []
 
 
+@functools.cache   # once a process
 def _register_exit_handler():
-    """``_end_loader_workers`` at exit, once; registered after multiprocessing's own handler (which is
+    """``_end_loader_workers`` at exit; registered after multiprocessing's own handler (which is
     registered when it is imported), so it runs before it."""
-    if not _EXIT_HANDLER:
-        atexit.register(_end_loader_workers)
-        _EXIT_HANDLER.append(True)
+    atexit.register(_end_loader_workers)
 
 
 def at_end(release):
