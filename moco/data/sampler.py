@@ -91,8 +91,7 @@ def shared_seed(seed=None):
         return seed
     value = torch.tensor([random.SystemRandom().randrange(2 ** 31)])
     if dist.world_size() > 1:
-        if torch.distributed.get_backend() == 'nccl':
-            value = value.cuda()
+        value = value.to(dist.collective_device())
         torch.distributed.broadcast(value, src=0)
     return int(value.item())
 
