@@ -178,9 +178,10 @@ def main_worker(args):
         model = dist.ddp(model, device, args.gpu, sync_buffers=sync_bn, gradient_as_bucket_view=True)
 
     args.data_pipeline = pipelines.resolve(args.data_pipeline, device, args.data, fast=args.fast)
-    loader, n_train = pipelines.pretrain_loader(args.data_pipeline, args.data, args.batch_size, device,
-                                                args.image_size, args.crop_min, blur=not args.no_blur,
-                                                seed=data_seed, workers=args.workers, strict=args.strict_data)
+    loader = pipelines.pretrain_loader(args.data_pipeline, args.data, args.batch_size, device, args.image_size,
+                                       args.crop_min, blur=not args.no_blur, seed=data_seed, workers=args.workers,
+                                       strict=args.strict_data)
+    n_train = loader.num_images
     if n_train < total_batch:
         raise UserError(f'{n_train} training images are fewer than one batch of {total_batch}; lower -b')
     iters_per_epoch = len(loader)

@@ -22,8 +22,7 @@ def test_pretrain_loader_takes_only_a_resolved_name(tiny_folder):
 
 @pytest.mark.parametrize('pipeline', pipelines.RESOLVED)
 def test_every_loader_counts_its_images_one_way(tiny_folder, pipeline):
-    """``num_images``: the images of root/train (all processes'), what ``pretrain_loader`` returns with
-    the loader; its batches per epoch follow from it."""
-    loader, n = pipelines.pretrain_loader(pipeline, tiny_folder, 8, CPU, 16, seed=0)
-    assert n == loader.num_images == 40           # conftest's tiny_folder: 4 images of each of 10 classes
-    assert len(loader) == n // 8
+    """``num_images``: the images of root/train (all processes'); the batches per epoch follow from it."""
+    loader = pipelines.pretrain_loader(pipeline, tiny_folder, 8, CPU, 16, seed=0)
+    assert loader.num_images == 40           # conftest's tiny_folder: 4 images of each of 10 classes
+    assert len(loader) == loader.num_images // 8

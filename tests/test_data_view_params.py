@@ -227,7 +227,7 @@ def test_the_loaders_pass_crop_min_and_blur(tiny_folder, monkeypatch):
     for pipeline in ('memory', 'gpu'):
         for crop_min, blur in ((0.08, True), (0.3, False)):
             calls.clear()
-            loader, _ = pretrain_loader(pipeline, tiny_folder, 8, torch.device('cpu'), 16, crop_min, blur=blur, seed=0)
+            loader = pretrain_loader(pipeline, tiny_folder, 8, torch.device('cpu'), 16, crop_min, blur=blur, seed=0)
             start_epoch(loader, 0)
             next(iter(loader))
             assert len(calls) == 1 and calls[0][0][0] == 8 and calls[0][0][3:] == (crop_min, blur), (pipeline, calls)

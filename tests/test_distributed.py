@@ -149,7 +149,7 @@ def _epoch_batches(data, batch_size, pipeline):
     """Every batch of epoch 1 of this process's loader: (views or None, targets)."""
     from moco.data.pipelines import pretrain_loader
     from moco.data.sampler import start_epoch
-    loader, _ = pretrain_loader(pipeline, data, batch_size, torch.device('cpu'), IMG, seed=DATA_SEED)
+    loader = pretrain_loader(pipeline, data, batch_size, torch.device('cpu'), IMG, seed=DATA_SEED)
     start_epoch(loader, 1)
     return [(views if pipeline == 'reference' else None, targets) for views, targets, _ in loader]
 

@@ -54,8 +54,8 @@ def test_reference_pipeline_on_cuda_gives_the_cpu_views_exactly(tiny_folder):
     from moco.data.views import ToFloat
     views = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
     assert torch.equal(ToFloat()(views.to(CUDA)).cpu(), ToFloat()(views))
-    gpu = _epoch(pretrain_loader('reference', tiny_folder, 8, CUDA, 32, seed=3, workers=2)[0])
-    cpu = _epoch(pretrain_loader('reference', tiny_folder, 8, CPU, 32, seed=3)[0])
+    gpu = _epoch(pretrain_loader('reference', tiny_folder, 8, CUDA, 32, seed=3, workers=2))
+    cpu = _epoch(pretrain_loader('reference', tiny_folder, 8, CPU, 32, seed=3))
     assert len(gpu) == len(cpu) == 5
     for (vg, yg, _), (vc, yc, _) in zip(gpu, cpu):
         assert torch.equal(yg, yc) and all(torch.equal(a, b) for a, b in zip(vg, vc))

@@ -60,8 +60,9 @@ def one_small_size(folder):
 
 def pretrain_loader(pipeline, root, batch_size, device, image_size, crop_min=0.08, blur=True, seed=None,
                     workers=0, strict=False):
-    """(loader of ``([view1, view2], targets, skipped)`` batches of root/train, its ``num_images``).
-    ``pipeline``: a name ``resolve`` returned (one of RESOLVED; 'auto' is decided there, with --fast)."""
+    """The loader of ``([view1, view2], targets, skipped)`` batches of root/train (its image count:
+    ``loader.num_images``). ``pipeline``: a name ``resolve`` returned (one of RESOLVED; 'auto' is decided
+    there, with --fast)."""
     if pipeline not in RESOLVED:
         raise ValueError(f'data pipeline {pipeline!r}: expected one of {RESOLVED} (resolve {PIPELINES[0]!r} first)')
     if pipeline == 'memory':
@@ -76,7 +77,7 @@ def pretrain_loader(pipeline, root, batch_size, device, image_size, crop_min=0.0
         train_set = image_folder(root, 'train', pretrain_transform(image_size, crop_min, blur=blur), strict=strict)
         loader = ReferenceLoader(make_loader(train_set, batch_size, workers, shuffle=True, drop_last=True, seed=seed,
                                              pin_memory=device.type == 'cuda'), device)
-    return loader, loader.num_images
+    return loader
 
 
 class ReferenceLoader:

@@ -150,7 +150,7 @@ def synthetic(batch, image_size, device):
 def from_files(data, batch, image_size, workers, device, pipeline):
     """Endless batches of both views of DIR/train through a data pipeline (made now: errors raise here)."""
     from moco.data.pipelines import pretrain_loader
-    loader, _ = pretrain_loader(pipeline, data, batch, device, image_size, blur=image_size > 64, seed=0,
+    loader = pretrain_loader(pipeline, data, batch, device, image_size, blur=image_size > 64, seed=0,
                                 workers=workers)
     return _endless(loader)
 

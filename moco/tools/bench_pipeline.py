@@ -228,7 +228,7 @@ def loader_rate(root, which, workers, batch, image_size, warmup, count, device):
     from moco.data.pipelines import pretrain_loader
     from moco.data.sampler import make_loader
     if which == 'ours':   # its DataLoader: the uint8 views as they reach the device (ToFloat is timed apart)
-        loader = pretrain_loader('reference', root, batch, device, image_size, seed=0, workers=workers)[0].loader
+        loader = pretrain_loader('reference', root, batch, device, image_size, seed=0, workers=workers).loader
     else:
         dataset = SafeImageFolder(os.path.join(root, 'train'), original_pretrain_transform(image_size))
         loader = make_loader(dataset, batch, workers, shuffle=True, drop_last=True, seed=0,

@@ -84,21 +84,29 @@ def two_epochs(loader):
     return batches
 
 
-def data_fingerprints(root):
+def _loader_and_count(*args, **kwargs):
+    """(loader, image count) of ``pretrain_loader`` on any commit: older ones return that pair, newer
+    ones the loader alone (with ``num_images``)."""
     try:
         from moco.data.pipelines import pretrain_loader
     except ImportError:
         from moco.pipelines import pretrain_loader
+    result = pretrain_loader(*args, **kwargs)
+    return result if isinstance(result, tuple) else (result, result.num_images)
+
+
+def data_fingerprints(root):
     try:
         from moco.data.gpu import GpuJpegLoader
     except ImportError:
         from moco.gpu_data import GpuJpegLoader
     cpu = torch.device('cpu')
     for pipeline in ('reference', 'memory', 'gpu'):
-        loader, n = pretrain_loader(pipeline, root, BATCH, cpu, IMAGE_SIZE, 0.08, blur=True, seed=SEED, workers=0)
+        loader, n = _loader_and_count(pipeline, root, BATCH, cpu, IMAGE_SIZE, 0.08, blur=True, seed=SEED, workers=0)
         batches = two_epochs(loader)
         show(f'data {pipeline} ({n} images, {len(batches)} batches)', batches)
-    loader = pretrain_loader('reference', root, BATCH, cpu, IMAGE_SIZE, 0.2, blur=False, seed=SEED + 1, workers=0)[0]
+    loader, _ = _loader_and_count('reference', root, BATCH, cpu, IMAGE_SIZE, 0.2, blur=False, seed=SEED + 1,
+                                  workers=0)
     show('data reference crop-min 0.2 no-blur seed 1', two_epochs(loader))
     loader = GpuJpegLoader(root, 'train', BATCH, cpu, IMAGE_SIZE, seed=SEED, workers=0, decode_in_workers=False)
     show('data gpu, JPEG bytes decoded in process', two_epochs(loader))
@@ -110,12 +118,13 @@ def data_fingerprints(root):
     backbone = BackboneFeatures(encoder_factory('resnet10_w32')(num_classes=10), 'fc').eval()
     try:
         from moco.knn import knn_sets
-        memory_sets = knn_sets(pretrain_loader('memory', root, BATCH, cpu, IMAGE_SIZE, seed=SEED)[0], root, IMAGE_SIZE)
+        memory_loader, _ = _loader_and_count('memory', root, BATCH, cpu, IMAGE_SIZE, seed=SEED)
+        memory_sets = knn_sets(memory_loader, root, IMAGE_SIZE)
         pil_sets = knn_sets(None, root, IMAGE_SIZE)
     except ImportError:
         from moco.data import eval_transform, image_folder
         from moco.memory_data import knn_sets_in_memory
-        memory_sets = knn_sets_in_memory(pretrain_loader('memory', root, BATCH, cpu, IMAGE_SIZE, seed=SEED)[0], root,
+        memory_sets = knn_sets_in_memory(_loader_and_count('memory', root, BATCH, cpu, IMAGE_SIZE, seed=SEED)[0], root,
                                          IMAGE_SIZE)
         pil_sets = [image_folder(root, s, eval_transform(IMAGE_SIZE)) for s in ('train', 'val')]
     for kind, sets in (('decoded', memory_sets), ('PIL', pil_sets)):
