@@ -147,3 +147,29 @@ def test_hue_of_photo_crops_is_torchvisions(photo):
         for _ in range(3):
             f = float(torch.empty(1).uniform_(-0.1, 0.1))
             assert np.array_equal(np.asarray(pil_ops.adjust_hue(crop, f)), np.asarray(TF.adjust_hue(crop, f)))
+
+
+def _every_byte_images():
+    """Images holding every byte in each channel: a 256 x 256 gradient of (r, g) pairs at a few blues, and
+    images of one colour (the contrast's mean at its extremes)."""
+    r, g = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    images = [Image.fromarray(np.stack([r, g, np.full_like(r, b)], axis=2)) for b in (0, 77, 255)]
+    images.append(Image.fromarray(np.stack([r, g.T, 255 - r], axis=2)))
+    return images + [Image.new('RGB', (16, 16), c) for c in ((0, 0, 0), (255, 255, 255), (3, 200, 90))]
+
+
+# factors across the jitter's ranges, the edges of Pillow's blend branches, and float32 neighbours of 1
+BLEND_FACTORS = (0., 0.5, 0.6, 0.8, 0.95, 0.99999994, 1., 1.0000001, 1.00001, 1.07, 1.2, 1.4, 1.5, 2.)
+
+
+@pytest.mark.parametrize('ours, theirs', [(pil_ops.adjust_brightness, TF.adjust_brightness),
+                                          (pil_ops.adjust_contrast, TF.adjust_contrast),
+                                          (pil_ops.adjust_saturation, TF.adjust_saturation)],
+                         ids=['brightness', 'contrast', 'saturation'])
+def test_blends_are_torchvisions(photo, ours, theirs):
+    rng = random.Random(4)
+    images = _every_byte_images() + _crops(photo, 3, rng) + [crop.resize((96, 96)) for crop in _crops(photo, 2, rng)]
+    factors = list(BLEND_FACTORS) + [rng.uniform(0.6, 1.4) for _ in range(30)]
+    for k, img in enumerate(images):
+        for factor in factors:
+            assert ours(img, factor).tobytes() == theirs(img, factor).tobytes(), (k, factor)

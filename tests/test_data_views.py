@@ -11,7 +11,6 @@ import io
 import os
 import random
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
@@ -22,7 +21,6 @@ from moco.data.views import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ToFloat,
-    adjust_contrast,
     eval_transform,
     lincls_train_transform,
     pretrain_transform,
@@ -128,12 +126,16 @@ def test_crop_params_are_torchvisions():
             assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_contrast_is_torchvisions(photo_jpegs):
-    import torchvision.transforms.functional as TF
-    for data in photo_jpegs[:4]:
-        img = Image.open(io.BytesIO(data)).convert('RGB').resize((96, 96))
-        for factor in (0.6, 0.95, 1.0, 1.07, 1.4):
-            assert np.array_equal(np.asarray(adjust_contrast(img, factor)), np.asarray(TF.adjust_contrast(img, factor)))
+def test_probabilities_compare_as_torch_compares_a_float32_draw():
+    """The views compare python floats where torchvision compares ``torch.rand(1)`` with p: the same answer for
+    every draw, including the one draw that could differ, a draw equal to p rounded to float32."""
+    from moco.data.views import _float32
+    for p in (0.8, 0.2, 0.1, 0.5, 1.0, 0.7, 0.3):
+        p32 = torch.tensor([p], dtype=torch.float32)
+        for draw in (p32, torch.nextafter(p32, torch.zeros(1)), torch.nextafter(p32, torch.ones(1))):
+            x = draw.item()
+            assert (not p < draw) == (x <= _float32(p)), p   # RandomApply
+            assert bool(draw < p) == (x < _float32(p)), p    # RandomGrayscale, RandomHorizontalFlip
 
 
 def _reference_float(views):

@@ -1,4 +1,4 @@
-"""The two costliest PIL operations of the MoCo v3 views, computed faster with the same bytes.
+"""The costliest PIL operations of the MoCo v3 views, computed faster with the same bytes.
 
 Hue (torchvision's ``adjust_hue`` on a PIL image): PIL converts RGB to HSV, torchvision adds an 8-bit
 shift to H, PIL converts back. Each conversion is a function of a pixel's three bytes, so two tables
@@ -13,7 +13,15 @@ weights with Pillow's own float32 steps and the passes with numpy over the whole
 Pillow walks one row at a time. It is used only where it is checked to give PIL's bytes on this
 machine (``blur_matches_pil``); elsewhere the blur is PIL's.
 
-Both are tested against PIL on every colour and on real photographs (tests/test_data_pil_ops.py).
+Brightness, contrast and saturation (torchvision's ``adjust_*`` of a PIL image are Pillow's ImageEnhance):
+each is ``Image.blend`` of the image with a "degenerate" image, and Pillow's blend computes each output
+byte from the two input bytes alone. Against a constant image (brightness: black; contrast: the gray of
+the mean) an output byte is a function of the input byte, so where Pillow's blend is slow (factors
+above 1, where it clips every byte) the same blend of a 256-byte ramp makes a table for ``Image.point``.
+The ops are called directly, without ImageEnhance's and torchvision's wrappers.
+
+All are tested against PIL and torchvision on every colour, every byte or real photographs
+(tests/test_data_pil_ops.py).
 """
 import functools
 import platform
@@ -64,6 +72,40 @@ def adjust_hue(img, hue_factor):
     return Image.frombytes('RGB', img.size, hsv_to_rgb.take(hsv), 'raw', 'RGBX')
 
 
+# ---------------------------------------------------------------------------------------- blends
+_RAMP = Image.frombytes('L', (256, 1), bytes(range(256)))
+
+
+def blend_with_gray(level, img, factor):
+    """``Image.blend(Image.new('RGB', img.size, (level,) * 3), img, factor)`` of an RGB image, the same bytes:
+    Pillow's own blend in [0, 1]; beyond, where Pillow clips each byte in a slow loop, a table of what that
+    blend gives each byte, made by the same blend of a ramp."""
+    if 0 <= factor <= 1:
+        return Image.blend(Image.new('RGB', img.size, (level,) * 3), img, factor)
+    table = Image.blend(Image.new('L', (256, 1), level), _RAMP, factor).tobytes()
+    return img.point(list(table) * 3)
+
+
+def adjust_brightness(img, factor):
+    """torchvision's ``F.adjust_brightness`` of an RGB PIL image (``ImageEnhance.Brightness``: a blend with black)."""
+    return blend_with_gray(0, img, factor)
+
+
+def adjust_contrast(img, factor):
+    """torchvision's ``F.adjust_contrast`` of an RGB PIL image (``ImageEnhance.Contrast``): a blend with the gray
+    of the rounded mean of its L channel, that mean summed from the histogram with numpy instead of in Python
+    (the same integers, the same division)."""
+    histogram = np.array(img.convert('L').histogram(), dtype=np.int64)
+    mean = int(int(histogram @ np.arange(256)) / int(histogram.sum()) + 0.5)
+    return blend_with_gray(mean, img, factor)
+
+
+def adjust_saturation(img, factor):
+    """torchvision's ``F.adjust_saturation`` of an RGB PIL image (``ImageEnhance.Color``: a blend with its L
+    channel made RGB)."""
+    return Image.blend(img.convert('L').convert('RGB'), img, factor)
+
+
 # ------------------------------------------------------------------------------------------ blur
 _f32 = np.float32
 MIN_SIDE = 8   # smaller images go to PIL (its edge handling changes when a side is under 2 radius + 2)
@@ -92,46 +134,56 @@ def box_weights(radius):
 def gaussian_blur(pixels, sigma):
     """``ImageFilter.GaussianBlur(radius=sigma)`` of a uint8 image (H, W, C), as uint8 (H, W, C): each
     pass is out = (ww * sum of the 2r + 1 nearest + fw * (the next two) + 2^23) >> 24, the image
-    extended by its edge pixels, three passes along x, then three along y."""
+    extended by its edge pixels, three passes along x, then three along y. One uint32 buffer with
+    margins on all sides and a second one to write into (the two swap after each pass), so that no
+    pass reads what it writes and nothing is copied between the x and the y passes."""
     r, ww, fw = box_weights(box_radius(sigma))
-    ww, fw = np.uint32(ww), np.uint32(fw)
+    ww, fw, half = np.uint32(ww), np.uint32(fw), np.uint32(1 << 23)
     margin = r + 1
     height, width, channels = pixels.shape
-    out = pixels
-    for axis in (1, 0):   # x, then y
-        padded = np.empty((height + 2 * margin * (axis == 0), width + 2 * margin * (axis == 1), channels), np.uint32)
-        inner = (slice(None), slice(margin, margin + width)) if axis == 1 else (slice(margin, margin + height),)
-        padded[inner] = out
-        _extend_edges(padded, axis, margin)
-        flat = padded.reshape(-1)
-        step = channels if axis == 1 else width * channels   # neighbours along the axis, in the flat array
-        lo, hi = margin * step, flat.size - margin * step
-
-        def shifted(k):   # the pixels k steps further along the axis (k < 0: before)
-            return flat[lo + k * step:hi + k * step]  # noqa: B023 (called in this iteration)
-        near = np.empty(hi - lo, np.uint32)
+    shape = (height + 2 * margin, width + 2 * margin, channels)
+    src, dst = np.empty(shape, np.uint32), np.empty(shape, np.uint32)
+    src[margin:-margin, margin:-margin] = pixels
+    row = shape[1] * channels
+    near = np.empty(height * row, np.uint32)
+    for axis in (1, 0):
+        if axis == 1:   # along x: the image's rows, each with its own margins; neighbours a pixel apart
+            begin, end, step = margin * row, (margin + height) * row, channels
+        else:           # along y: all rows (the side margins are left stale); neighbours a row apart
+            begin, end, step = 0, src.size, row
+        lo, hi = begin + margin * step, end - margin * step
+        box = near[:hi - lo]
         for _ in range(3):
-            np.copyto(near, shifted(0))
-            for k in range(1, r + 1):   # r is 0 or 1 for sigma up to 2 (2 would start at sigma 2.45)
-                near += shifted(-k)
-                near += shifted(k)
-            near *= ww
-            result = shifted(0)   # written in place: numpy buffers the overlapping reads below
-            np.add(shifted(-margin), shifted(margin), out=result)
-            result *= fw
-            result += near
-            result += np.uint32(1 << 23)
-            result >>= 24
-            _extend_edges(padded, axis, margin)   # the rows' own margins came out wrong: extended again
-        out = padded[inner]
-    return out.astype(np.uint8)
+            _extend_edges(src, axis, margin)
+            flat_src, out = src.reshape(-1), dst.reshape(-1)[lo:hi]
+
+            def shifted(k):   # the pixels k steps further along the axis (k < 0: before)
+                return flat_src[lo + k * step:hi + k * step]  # noqa: B023 (called in this iteration)
+            if r == 0:   # r is 0 or 1 for sigma up to 2 (2 would start at sigma 2.45)
+                np.multiply(shifted(0), ww, out=box)
+            else:
+                np.add(shifted(-1), shifted(1), out=box)
+                box += shifted(0)
+                for k in range(2, r + 1):
+                    box += shifted(-k)
+                    box += shifted(k)
+                box *= ww
+            np.add(shifted(-margin), shifted(margin), out=out)
+            out *= fw
+            out += box
+            out += half
+            out >>= 24
+            src, dst = dst, src
+    return src[margin:-margin, margin:-margin].astype(np.uint8)
 
 
 def _extend_edges(padded, axis, margin):
-    """Fill the margins of ``padded`` along ``axis`` with copies of the edge pixels."""
+    """Fill the margins of ``padded`` along ``axis`` with copies of the edge pixels (along x, only in the
+    image's rows)."""
     if axis == 1:
-        padded[:, :margin] = padded[:, margin:margin + 1]
-        padded[:, -margin:] = padded[:, -margin - 1:-margin]
+        rows = slice(margin, -margin)
+        padded[rows, :margin] = padded[rows, margin:margin + 1]
+        padded[rows, -margin:] = padded[rows, -margin - 1:-margin]
     else:
         padded[:margin] = padded[margin:margin + 1]
         padded[-margin:] = padded[-margin - 1:-margin]

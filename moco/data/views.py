@@ -8,9 +8,10 @@ Each view is the original release's torchvision op list (the paper's appendix, a
 
 with the original's random parameters (the same calls, in the same order, on the same generators:
 python's ``random`` for the blur's sigma, torch for the rest) and the original's bytes. What is done
-differently is only how the bytes are computed (README "Speed"): hue and blur by moco/data/pil_ops.py;
-a view made gray stays one channel through blur, solarize and flip; and a view leaves the loader
-worker as uint8 (H, W, 3): ToTensor + Normalize run where the batch goes, by looking up the float32
+differently is only how the bytes are computed (README "Speed"): the colour jitter and the blur by
+moco/data/pil_ops.py; a view made gray stays one channel through blur, solarize and flip (its tensor
+repeats that channel without a copy; the batch is made of three); and a view leaves the loader worker
+as uint8 (H, W, 3): ToTensor + Normalize run where the batch goes, by looking up the float32
 values torchvision's ops give each byte (``ToFloat``), so a quarter of the bytes cross the worker
 queues and the PCIe bus. Tested against the original's op list, view by view (tests/test_data_views.py).
 """
@@ -37,9 +38,18 @@ def normalize():
     return transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _applies(p):
-    """torchvision's RandomApply draw: the op runs unless p < torch.rand(1)."""
-    return not p < torch.rand(1)
+def _float32(p):
+    """A probability as torch compares it with a float32 draw: rounded to float32 (a python float holds that
+    value exactly, so comparing python floats gives torch's answer)."""
+    return float(np.float32(p))
+
+
+def _draw():
+    """``torch.rand(1)`` as a python float (exact: a float32 value), cheaper to compare than the tensor."""
+    return torch.rand(1).item()
+
+
+APPLY_JITTER, GRAYSCALE = _float32(0.8), _float32(0.2)
 
 
 def random_resized_crop_params(width, height, scale, log_ratio=LOG_RATIO):
@@ -80,47 +90,39 @@ class PretrainView:
     def __call__(self, img):
         i, j, h, w = random_resized_crop_params(img.width, img.height, self.scale, LOG_RATIO)
         img = img.crop((j, i, j + w, i + h)).resize((self.size, self.size), Image.BILINEAR)   # TF.resized_crop
-        if _applies(0.8):
+        # torchvision's draws: RandomApply runs its op unless p < torch.rand(1); RandomGrayscale and
+        # RandomHorizontalFlip act if torch.rand(1) < p
+        if _draw() <= APPLY_JITTER:
             img = self.color_jitter(img)
-        if torch.rand(1) < 0.2:   # RandomGrayscale: PIL's L, as torchvision computes it, kept one channel
+        if _draw() < GRAYSCALE:   # PIL's L, as torchvision computes it, kept one channel
             img = img.convert('L')
         # the draws in the original's order; the flip is made first, on the PIL image (cheaper than on the
         # array, and the same bytes: blur and solarize treat left and right alike)
-        sigma = random.uniform(0.1, 2.0) if self.blur_p > 0 and _applies(self.blur_p) else None
-        solarize = self.solarize_p > 0 and _applies(self.solarize_p)
-        if torch.rand(1) < 0.5:
+        sigma = random.uniform(0.1, 2.0) if self.blur_p > 0 and _draw() <= _float32(self.blur_p) else None
+        solarize = self.solarize_p > 0 and _draw() <= _float32(self.solarize_p)
+        if _draw() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = np.asarray(img).reshape(self.size, self.size, -1)
         if sigma is not None:
             pixels = pil_ops.blur(pixels, sigma)
         if solarize:
             pixels = pil_ops.solarize(pixels)
-        if pixels.shape[2] == 1:
-            pixels = np.repeat(pixels, 3, axis=2)
-        return torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+        view = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+        return view.expand(self.size, self.size, 3)   # a gray view's one channel, seen three times (no copy)
 
     def color_jitter(self, img):
         order, brightness, contrast, saturation, hue = transforms.ColorJitter.get_params(
             JITTER.brightness, JITTER.contrast, JITTER.saturation, JITTER.hue)
         for op in order.tolist():
             if op == 0:
-                img = TF.adjust_brightness(img, brightness)
+                img = pil_ops.adjust_brightness(img, brightness)
             elif op == 1:
-                img = adjust_contrast(img, contrast)
+                img = pil_ops.adjust_contrast(img, contrast)
             elif op == 2:
-                img = TF.adjust_saturation(img, saturation)
+                img = pil_ops.adjust_saturation(img, saturation)
             else:
                 img = pil_ops.adjust_hue(img, hue) if self.hue_tables else TF.adjust_hue(img, hue)
         return img
-
-
-def adjust_contrast(img, factor):
-    """torchvision's ``F.adjust_contrast`` of an RGB PIL image (Pillow's ``ImageEnhance.Contrast``): a blend
-    with the gray image of the rounded mean of its L channel, that mean summed from the histogram with
-    numpy instead of in Python (the same integers, the same division)."""
-    histogram = np.array(img.convert('L').histogram(), dtype=np.int64)
-    mean = int(int(histogram @ np.arange(256)) / int(histogram.sum()) + 0.5)
-    return Image.blend(Image.new('RGB', img.size, (mean, mean, mean)), img, factor)
 
 
 class TwoViews:
