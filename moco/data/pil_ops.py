@@ -103,7 +103,8 @@ def adjust_contrast(img, factor):
 def adjust_saturation(img, factor):
     """torchvision's ``F.adjust_saturation`` of an RGB PIL image (``ImageEnhance.Color``: a blend with its L
     channel made RGB)."""
-    return Image.blend(img.convert('L').convert('RGB'), img, factor)
+    gray = img.convert('L')
+    return Image.blend(Image.merge('RGB', (gray, gray, gray)), img, factor)   # merge: convert('RGB')'s bytes, sooner
 
 
 # ------------------------------------------------------------------------------------------ blur
