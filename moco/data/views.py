@@ -17,6 +17,7 @@ queues and the PCIe bus. Tested against the original's op list, view by view (te
 """
 import math
 import random
+import threading
 
 import numpy as np
 import torch
@@ -44,9 +45,33 @@ def _float32(p):
     return float(np.float32(p))
 
 
+class _Scratch(threading.local):
+    """One-element tensors to draw into, made once per thread. torch makes ``torch.rand(1)`` as
+    ``torch.empty(1).uniform_(0, 1)`` and ``torch.randint(low, high, (1,))`` as
+    ``torch.empty(1, dtype=torch.int64).random_(low, high)``, so drawing into these gives the same numbers
+    from the same generator, for half the cost of a new tensor each time."""
+
+    def __init__(self):
+        self.float = torch.empty(1)
+        self.long = torch.empty(1, dtype=torch.int64)
+
+
+_SCRATCH = _Scratch()
+
+
+def _uniform(low, high):
+    """``torch.empty(1).uniform_(low, high)`` as a python float (exact: a float32 value)."""
+    return _SCRATCH.float.uniform_(low, high).item()
+
+
 def _draw():
-    """``torch.rand(1)`` as a python float (exact: a float32 value), cheaper to compare than the tensor."""
-    return torch.rand(1).item()
+    """``torch.rand(1)`` as a python float, cheaper to compare than the tensor."""
+    return _SCRATCH.float.uniform_(0, 1).item()
+
+
+def _randint(low, high):
+    """``torch.randint(low, high, size=(1,))`` as a python int."""
+    return _SCRATCH.long.random_(low, high).item()
 
 
 APPLY_JITTER, GRAYSCALE = _float32(0.8), _float32(0.2)
@@ -58,14 +83,12 @@ def random_resized_crop_params(width, height, scale, log_ratio=LOG_RATIO):
     computed once)."""
     area = height * width
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).exp_().item()
+        target_area = area * _uniform(scale[0], scale[1])
+        aspect_ratio = _SCRATCH.float.uniform_(log_ratio[0], log_ratio[1]).exp_().item()   # exp in float32
         w = int(round(math.sqrt(target_area * aspect_ratio)))
         h = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < w <= width and 0 < h <= height:
-            i = torch.randint(0, height - h + 1, size=(1,)).item()
-            j = torch.randint(0, width - w + 1, size=(1,)).item()
-            return i, j, h, w
+            return _randint(0, height - h + 1), _randint(0, width - w + 1), h, w
     in_ratio = width / height   # ten misses (very elongated images): torchvision's central crop
     if in_ratio < min(RATIO):
         w, h = width, int(round(width / min(RATIO)))
@@ -111,9 +134,11 @@ class PretrainView:
         return view.expand(self.size, self.size, 3)   # a gray view's one channel, seen three times (no copy)
 
     def color_jitter(self, img):
-        order, brightness, contrast, saturation, hue = transforms.ColorJitter.get_params(
-            JITTER.brightness, JITTER.contrast, JITTER.saturation, JITTER.hue)
-        for op in order.tolist():
+        # ColorJitter.get_params: the order of the four ops, then their factors, each from [low, high]
+        order = torch.randperm(4).tolist()
+        brightness, contrast, saturation, hue = (_uniform(*JITTER.brightness), _uniform(*JITTER.contrast),
+                                                 _uniform(*JITTER.saturation), _uniform(*JITTER.hue))
+        for op in order:
             if op == 0:
                 img = pil_ops.adjust_brightness(img, brightness)
             elif op == 1:
