@@ -1,11 +1,14 @@
-"""moco/data/pil_ops.py: hue and blur give PIL's (torchvision's) bytes, on every colour and on photographs.
+"""moco/data/pil_ops.py: hue, blur, blends and solarize give PIL's (torchvision's) bytes, on every colour,
+every byte and on photographs.
 
 Hue: both tables against PIL's conversions of all 2^24 colours and all 2^24 HSV triples, and
 ``adjust_hue`` against torchvision's ``F.adjust_hue`` on an image holding each colour once, for shifts
 of both signs (the uint8 wrap of H) and zero (PIL's HSV round trip alone is not the identity): with
 every table entry checked, that covers every shift the views can draw. Blur: ``gaussian_blur`` against PIL's
 ``GaussianBlur`` on crops of a photograph, gray and RGB, for random sigmas over the views' range and the
-sigmas where Pillow's box radius changes from 0 to 1 pixel, on images of many shapes.
+sigmas where Pillow's box radius changes from 0 to 1 pixel, on images of many shapes. Brightness,
+contrast and saturation against torchvision's on images holding every byte in each channel and on photo
+crops, for factors on both sides of Pillow's blend branches (0, 1 and their float32 neighbours).
 """
 import platform
 import random

@@ -3,7 +3,7 @@
 folder.py         image folders (class folders or images alone), any image mode as RGB, and the one
                   rule for an unreadable file: reported once, replaced by the next readable one
 views.py          MoCo v3's two augmented views on PIL images (the reference path) and the eval views
-pil_ops.py        PIL's hue and Gaussian blur computed faster with the same bytes (for views.py)
+pil_ops.py        PIL's colour jitter, Gaussian blur and solarize computed faster, the same bytes (views.py)
 sampler.py        the order of an epoch and each image's view seed, from (seed, epoch, position);
                   the reference loader (``make_loader``) and ``start_epoch``
 tensor_views.py   the same two views computed batch-wise on tensors (CPU or GPU): the views (and the
