@@ -2,12 +2,12 @@
 copy of the working tree, runs there the tests that should notice, and reports for each whether they
 fail (caught) or pass (missed).
 
-    .venv/bin/python tests/tools/mutate.py              # every mutation (about 15 minutes on 2 cores)
-    .venv/bin/python tests/tools/mutate.py -k views:    # the view parameters only (about 6 minutes)
+    .venv/bin/python tests/tools/mutate.py              # every mutation (about 6 minutes on 2 cores)
+    .venv/bin/python tests/tools/mutate.py -k views:    # the views only (about 4 minutes)
     .venv/bin/python tests/tools/mutate.py -k hue       # the mutations whose name contains 'hue'
 
 Groups: 'views' (the random parameters and ops of the in-memory and GPU pipelines, moco/data/tensor_views.py,
-and the reference pipeline's declared ones, moco/data/views.py), 'step' (bf16, moco/amp.py), 'bench'
+and the reference pipeline's, moco/data/views.py and pil_ops.py), 'step' (bf16, moco/amp.py), 'bench'
 (moco/tools/bench.py), 'dist' (what each process reads and decides with two processes) and 'faults'
 (foreign checkpoints, a dying peer under torchrun). Exit status 0 when every mutation is caught, 1
 when one is missed or no longer applies (its source text changed: update the mutation). Not a test
@@ -25,10 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TA, GPU, MEM = 'moco/data/tensor_views.py', 'moco/data/gpu.py', 'moco/data/memory.py'
 DATA, SAMPLER = 'moco/data/views.py', 'moco/data/sampler.py'
 AMP, DIST, BENCH, CKPT = 'moco/amp.py', 'moco/dist.py', 'moco/tools/bench.py', 'moco/checkpoint.py'
+PIL_OPS, LAUNCH = 'moco/data/pil_ops.py', 'moco/launch.py'
 
 VIEW_TESTS = ('tests/test_data_view_params.py', 'tests/test_data_tensor_views.py', 'tests/test_data_memory.py',
               'tests/test_data_gpu.py::test_gpu_loader_views_are_the_sampled_views')
 REFERENCE_TESTS = ('tests/test_data_views.py',)
+PIL_OPS_TESTS = ('tests/test_data_pil_ops.py',)
 BF16_TEST = ('tests/test_fast_step.py::test_bf16_autocast_step_is_close_to_float32',)
 BENCH_TESTS = ('tests/test_bench.py::test_step_flops_count_forward_and_backward_per_image',
                'tests/test_bench.py::test_step_flops_of_a_real_model_are_per_image',
@@ -40,10 +42,11 @@ FOREIGN_TEST = ('tests/test_cli_faults.py::test_foreign_and_wrong_arch_checkpoin
 TORCHRUN_TEST = ('tests/test_cli_faults.py::test_torchrun_job_ends_when_a_worker_dies',)
 
 JITTER_ORDER = 'order=torch.argsort(torch.rand(n, 4, generator=generator), dim=1)'
-GRAY_OP = "    if p['gray'].any():\n        x = _where(d['gray'], grayscale(x).expand_as(x), x)\n"
-BLUR_OP = ("    if p['blur'].any():\n"
-           "        x = _where(d['blur'], gaussian_blur(x, d['sigma'], blur_radius(p['sigma'])), x)\n")
-SOLARIZE_OP = "    if p['solarize'].any():\n        x = _where(d['solarize'], solarize(x), x)\n"
+GRAY_OP = "    if p['gray'].any():\n        x = _apply(p['gray'], d['gray'], x, lambda y: grayscale(y).expand_as(y))\n"
+BLUR_OP = ("    if p['blur'].any():\n        radius = blur_radius(p['sigma'])\n"
+           "        x = _apply(p['blur'], d['blur'], x, lambda y, sigma: gaussian_blur(y, sigma, radius), "
+           "d['sigma'])\n")
+SOLARIZE_OP = "    if p['solarize'].any():\n        x = _apply(p['solarize'], d['solarize'], x, solarize)\n"
 JITTER_OP = '    x = color_jitter(x, p, d)\n'
 
 # name, file, [(old, new), ...] (each ``old`` must occur exactly once in the file), the tests to run
@@ -104,16 +107,32 @@ MUTATIONS = [
      VIEW_TESTS),
     ('views: memory loader always blurs', MEM, [('self.crop_min, self.blur, generator)',
                                                  'self.crop_min, True, generator)')], VIEW_TESTS),
-    ('views: GPU pipeline ignores crop_min', GPU, [('heights, widths, crop_min, blur, generator)',
-                                                    'heights, widths, 0.08, blur, generator)')], VIEW_TESTS),
+    ('views: GPU pipeline ignores crop_min', GPU, [('self.image_size, self.crop_min, self.blur, generator)',
+                                                    'self.image_size, 0.08, self.blur, generator)')], VIEW_TESTS),
     ('views: GPU loader always blurs', GPU, [('self.image_size, self.crop_min, self.blur, generator)',
                                               'self.image_size, self.crop_min, True, generator)')], VIEW_TESTS),
-    ('views: reference grayscale p 0.5', DATA, [('RandomGrayscale(p=0.2)', 'RandomGrayscale(p=0.5)')],
+    ('views: reference grayscale p 0.5', DATA, [('_float32(0.8), _float32(0.2)', '_float32(0.8), _float32(0.5)')],
      REFERENCE_TESTS),
-    ('views: reference without hue', DATA, [('ColorJitter(0.4, 0.4, 0.2, 0.1)', 'ColorJitter(0.4, 0.4, 0.2, 0.)')],
+    ('views: reference without hue', DATA, [('JITTER = transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)',
+                                             'JITTER = transforms.ColorJitter(0.4, 0.4, 0.2, 0.)')], REFERENCE_TESTS),
+    ('views: reference never flips', DATA, [('        if _draw() < 0.5:\n', '        if _draw() < 0.:\n')],
      REFERENCE_TESTS),
-    ('views: reference never flips', DATA, [('ops += [transforms.RandomHorizontalFlip(),',
-                                             'ops += [transforms.RandomHorizontalFlip(p=0.),')], REFERENCE_TESTS),
+    ('views: reference probabilities compared in float64', DATA, [('    return float(np.float32(p))\n',
+                                                                   '    return float(p)\n')], REFERENCE_TESTS),
+    ('views: reference brightness and saturation ranges swapped', DATA, [
+        ('(_uniform(*JITTER.brightness), _uniform(*JITTER.contrast),',
+         '(_uniform(*JITTER.saturation), _uniform(*JITTER.contrast),'),
+        ('_uniform(*JITTER.saturation), _uniform(*JITTER.hue))',
+         '_uniform(*JITTER.brightness), _uniform(*JITTER.hue))')],
+     REFERENCE_TESTS),
+    ('views: reference blend table of black', PIL_OPS, [("Image.new('L', (256, 1), level)",
+                                                         "Image.new('L', (256, 1), 0)")], PIL_OPS_TESTS),
+    ('views: reference blur reads what it writes', PIL_OPS, [('            src, dst = dst, src\n', '')], PIL_OPS_TESTS),
+    ('views: reference blur edges not refreshed', PIL_OPS, [('            _extend_edges(src, axis, margin)\n', '')],
+     PIL_OPS_TESTS),
+    ('views: reference solarize from 127', PIL_OPS, [('    flipped = pixels >> 7\n',
+                                                      '    flipped = (pixels >= 127).view(np.uint8)\n')],
+     PIL_OPS_TESTS),
     ('step: bf16 autocast does nothing', AMP, [('        if self.dtype is None:\n', '        if True:\n')],
      BF16_TEST),
     ('bench: FLOPs of the forward only', BENCH, [('            loss = model(x, x, 0.99)\n        loss.backward()\n',
@@ -124,8 +143,10 @@ MUTATIONS = [
     ('bench: ours without channels_last', BENCH, [('torch.channels_last if ours and not',
                                                    'torch.channels_last if False and not')], BENCH_TESTS),
     ('bench: warm-up steps timed', BENCH, [
-        ('        it = iter(batches)\n', '        it = iter(batches)\n        tic = time.perf_counter()\n'),
-        ('        tic = time.perf_counter()\n        for _ in range(steps):', '        for _ in range(steps):')],
+        ('        it = iter(batches)\n        for _ in range(warmup):',
+         '        it = iter(batches)\n        tic = time.perf_counter()\n        for _ in range(warmup):'),
+        ('            torch.cuda.reset_peak_memory_stats()\n        tic = time.perf_counter()\n',
+         '            torch.cuda.reset_peak_memory_stats()\n')],
      BENCH_TESTS),
     ('dist: a non-finite loss decided per process', DIST, [('        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)\n',
                                                             '        pass\n')], NONFINITE_TEST),
@@ -137,14 +158,15 @@ MUTATIONS = [
          '(pos + self.world_size - 1) % self._positions().stop)')], PAIRING_TESTS),
     ('faults: --resume reads any dict', CKPT, [('    missing = [k for k in keys if k not in ckpt]\n',
                                                 '    missing = []\n')], FOREIGN_TEST),
-    ('faults: a dead peer is a traceback', DIST, [
+    ('faults: a dead peer is a traceback', LAUNCH, [
         ("_PEER_FAILURES = ('Connection reset by peer', 'Connection closed by peer', ", '_PEER_FAILURES = (')],
      TORCHRUN_TEST),
 ]
 
 
 def _copy_tree(dest):
-    ignore = shutil.ignore_patterns('.venv', '.git', 'output', 'runs', '__pycache__', '.pytest_cache', '*.pyc')
+    ignore = shutil.ignore_patterns('.venv*', '.git', '.gpu_data', 'output', 'runs', '__pycache__', '.pytest_cache',
+                                    '.ruff_cache', '*.pyc')
     shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
 
 
