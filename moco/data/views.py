@@ -106,6 +106,7 @@ class PretrainView:
     def __init__(self, size, crop_min, blur_p, solarize_p):
         self.size, self.scale = size, (crop_min, 1.)
         self.blur_p, self.solarize_p = blur_p, solarize_p
+        self.blur_at, self.solarize_at = _float32(blur_p), _float32(solarize_p)   # as torch compares them
         self.hue_tables = size >= HUE_TABLES_MIN_SIZE
         if self.hue_tables:
             pil_ops.hue_tables()   # made now, before the loader workers fork and share them
@@ -121,8 +122,8 @@ class PretrainView:
             img = img.convert('L')
         # the draws in the original's order; the flip is made first, on the PIL image (cheaper than on the
         # array, and the same bytes: blur and solarize treat left and right alike)
-        sigma = random.uniform(0.1, 2.0) if self.blur_p > 0 and _draw() <= _float32(self.blur_p) else None
-        solarize = self.solarize_p > 0 and _draw() <= _float32(self.solarize_p)
+        sigma = random.uniform(0.1, 2.0) if self.blur_p > 0 and _draw() <= self.blur_at else None
+        solarize = self.solarize_p > 0 and _draw() <= self.solarize_at
         if _draw() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = np.asarray(img).reshape(self.size, self.size, -1)
