@@ -66,7 +66,7 @@ def _uniform(low, high):
 
 def _draw():
     """``torch.rand(1)`` as a python float, cheaper to compare than the tensor."""
-    return _SCRATCH.float.uniform_(0, 1).item()
+    return _uniform(0, 1)
 
 
 def _randint(low, high):
