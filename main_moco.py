@@ -188,7 +188,7 @@ def main_worker(args):
     print(f'{n_train} training images, {iters_per_epoch} iterations per epoch ({args.data_pipeline} data pipeline)')
 
     unwrapped = dist.unwrap(model)
-    monitors = TrainingMonitors(unwrapped, is_vit(args.arch), unwrapped.collapsed_loss(total_batch),
+    monitors = TrainingMonitors(unwrapped, unwrapped.collapsed_loss(total_batch),
                                 skip_spikes=args.skip_spikes)
     if resume:
         monitors.load_state_dict(ckpt.get('monitors'))

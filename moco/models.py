@@ -9,6 +9,7 @@ CONFIG.md).
 """
 import inspect
 from functools import partial
+from typing import NamedTuple
 
 import torch.nn as nn
 import torchvision.models as tvm
@@ -124,6 +125,29 @@ def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, image_size=None, stop_grad_co
     factory = encoder_factory(arch, image_size=image_size, stop_grad_conv1=stop_grad_conv1,
                               zero_init_residual=cls.zero_init_residual)
     return cls(factory, dim, mlp_dim, T)
+
+
+class EncoderLayout(NamedTuple):
+    """Where the paper's gradient study looks (section 4, Fig. 4): the first layer, the first and the last
+    block (ResNets and RegNets: stage), and the head (the projector in MoCo)."""
+    first_layer: nn.Module
+    first_block: nn.Module
+    last_block: nn.Module
+    head: nn.Module
+
+
+def encoder_layout(encoder):
+    """The ``EncoderLayout`` of an encoder of any family ``arch_names()`` lists: the ViTs (patch
+    projection, transformer blocks), torchvision's ResNets, ResNeXts and Wide ResNets and our small ones
+    (first convolution, stages ``layer1``..``layer4``), and RegNets (the stem's convolution, the trunk's
+    stages)."""
+    if isinstance(encoder, vits.VisionTransformerMoCo):
+        return EncoderLayout(encoder.patch_embed, encoder.blocks[0], encoder.blocks[-1], encoder.head)
+    if isinstance(encoder, ResNet):
+        return EncoderLayout(encoder.conv1, encoder.layer1, encoder.layer4, encoder.fc)
+    if isinstance(encoder, tvm.RegNet):
+        return EncoderLayout(encoder.stem[0], encoder.trunk_output[0], encoder.trunk_output[-1], encoder.fc)
+    raise TypeError(f'no layout known for a {type(encoder).__name__} encoder')
 
 
 class BackboneFeatures(nn.Module):

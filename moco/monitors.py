@@ -23,6 +23,7 @@ from collections import deque
 import torch
 
 from moco import dist
+from moco.models import encoder_layout
 
 LAYERS = ('first_layer', 'first_block', 'last_block', 'projector', 'predictor')
 SPIKE_FACTOR = 5.0       # a spike: this many times the running median. The paper's spikes are ~10x; in the
@@ -34,16 +35,12 @@ RANKME_IMAGES = 25_000   # RankMe reads the features of at most this many traini
 COLLAPSED_RANKME = 1.5   # RankMe under this: the features have collapsed to (about) one direction
 
 
-def layer_parameters(model, arch_is_vit):
-    """{layer name: [parameters]} of a MoCo/BYOL/M2T model (not wrapped): the groups of ``LAYERS``."""
-    encoder = model.base_encoder
-    if arch_is_vit:
-        first, blocks, head = encoder.patch_embed, list(encoder.blocks), encoder.head
-    else:
-        first, head = encoder.conv1, encoder.fc
-        blocks = [encoder.layer1, encoder.layer4]
-    groups = {'first_layer': first, 'first_block': blocks[0], 'last_block': blocks[-1], 'projector': head,
-              'predictor': model.predictor}
+def layer_parameters(model):
+    """{layer name: [parameters]} of a MoCo/BYOL/M2T model (not wrapped): the groups of ``LAYERS``, found
+    in the online encoder by ``models.encoder_layout`` for every supported family."""
+    layout = encoder_layout(model.base_encoder)
+    groups = {'first_layer': layout.first_layer, 'first_block': layout.first_block, 'last_block': layout.last_block,
+              'projector': layout.head, 'predictor': model.predictor}
     return {name: list(module.parameters()) for name, module in groups.items()}
 
 
@@ -52,8 +49,8 @@ class GradientMonitor:
     without gradients, e.g. a frozen patch projection) and the total l2 norm of all gradients, in the
     order of ``names``."""
 
-    def __init__(self, model, arch_is_vit):
-        self.groups = layer_parameters(model, arch_is_vit)
+    def __init__(self, model):
+        self.groups = layer_parameters(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.names = list(self.groups) + ['total_norm']
 
@@ -283,8 +280,8 @@ class TrainingMonitors:
     logged step, ``log_step``; ``epoch_record`` gives log.txt's per-epoch fields; ``state_dict`` goes
     into the checkpoint, so that a resumed run keeps its windows."""
 
-    def __init__(self, model, arch_is_vit, collapsed_loss=None, skip_spikes=False):
-        self.gradients = GradientMonitor(model, arch_is_vit)
+    def __init__(self, model, collapsed_loss=None, skip_spikes=False):
+        self.gradients = GradientMonitor(model)
         self.spikes = SpikeDetector()
         self.tripwire = CollapseTripwire(collapsed_loss)
         self.guard = SpikeGuard() if skip_spikes else None

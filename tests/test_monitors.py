@@ -21,8 +21,8 @@ def test_gradient_magnitudes_are_the_max_abs_gradient_per_layer(arch, size):
     torch.manual_seed(0)
     model = small_moco('mocov3', arch)
     _backward(model, size)
-    values = dict(zip(mon.GradientMonitor(model, 'vit' in arch).names,
-                      mon.GradientMonitor(model, 'vit' in arch).measure().tolist()))
+    values = dict(zip(mon.GradientMonitor(model).names,
+                      mon.GradientMonitor(model).measure().tolist()))
     enc = model.base_encoder
     modules = {'first_layer': enc.patch_embed if 'vit' in arch else enc.conv1,
                'first_block': enc.blocks[0] if 'vit' in arch else enc.layer1,
@@ -41,7 +41,7 @@ def test_a_frozen_patch_projection_reports_no_gradient():
     torch.manual_seed(0)
     model = small_moco('mocov3', 'vit_tiny_patch4', stop_grad_conv1=True)
     _backward(model, 8)
-    monitor = mon.GradientMonitor(model, True)
+    monitor = mon.GradientMonitor(model)
     values = dict(zip(monitor.names, monitor.measure().tolist()))
     assert math.isnan(values['first_layer'])
     assert all(math.isfinite(values[k]) for k in ('first_block', 'last_block', 'projector', 'predictor', 'total_norm'))

@@ -53,7 +53,7 @@ def monitor_cost(arch, batch, image_size, device, steps, warmup, print_freqs=(10
     from moco.metrics import RunLog
     from moco.monitors import TrainingMonitors
     runner = Runner(arch, batch, image_size, device, ours=True)
-    monitors = TrainingMonitors(runner.model, is_vit(arch))
+    monitors = TrainingMonitors(runner.model)
     run_log = RunLog('.', enabled=False)
     batches = synthetic(batch, image_size, device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
