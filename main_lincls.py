@@ -31,7 +31,14 @@ from moco.checkpoint import (
     single_file_resume,
 )
 from moco.data import eval_transform, image_folder, is_unlabelled, lincls_train_transform, make_loader, start_epoch
-from moco.engine_lincls import LinearProbe, evaluate, sanity_check, sharded_eval_loader, train_one_epoch
+from moco.engine_lincls import (
+    LinearProbe,
+    distributed_probe,
+    evaluate,
+    sanity_check,
+    sharded_eval_loader,
+    train_one_epoch,
+)
 from moco.errors import UserError
 from moco.metrics import RunLog
 from moco.models import arch_names, encoder_factory, head_name
@@ -156,10 +163,8 @@ def main_worker(args):
         args.start_epoch, best_acc1, best_epoch = ckpt['epoch'], float(ckpt['best_acc1']), ckpt.get('best_epoch')
         print(f"=> resumed from '{resume}' (epoch {ckpt['epoch']}, best top-1 {best_acc1:.2f})")
 
-    classifier = None
-    if args.distributed:  # only the classifier has gradients to average
-        classifier = dist.ddp(getattr(model, head), device, args.gpu)
-    probe = LinearProbe(model, head, amp, classifier)
+    probe = distributed_probe(model, head, amp, device, args.gpu) if args.distributed else \
+        LinearProbe(model, head, amp)
     criterion = nn.CrossEntropyLoss()
 
     print(f'arch {args.arch} | {num_classes} classes | {args.world_size} process(es) on {device.type} | '

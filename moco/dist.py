@@ -136,6 +136,15 @@ def is_main_process():
 
 
 @torch.no_grad()
+def broadcast_from_rank0(module):
+    """Every parameter and buffer of ``module`` set to rank 0's values, as wrapping the whole module in DDP
+    does when it is built (the original probe's ``model``); nothing at world size 1."""
+    if world_size() > 1:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tdist.broadcast(tensor.data, src=0)
+
+
+@torch.no_grad()
 def concat_all_gather(tensor):
     """All-gather along dim 0 without gradient; the identity at world size 1."""
     if world_size() == 1:

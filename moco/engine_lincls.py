@@ -36,6 +36,14 @@ class LinearProbe(nn.Module):
         return self.classifier(feats.float())            # (N, num_classes) fp32
 
 
+def distributed_probe(model, head, amp, device, gpu=None):
+    """The LinearProbe of ``model`` for several processes: the whole model (a random backbone too, when
+    nothing was pretrained) starts as rank 0's, as when the original wraps all of it in DDP, and only the
+    classifier, the one part with gradients, is wrapped in DDP."""
+    dist.broadcast_from_rank0(model)
+    return LinearProbe(model, head, amp, dist.ddp(getattr(model, head), device, gpu))
+
+
 def train_one_epoch(model, loader, criterion, optimizer, epoch, args, run_log, stop=None):
     """One epoch of SGD on the classifier, at the lr of this epoch (cosine per epoch, no warmup). On a
     stop signal (``stop``) it ends after the current step: the checkpoint of the previous epoch is the

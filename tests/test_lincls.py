@@ -246,3 +246,37 @@ def test_probe_precision_and_gradients():
     out.sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == {'fc.weight', 'fc.bias'} and model.fc.weight.grad.dtype == torch.float32
+
+
+def _probe_worker(rank, port, result_path, broadcast):
+    import torch.distributed as tdist
+
+    from moco.engine_lincls import distributed_probe
+    tdist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', world_size=2, rank=rank)
+    try:
+        torch.manual_seed(rank)   # no --seed: each process draws its own random backbone
+        model, head = main_lincls.build_model('resnet18_cifar', 16, 3)
+        if broadcast:
+            distributed_probe(model, head, Amp('fp32', torch.device('cpu')), torch.device('cpu'))
+        flat = torch.cat([t.detach().flatten().float() for t in [*model.parameters(), *model.buffers()]])
+        gathered = [torch.empty_like(flat) for _ in range(2)]
+        tdist.all_gather(gathered, flat)
+        if rank == 0:
+            torch.save(gathered, result_path)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('broadcast', [True, False])
+def test_every_process_probes_the_same_random_backbone(tmp_path, broadcast):
+    """Without --pretrained (the random-initialisation baseline) and without --seed, the processes of a
+    distributed probe must share rank 0's backbone, as the original's whole-model DDP makes them do;
+    the control without the probe's set-up shows the processes would differ."""
+    import torch.multiprocessing as mp
+
+    from helpers import unassigned_port
+    path = tmp_path / 'flat.pt'
+    mp.spawn(_probe_worker, args=(unassigned_port(), str(path), broadcast), nprocs=2)
+    rank0, rank1 = torch.load(path, weights_only=True)
+    assert torch.equal(rank0, rank1) == broadcast
