@@ -155,3 +155,32 @@ def run_in_process(script, argv, capsys):
     except SystemExit as e:
         code = e.code
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+
+
+def lars_loop_and_foreach(device):
+    """Three LARS steps with the original's per-tensor loop and with the multi-tensor step, on a model with
+    conv, linear, BN and bias tensors, a frozen tensor and a zero weight: [(state_dict, optimizer state)]
+    of each, on the CPU."""
+    from moco.optim import LARS
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5),
+                          nn.Linear(5, 3, bias=False)).to(device)
+        with torch.no_grad():
+            m[4].weight.zero_()          # trust ratio 1 for a zero weight
+        m[1].bias.requires_grad_(False)  # no gradient: skipped
+        return m
+
+    runs = []
+    for foreach in (False, True):
+        net = model()
+        opt = LARS(net.parameters(), lr=0.3, weight_decay=1e-4, momentum=0.9, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(2, 3, 6, 6, generator=gen).to(device)).pow(2).sum().backward()
+            opt.step()
+        state = {i: {k: v.cpu() for k, v in s.items()} for i, s in opt.state_dict()['state'].items()}
+        runs.append(({k: v.cpu() for k, v in net.state_dict().items()}, {'state': state}))
+    return runs

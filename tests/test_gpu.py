@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from helpers import start, wait_output
+from helpers import lars_loop_and_foreach, start, wait_output
 from moco.amp import Amp
 from moco.data.folder import image_folder, load_rgb
 from moco.data.gpu import EncodedFiles, GpuJpegLoader, decode_on_device
@@ -98,6 +98,21 @@ def test_default_precision_and_fused_adamw_on_cuda():
     reference.step()
     for p, q in zip(model.parameters(), reference.param_groups[0]['params']):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_lars_foreach_step_is_bit_identical_to_the_loop_on_cuda():
+    """README says the multi-tensor LARS gives the per-tensor loop's bits on CPU (tests/test_optim.py);
+    on CUDA ``_foreach_norm`` may reduce in another order. A failure here means README must say "within
+    the printed difference" instead of "bit-identical" for CUDA."""
+    (sd_loop, opt_loop), (sd_fe, opt_fe) = lars_loop_and_foreach(CUDA)
+    worst = max((sd_loop[k].float() - sd_fe[k].float()).abs().max().item() for k in sd_loop)
+    print(f'multi-tensor LARS against the loop on {CUDA}: largest weight difference {worst:g}')
+    assert torch.allclose(torch.cat([v.float().flatten() for v in sd_loop.values()]),
+                          torch.cat([v.float().flatten() for v in sd_fe.values()]), rtol=1e-5, atol=1e-7)
+    for k in sd_loop:
+        assert torch.equal(sd_loop[k], sd_fe[k]), f'{k}: not bit-identical on CUDA (largest difference {worst:g})'
+    for i in opt_loop['state']:
+        assert torch.equal(opt_loop['state'][i]['mu'], opt_fe['state'][i]['mu']), i
 
 
 @pytest.mark.skipif(not ON_GPU,

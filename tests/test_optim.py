@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import lars_loop_and_foreach
 from moco.models import build_moco
 from moco.optim import LARS, build_optimizer
 
@@ -162,30 +163,9 @@ def test_build_optimizer_lars():
 
 
 def test_lars_foreach_step_is_bit_identical_to_the_loop():
-    """The multi-tensor step (default) against the original's per-tensor loop: three steps on a model
-    with conv, linear, BN and bias tensors, a frozen tensor and a zero weight, compared exactly."""
-    torch.manual_seed(0)
-
-    def model():
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 4 * 4, 5), torch.nn.Linear(5, 3, bias=False))
-        with torch.no_grad():
-            m[4].weight.zero_()          # trust ratio 1 for a zero weight
-        m[1].bias.requires_grad_(False)  # no gradient: skipped
-        return m
-
-    runs = []
-    for foreach in (False, True):
-        net = model()
-        opt = LARS(net.parameters(), lr=0.3, weight_decay=1e-4, momentum=0.9, foreach=foreach)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            opt.zero_grad()
-            net(torch.randn(2, 3, 6, 6, generator=gen)).pow(2).sum().backward()
-            opt.step()
-        runs.append((net.state_dict(), opt.state_dict()))
-    (sd_loop, opt_loop), (sd_fe, opt_fe) = runs
+    """The multi-tensor step (default) against the original's per-tensor loop on CPU (on CUDA:
+    tests/test_gpu.py), compared exactly."""
+    (sd_loop, opt_loop), (sd_fe, opt_fe) = lars_loop_and_foreach(torch.device('cpu'))
     for k in sd_loop:
         assert torch.equal(sd_loop[k], sd_fe[k]), k
     assert opt_loop['state'].keys() == opt_fe['state'].keys()
