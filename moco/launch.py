@@ -172,7 +172,8 @@ def launch(worker, args):
     ``gpu`` (None on CPU).
     """
     if args.gpu is not None and not torch.cuda.is_available():
-        raise UserError(f'--gpu {args.gpu} was given but this machine has no CUDA GPU')
+        raise UserError(f'--gpu {args.gpu} was given but this machine has no CUDA GPU; leave out --gpu to run on the '
+                        'CPU')
     if args.gpu is not None and args.gpu >= torch.cuda.device_count():
         raise UserError(f'--gpu {args.gpu} was given but only {torch.cuda.device_count()} GPU(s) are visible')
 
@@ -388,13 +389,17 @@ class Run(NamedTuple):
 
 def start_run(args, program, hold_output=True, reference_batch=256):
     """The opening every program shares, in this order: the output folder checked, the stop signals
-    checked (a wrong name fails before anything starts), this process's device and process group, the
-    run folder locked for the run's life (not for a mere evaluation: ``hold_output=False``), stop signals
-    armed, a warning for a schedule shorter than its warm-up, and the batch shared among the processes
-    with the lr scaled linearly by the total batch over ``reference_batch`` (the original's convention)."""
+    checked (a wrong name fails before anything starts), this process's device and process group,
+    ``cudnn.benchmark`` on (as the original), the run folder locked for the run's life (not for a mere
+    evaluation: ``hold_output=False``), stop signals armed, a warning for a schedule shorter than its
+    warm-up, and the batch shared among the processes with the lr scaled linearly by the total batch over
+    ``reference_batch`` (the original's convention)."""
     cli.require_output_folder(args.output_dir)
     stop_signal_names(args.stop_signals)
     device = dist.init_process(args)
+    # as the original's main_moco.py and main_lincls.py (and DeiT's main.py): cuDNN times its convolution
+    # algorithms for each new input shape once and keeps the fastest (no effect on CPU)
+    torch.backends.cudnn.benchmark = True
     if hold_output:
         hold_output_dir(args.output_dir, program)
     stop = stop_request(args)

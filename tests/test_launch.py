@@ -41,3 +41,26 @@ def test_fatal_errors_are_one_line():
     assert code == 1 and '\n' not in msg and msg.count('Connection reset by peer') == 1 and 'pair.cc' not in msg
     assert launch.fatal_error(RuntimeError('shape mismatch')) is None   # bugs keep their traceback
     assert launch.fatal_error(ValueError('Connection reset by peer')) is None
+
+
+def test_start_run_turns_on_cudnn_benchmark_as_the_original(tmp_path):
+    """The original's main_moco.py and main_lincls.py set cudnn.benchmark (the fastest convolution
+    algorithms for each input shape); every program opens with start_run."""
+    import argparse
+
+    import torch
+    torch.backends.cudnn.benchmark = False
+    args = argparse.Namespace(output_dir=str(tmp_path / 'out'), stop_signals='none', gpu=None, distributed=False,
+                              rank=0, world_size=1, seed=None, lr=0.1, batch_size=8, epochs=1, warmup_epochs=0,
+                              multiprocessing_distributed=False, local_rank=0, workers=0)
+    launch.start_run(args, 'test', hold_output=False)
+    assert torch.backends.cudnn.benchmark
+
+
+def test_gpu_without_a_gpu_says_how_to_run_on_the_cpu(monkeypatch):
+    import argparse
+
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(UserError, match='leave out --gpu to run on the CPU'):
+        launch.launch(lambda args: None, argparse.Namespace(gpu=0))
