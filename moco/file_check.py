@@ -4,12 +4,13 @@
 check them: a file with a flipped bit loads silently. ``damage(path)`` reads the file once (about a
 second a GB from a local disk) and returns None when it is intact, else what is wrong, naming the
 entry: an entry whose bytes do not match its CRC-32, or a zip structure that does not add up. For the
-files torch's writer makes, every byte is accounted for: each entry's local header, name and alignment
-padding, its data (the CRC) and the data descriptor after it agree with its record in the central
-directory, the records follow one another without gaps, and the central directory and the end records
-hold the values that writer puts there. A flipped bit anywhere is therefore reported, even one in a
-byte that ``torch.load`` would never read. Files of other zip writers get the CRC and the structure
-checks only; files that are not zip archives at all (torch's pre-1.6 format) are not checked.
+files torch's writer makes, every byte is accounted for: each entry's local header, name, zip64 field
+(for an entry of or past 4 GiB) and alignment padding, its data (the CRC) and the data descriptor after
+it agree with its record in the central directory, the records follow one another without gaps, and
+the central directory and the end records hold the values that writer puts there. A flipped bit
+anywhere is therefore reported, even one in a byte that ``torch.load`` would never read. Files of other
+zip writers get the CRC and the structure checks only; files that are not zip archives at all (torch's
+pre-1.6 format) are not checked.
 """
 import mmap
 import os
@@ -95,30 +96,50 @@ def _end_records(data):
     return count64, cd_offset64, cd_size64, (made_by, needed), z_offset
 
 
+def _extra_fields(extra, what):
+    """A header's extra fields as {tag: body}. Each must be whole and known: torch's writer puts in at most
+    a zip64 field and its padding (in the local header, the zip64 field comes first)."""
+    fields, pos = {}, 0
+    while pos < len(extra):
+        if pos + 4 > len(extra):
+            raise Damaged(f'{what} has a garbled extra field')
+        tag, size = struct.unpack_from('<HH', extra, pos)
+        body = bytes(extra[pos + 4:pos + 4 + size])
+        if len(body) != size:
+            raise Damaged(f'{what} has a cut extra field')
+        if tag not in (1, TORCH_PADDING_ID):
+            raise Damaged(f'{what} has an unknown extra field {tag:#06x}')
+        if tag in fields:
+            raise Damaged(f'{what} has the extra field {tag:#06x} twice')
+        fields[tag] = body
+        pos += 4 + size
+    return fields
+
+
 def _zip64_values(extra, file_size, comp_size, offset):
     """The central record's sizes and offset, with the zip64 extra field read where they are 0xFFFFFFFF."""
-    values = {}
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from('<HH', extra, pos)
-        body = extra[pos + 4:pos + 4 + size]
-        if len(body) != size:
-            raise Damaged('a central directory record has a cut extra field')
-        if tag == 1:
-            fields, k = [], 0
-            for name, value in (('file_size', file_size), ('comp_size', comp_size), ('offset', offset)):
-                if value == 0xFFFFFFFF:
-                    fields.append((name, struct.unpack_from('<Q', body, k)[0]))
-                    k += 8
-            if k != size:
+    body = _extra_fields(extra, 'a central directory record').get(1, b'')
+    values, k = [], 0
+    for value in (file_size, comp_size, offset):
+        if value == 0xFFFFFFFF:
+            if k + 8 > len(body):
                 raise Damaged('a zip64 extra field has the wrong length')
-            values.update(fields)
-        elif tag != TORCH_PADDING_ID:
-            raise Damaged(f'a central directory record has an unknown extra field {tag:#06x}')
-        pos += 4 + size
-    if pos != len(extra):
-        raise Damaged('a central directory record has a garbled extra field')
-    return values.get('file_size', file_size), values.get('comp_size', comp_size), values.get('offset', offset)
+            value = struct.unpack_from('<Q', body, k)[0]
+            k += 8
+        values.append(value)
+    if k != len(body):
+        raise Damaged('a zip64 extra field has the wrong length')
+    return tuple(values)
+
+
+def _local_zip64(body, e, descriptor):
+    """Whether a local header's zip64 field agrees with the central record. Its length says what it holds:
+    the sizes (uncompressed, compressed), the offset, or both in that order; torch's writer adds the
+    offset for an entry that starts past 4 GiB and, as it writes the header before the data, gives 0 for
+    the compressed size when a data descriptor follows."""
+    sizes = struct.pack('<QQ', e['file_size'], 0 if descriptor else e['comp_size'])
+    offset = struct.pack('<Q', e['offset'])
+    return body in (sizes, offset, sizes + offset)
 
 
 def _check(data):
@@ -155,7 +176,11 @@ def _check(data):
                 e['needed'], e['flags'], e['method'], e['time'], e['date']):
             raise Damaged(f'{label}: its local header does not match the central directory')
         extra = data[e['offset'] + 30 + name_len:e['offset'] + 30 + name_len + extra_len]
-        padded.append((_torch_padding(extra, label), label))
+        fields = _extra_fields(extra, f'{label}: its local header')
+        padded.append((_torch_padding(fields.get(TORCH_PADDING_ID), label), label))
+        z64 = fields.get(1)
+        if z64 is not None and not _local_zip64(z64, e, flags & 0x8):
+            raise Damaged(f'{label}: its zip64 extra field does not match the central directory')
         start = e['offset'] + 30 + name_len + extra_len
         if method != 0:   # torch stores entries uncompressed; a compressed entry is checked by zlib's reader
             raise Damaged(f'{label}: compressed (method {method}), not a checkpoint written by torch')
@@ -178,8 +203,9 @@ def _check(data):
             if (d_crc, d_comp, d_size) != (e['crc'], e['comp_size'], e['file_size']):
                 raise Damaged(f'{label}: its data descriptor does not match the central directory')
             end += struct.calcsize(fmt)
-        elif (crc, comp_size, file_size) != (e['crc'], e['comp_size'], e['file_size']) and \
-                (comp_size, file_size) != (0xFFFFFFFF, 0xFFFFFFFF):
+        elif crc != e['crc'] or (comp_size, file_size) != (e['comp_size'], e['file_size']) and not (
+                (comp_size, file_size) == (0xFFFFFFFF, 0xFFFFFFFF) and z64 is not None and len(z64) >= 16):
+            # (sizes of 0xFFFFFFFF say the true ones are in the zip64 field, checked above)
             raise Damaged(f'{label}: its local header does not match the central directory')
         expected = end
     if expected != cd_offset:
@@ -195,12 +221,12 @@ def _check(data):
             raise Damaged('the zip64 end record of the archive is damaged')
 
 
-def _torch_padding(extra, label):
-    """Whether ``extra`` is torch's alignment padding (checked to be intact); other extra fields pass."""
-    if len(extra) < 4 or struct.unpack_from('<H', extra, 0)[0] != TORCH_PADDING_ID:
+def _torch_padding(body, label):
+    """Whether a local header has torch's alignment padding (``body``: its field's, or None), checked to
+    be intact."""
+    if body is None:
         return False
-    size = struct.unpack_from('<H', extra, 2)[0]
-    if size != len(extra) - 4 or bytes(extra[4:]) != b'Z' * size:
+    if body != b'Z' * len(body):
         raise Damaged(f'{label}: its padding is damaged')
     return True
 
