@@ -30,9 +30,14 @@ test-fast: $(VENV)/.installed
 env: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
+	@echo "Installing requirements.txt into $(VENV): about 5.7 GB (PyPI's torch brings its CUDA libraries, also on a CPU machine), a few minutes"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --progress-bar off -r requirements.txt | \
+	  { grep --line-buffered -E '^ *(Collecting|Downloading|Installing collected|Successfully installed)' || true; }; \
+	  exit $${PIPESTATUS[0]}
 	touch $@
+	@echo "Done. Run the commands of README.md after: source $(VENV)/bin/activate"
+
 
 # The GPU check (README "Speed"; python -m moco.tools.gpu_check --help): on a CUDA machine whose python3 already has
 # torch, torchvision and timm (e.g. a machine without network): the CUDA-only tests, the benchmark, the
