@@ -60,3 +60,9 @@ def test_every_documented_command_parses(doc, program, argv, capsys):
         pytest.fail(f'{" ".join(argv)}: {capsys.readouterr().err.strip()}')
     if doc == 'CONFIG.md':   # its promise: every command runs with or without a GPU (--gpu fails on a CPU)
         assert not any(a.startswith('--gpu') for a in argv), ' '.join(argv)
+
+
+def test_readme_says_how_to_reach_the_environment_it_creates():
+    """`make` installs into .venv; README's commands (python main_moco.py ...) need it on the PATH."""
+    start = open(os.path.join(ROOT, 'README.md')).read().split('## ', 2)[1]
+    assert 'make demo' in start and 'make test' in start and 'source .venv/bin/activate' in start
