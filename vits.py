@@ -1,7 +1,7 @@
 """Vision Transformers of MoCo v3, built on timm 1.x.
 
-The four architectures of the paper (ViT-S/16 with 12 heads, ViT-B/16, and their convolutional-stem
-variants), plus small variants for low-resolution images. Every model is a timm
+The architectures of the paper (ViT-S/16 with 12 heads, ViT-B/16, their convolutional-stem variants,
+ViT-L/16 and ViT-H/14), plus small variants for low-resolution images. Every model is a timm
 ``VisionTransformer`` subclass, so state_dict keys are timm's and checkpoints move between this
 project, the original release and DeiT/timm.
 
@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
     'VisionTransformerMoCo', 'ConvStem', 'sincos_pos_embed_2d', 'VIT_ARCHS',
-    'vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base',
+    'vit_small', 'vit_base', 'vit_conv_small', 'vit_conv_base', 'vit_large', 'vit_huge',
     'vit_tiny', 'vit_tiny_patch4', 'vit_small_patch4', 'vit_mini_patch4',
 ]
 
@@ -122,7 +122,7 @@ def _vit(arch, overrides, conv_stem=False):
     return VisionTransformerMoCo(**cfg)
 
 
-# The paper's four models. ViT-S uses 12 heads (DeiT-S uses 6); the conv-stem models drop one block
+# The paper's ViT-S/B and conv-stem models. ViT-S uses 12 heads (DeiT-S uses 6); the conv-stem models drop one block
 # so that the stem's extra compute keeps the total the same.
 def vit_small(**kwargs):
     return _vit(dict(embed_dim=384, depth=12, num_heads=12), kwargs)
@@ -138,6 +138,20 @@ def vit_conv_small(**kwargs):
 
 def vit_conv_base(**kwargs):
     return _vit(dict(embed_dim=768, depth=11, num_heads=12), kwargs, conv_stem=True)
+
+
+# The paper's larger models (Table 1), with ViT-S/B's flags: qkv bias, MLP ratio 4, LayerNorm eps 1e-6.
+def vit_large(**kwargs):
+    """ViT-L/16 (paper Table 1: 304 M parameters, counted as ViT's with a 1000-way classifier; the
+    backbone without ``head`` holds 303,301,632). State_dict as timm's ``vit_large_patch16_224``."""
+    return _vit(dict(embed_dim=1024, depth=24, num_heads=16), kwargs)
+
+
+def vit_huge(**kwargs):
+    """ViT-H/14 (paper Table 1: 632 M parameters with a 1000-way classifier; 630,764,800 without
+    ``head``): 16x16 patches at 224 px. State_dict as timm's ``vit_huge_patch14_224`` (whose default
+    pretrained config has no classifier: pass ``num_classes=1000`` to timm for the head too)."""
+    return _vit(dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14), kwargs)
 
 
 # Small variants for low-resolution images (not in the paper). ViT-Tiny follows DeiT-Ti (3 heads).
@@ -163,4 +177,4 @@ def vit_mini_patch4(**kwargs):
 
 VIT_ARCHS = {name: globals()[name] for name in __all__ if name.startswith('vit_')}
 # pixels per token along a side: the patch, or the conv stem's four stride-2 convolutions
-PATCH_SIZE = {name: 4 if name.endswith('_patch4') else 16 for name in VIT_ARCHS}
+PATCH_SIZE = {name: 4 if name.endswith('_patch4') else 14 if name == 'vit_huge' else 16 for name in VIT_ARCHS}

@@ -3,12 +3,14 @@ projection, conv stem, parameter counts and timm key compatibility."""
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 import vits
-from moco.models import build_moco
+from moco.errors import UserError
+from moco.models import build_moco, check_patch_size
 
 
 @pytest.fixture(scope='module')
@@ -178,6 +180,8 @@ PARAM_COUNTS = {
     'vit_base': (215_678_464, 108_150_016),
     'vit_conv_small': (82_170_208, 42_062_128),
     'vit_conv_base': (208_480_960, 105_141_856),
+    'vit_large': (652_781_568, 326_454_272),
+    'vit_huge': (1_309_805_056, 654_872_320),
     'resnet50': (68_012_160, 35_058_752),
 }
 
@@ -206,3 +210,133 @@ def test_timm_state_dict_compatibility(arch, dim):
     assert list(ours) == list(theirs)
     for k in ours:
         assert ours[k].shape == theirs[k].shape, k
+
+
+# ---- ViT-L/16 and ViT-H/14 (paper Table 1), on the meta device or with one block ----
+
+# arch: (depth, width, heads, patch, tokens at 224 px, timm's model, backbone parameters without head)
+BIG = {'vit_large': (24, 1024, 16, 16, 197, 'vit_large_patch16_224', 303_301_632),
+       'vit_huge': (32, 1280, 16, 14, 257, 'vit_huge_patch14_224', 630_764_800)}
+
+
+def _count(named_params, trainable_only=False, skip=('head.',)):
+    return sum(p.numel() for n, p in named_params if not n.startswith(skip) and (p.requires_grad or not trainable_only))
+
+
+def test_big_vits_are_registered():
+    from moco.models import arch_names
+    assert {'vit_large', 'vit_huge'} <= set(arch_names())
+    assert vits.PATCH_SIZE['vit_large'] == 16 and vits.PATCH_SIZE['vit_huge'] == 14
+    check_patch_size('vit_huge', 224)                        # 16 x 16 patches of 14 px
+    with pytest.raises(UserError, match='use 252 or 266'):
+        check_patch_size('vit_huge', 256)
+
+
+def test_patch_size_table_matches_every_arch():
+    for arch, build in vits.VIT_ARCHS.items():
+        with torch.device('meta'):
+            model = build(depth=1)
+        pixels = model.patch_embed.img_size[0] // model.patch_embed.grid_size[0]
+        assert pixels == vits.PATCH_SIZE[arch], arch
+
+
+@pytest.mark.parametrize('arch', BIG)
+def test_big_vit_architecture(arch):
+    depth, dim, heads, patch, tokens, _, _ = BIG[arch]
+    with torch.device('meta'):
+        model = vits.VIT_ARCHS[arch]()
+    assert len(model.blocks) == depth and model.embed_dim == dim
+    assert model.patch_embed.patch_size == (patch, patch) and model.patch_embed.grid_size == (224 // patch,) * 2
+    assert model.pos_embed.shape == (1, tokens, dim) and not model.pos_embed.requires_grad
+    for blk in model.blocks:
+        assert blk.attn.num_heads == heads and blk.attn.head_dim == dim // heads
+        assert blk.attn.qkv.bias is not None and blk.mlp.fc1.out_features == 4 * dim
+        assert blk.norm1.eps == 1e-6 and isinstance(blk.ls1, nn.Identity)
+    assert model.norm.eps == 1e-6 and model.global_pool == 'token' and model.num_prefix_tokens == 1
+
+
+@pytest.mark.parametrize('arch', BIG)
+def test_big_vit_parameter_counts_match_the_paper(arch):
+    """Paper Table 1: ViT-L 304 M, ViT-H 632 M: ViT's convention, with a 1000-way classifier. Without the
+    head (what MoCo pretrains and the conversion exports): 303.3 M and 630.8 M."""
+    backbone = BIG[arch][-1]
+    with torch.device('meta'):
+        model = vits.VIT_ARCHS[arch]()
+        frozen = vits.VIT_ARCHS[arch](stop_grad_conv1=True)
+    assert _count(model.named_parameters()) == backbone
+    with_head = _count(model.named_parameters(), skip=())
+    assert with_head == backbone + 1000 * model.embed_dim + 1000
+    assert round(with_head / 1e6) == {'vit_large': 304, 'vit_huge': 632}[arch]
+    dim, patch, tokens = model.embed_dim, BIG[arch][3], BIG[arch][4]
+    pos, proj = tokens * dim, 3 * patch * patch * dim + dim
+    assert _count(model.named_parameters(), trainable_only=True) == backbone - pos
+    assert _count(frozen.named_parameters(), trainable_only=True) == backbone - pos - proj
+    assert {n for n, p in frozen.named_parameters() if not p.requires_grad} == \
+        {'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias'}
+
+
+@pytest.mark.parametrize('arch', BIG)
+def test_big_moco_trainable_parameters_with_and_without_frozen_projection(arch):
+    with torch.device('meta'):
+        frozen = build_moco(arch, stop_grad_conv1=True)
+        learned = build_moco(arch)
+    total, trainable = PARAM_COUNTS[arch]
+    depth, dim, heads, patch, tokens, _, backbone = BIG[arch]
+    proj = 3 * patch * patch * dim + dim
+    for model, expected in ((frozen, trainable), (learned, trainable + proj)):
+        assert sum(p.numel() for p in model.parameters()) == total
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    # base encoder = backbone + 3-layer projector; total = 2 encoders + the 2-layer predictor
+    projector = dim * 4096 + 2 * 4096 + 4096 * 4096 + 2 * 4096 + 4096 * 256
+    predictor = 256 * 4096 + 2 * 4096 + 4096 * 256
+    assert total == 2 * (backbone + projector) + predictor
+
+
+@pytest.mark.parametrize('arch', BIG)
+def test_big_vit_state_dict_is_timms(arch):
+    """Converted weights load into timm's model missing only the head. timm's ``vit_huge_patch14_224``
+    defaults to ``num_classes=0`` (its pretrained config is the headless in21k one): with
+    ``num_classes=1000`` its head matches ours too; no other flag differs (qkv bias, class token, token pooling,
+    LayerNorm eps 1e-6, no fc_norm, no layer scale)."""
+    name = BIG[arch][5]
+    with torch.device('meta'):
+        ours = vits.VIT_ARCHS[arch]().state_dict()
+        theirs = timm.create_model(name, pretrained=False).state_dict()
+        theirs_1000 = timm.create_model(name, pretrained=False, num_classes=1000).state_dict()
+    backbone = {k: v.shape for k, v in ours.items() if not k.startswith('head.')}
+    assert {k: v.shape for k, v in theirs.items() if not k.startswith('head.')} == backbone
+    assert list(backbone) == [k for k in theirs if not k.startswith('head.')]      # the same order too
+    assert {k: v.shape for k, v in theirs_1000.items()} == {k: v.shape for k, v in ours.items()}
+    assert ('head.weight' in theirs) == (arch == 'vit_large')
+
+
+@pytest.mark.parametrize('arch', BIG)
+def test_big_vit_computes_what_timm_computes(arch):
+    """One block of each, with our weights in timm's model: the same features (layout, norms, pooling)."""
+    name, patch = BIG[arch][5], BIG[arch][3]
+    torch.manual_seed(0)
+    ours = vits.VIT_ARCHS[arch](depth=1, img_size=4 * patch, num_classes=10).eval()
+    theirs = timm.create_model(name, pretrained=False, depth=1, img_size=4 * patch, num_classes=10).eval()
+    assert theirs.load_state_dict(ours.state_dict()).missing_keys == []
+    x = torch.randn(2, 3, 4 * patch, 4 * patch)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x))
+
+
+@pytest.mark.parametrize('arch', BIG)
+def test_big_vit_moco_init(arch):
+    """The same MoCo init as ViT-S/B (one block, real weights): Q, K, V Xavier bounds, Xavier patch projection
+    over 3 p^2 inputs, zero biases, cls ~ N(0, 1e-6)."""
+    torch.manual_seed(0)
+    model = vits.VIT_ARCHS[arch](depth=1)
+    dim, patch = model.embed_dim, BIG[arch][3]
+    qkv = model.blocks[0].attn.qkv.weight.detach()
+    bound = math.sqrt(6. / (dim + dim))
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.99 * bound
+    fc1 = model.blocks[0].mlp.fc1.weight.detach()
+    assert fc1.abs().max() <= math.sqrt(6. / (5 * dim)) and fc1.abs().max() > 0.99 * math.sqrt(6. / (5 * dim))
+    proj = model.patch_embed.proj.weight.detach()
+    bound = math.sqrt(6. / (3 * patch * patch + dim))
+    assert proj.abs().max() <= bound and proj.abs().max() > 0.99 * bound
+    assert all(torch.count_nonzero(m.bias) == 0 for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.cls_token.std().item() == pytest.approx(1e-6, rel=0.3)
