@@ -22,7 +22,10 @@ def add_training_precision_args(group, reference, fast_help):
                             'flag of its own; README "Speed")')
     group.add_argument('--max-nonfinite-steps', default=10, type=int, metavar='K',
                        help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: '
-                            '10; 0: no check, hence no host sync in the step, and a NaN reaches the weights)')
+                            '10; 0: no check, and a NaN reaches the weights). The check is the step\'s one host sync, '
+                            'which also carries fp16\'s inf check, --skip-spikes and the stop signal; with 0: no sync '
+                            'in fp32/bf16 or with fused AdamW, one in fp16 with LARS/SGD or --skip-spikes (README '
+                            '"What differs")')
 
 
 def resolve_precision(name, device, fast=False):
@@ -78,6 +81,25 @@ class NonFiniteSteps:
         return False
 
 
+def found_inf_of(scaler, optimizer):
+    """After ``scaler.unscale_(optimizer)``: the GradScaler's own found-inf flag of this step, a device
+    tensor, > 0 when some gradient was inf/NaN: the sum over devices of its ``found_inf_per_device``, which
+    ``GradScaler.step`` reads with ``.item()`` to decide whether to step and ``update`` reads to lower the
+    scale. That state is private (torch 1.6 to 2.14 keep it in ``_per_optimizer_states``): None when this
+    torch keeps it elsewhere, and the GradScaler then decides by itself."""
+    try:
+        per_device = scaler._per_optimizer_states[id(optimizer)]['found_inf_per_device']
+        flags = list(per_device.values())
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not flags or not all(torch.is_tensor(f) and f.numel() == 1 for f in flags):
+        return None
+    total = flags[0].reshape(())
+    for f in flags[1:]:
+        total = total + f.to(total.device, non_blocking=True).reshape(())
+    return total
+
+
 class Amp:
     """``with amp.autocast(): loss = ...``, then ``amp.backward_step(loss, optimizer)``."""
 
@@ -92,28 +114,69 @@ class Amp:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def backward_step(self, loss, optimizer, check_finite=True, after_backward=None):
+    def backward_step(self, loss, optimizer, check_finite=True, after_backward=None, stop=None):
         """Backward and step; returns False if the loss was not finite on some process, in which case
         no process takes the step (fp16: the GradScaler skips it and lowers its scale, as usual).
 
-        Deciding needs the loss on the host: one sync per step, after the backward is queued (the
-        GradScaler of the original syncs once per step as well). ``check_finite=False``: no check and
-        no sync (bf16/fp32 then step whatever the loss, as the original would).
+        Everything the step must know on the host is read at once, after the backward is queued: one
+        all-reduce (several processes) and one read, and none when nothing is to be known. Folded into it:
+        whether the loss is finite on every process (``check_finite``; False: no check, and bf16/fp32 step
+        whatever the loss, as the original would); under fp16, whether the GradScaler found inf/NaN
+        gradients, which its ``step`` would read with a sync of its own (not with an optimizer that reads
+        it on the device, as fused AdamW does); ``after_backward``'s shared values (the spike guard's loss
+        and gradient norm); and, with several processes, the stop flag of ``stop`` (a launch.StopRequest,
+        which is then ``settle``d for this step).
 
-        ``after_backward(finite)``, when given, sees the gradients unscaled (fp16), before the step, and
-        returns whether to take it (False: skipped on every process, which must all answer alike)."""
+        ``after_backward``: a callable ``(finite) -> take`` called after the read, or an object whose
+        ``share()`` returns a 1-D device tensor (or None) to be averaged over processes in that read and
+        whose ``decide(finite, shared, overflow) -> take`` gets the averages (``overflow``: the GradScaler
+        found inf/NaN gradients, None when not known). Either sees the gradients unscaled (fp16), before
+        the step; take False: skipped on every process, which must all answer alike."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        finite = dist.all_true(torch.isfinite(loss.detach())) if check_finite else True
+        scaled = self.scaler.is_enabled()
+        share = getattr(after_backward, 'share', None)
+        # GradScaler.step decides on the host whether it found inf, unless the optimizer decides on the device
+        host_inf = scaled and not getattr(optimizer, '_step_supports_amp_scaling', False)
+        if after_backward is not None or host_inf:
+            self.scaler.unscale_(optimizer)   # what the step would do first (a no-op without fp16)
+        shared = share() if share is not None else None
+        found_inf = found_inf_of(self.scaler, optimizer) if scaled and (host_inf or shared is not None) else None
+        host_inf = host_inf and found_inf is not None   # else GradScaler.step reads it itself
+
+        parts = []
+        if check_finite:
+            parts.append((~torch.isfinite(loss.detach())).float().reshape(1))
+        if found_inf is not None:
+            parts.append(found_inf.float().reshape(1))
+        if shared is not None:
+            parts.append(shared.float().reshape(-1))
+        fold_stop = bool(parts) and stop is not None and dist.world_size() > 1
+        if fold_stop:
+            parts.append(torch.full((1,), float(stop.flag), device=parts[0].device))
+        values = dist.sum_to_host(torch.cat(parts)) if parts else []   # the step's one host sync
+
+        finite = values.pop(0) == 0 if check_finite else True
+        overflow = values.pop(0) > 0 if found_inf is not None else None
+        if shared is not None:
+            n = shared.numel()
+            shared, values = [v / dist.world_size() for v in values[:n]], values[n:]
+        if fold_stop:
+            stop.settle(values.pop(0) > 0)
+
         take = True
         if after_backward is not None:
-            self.scaler.unscale_(optimizer)   # what the step would do first (a no-op without fp16)
-            take = after_backward(finite)
-        if take and (finite or self.scaler.is_enabled()):
+            take = after_backward.decide(finite, shared, overflow) if share is not None else after_backward(finite)
+        if not scaled:
+            if take and finite:
+                optimizer.step()
+            return finite
+        if host_inf:
+            if take and not overflow:
+                optimizer.step()   # as GradScaler.step: it steps iff its found_inf_per_device sum is 0
+        elif take:
             self.scaler.step(optimizer)
-            self.scaler.update()
-        elif after_backward is not None and self.scaler.is_enabled():
-            self.scaler.update()   # its bookkeeping of the unscaled gradients (inf found: a lower scale)
+        self.scaler.update()   # its bookkeeping of the unscaled gradients (inf found: a lower scale)
         return finite
 
     def state_dict(self):

@@ -182,6 +182,52 @@ def any_true(flag):
     return bool(t.item())
 
 
+def sum_to_host(values):
+    """The 1-D tensor ``values`` summed over processes, as a list of python numbers: one all-reduce (none at
+    world size 1) and one host read, so several per-step answers cost a single sync."""
+    if world_size() > 1:
+        tdist.all_reduce(values)
+    return values.tolist()
+
+
+class DeferredAnyTrue:
+    """``any_true`` answered one call late, so that asking costs no wait for the device's queue:
+    ``exchange(flag)`` starts an asynchronous all-reduce of this call's ``flag`` and returns the answer
+    of the previous call (False at the first), waiting only for that earlier all-reduce (on a GPU: for
+    the work queued before it, not for the work queued since). Every process must make the same calls
+    in the same order; ``drain()`` ends the pending all-reduce and returns its answer (False if none)."""
+
+    def __init__(self):
+        self._pending = None
+
+    def exchange(self, flag):
+        previous = self.drain()
+        device = collective_device()
+        t = torch.full((1,), int(bool(flag)), dtype=torch.int32, device=device)   # no host-to-device copy
+        work = tdist.all_reduce(t, op=tdist.ReduceOp.MAX, async_op=True)
+        if device.type == 'cuda':
+            work.wait()   # nccl: the current stream waits for the all-reduce, the host does not
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (None, host, done)
+        else:
+            self._pending = (work, t, None)
+        return previous
+
+    def drain(self):
+        if self._pending is None:
+            return False
+        work, t, done = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if done is not None:
+            done.synchronize()
+        return bool(t[0])
+
+
 def collective_device():
     """Where the tensors of a collective must live: CUDA for nccl, the CPU for gloo."""
     return torch.device('cuda') if tdist.get_backend() == 'nccl' else torch.device('cpu')

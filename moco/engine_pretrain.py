@@ -22,10 +22,22 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     process received a stop signal, the progress is saved (``save_progress``) and ``launch.Stopped`` raised;
     at the epoch's last step the epoch just ends (the caller saves it and stops). ``monitors`` (a
     monitors.TrainingMonitors): the gradient magnitudes of the logged steps and, with --skip-spikes,
-    the spike guard. Returns the epoch's averages (and the monitors' per-epoch fields). The only host
-    syncs are the finiteness check of ``amp.backward_step`` (none with ``--max-nonfinite-steps 0``),
-    the progress lines (the gradient magnitudes are read with them) and, with --skip-spikes, the
-    guard's decision.
+    the spike guard. Returns the epoch's averages (and the monitors' per-epoch fields).
+
+    Host syncs (reads of a device value, each draining the GPU's queue) of a step that is not logged: the
+    one read of ``amp.backward_step``, which carries everything the step must know (whether the loss is
+    finite, under fp16 whether the GradScaler found inf, --skip-spikes' loss and gradient norm and, with
+    several processes, the stop flag: one all-reduce); the stop check then costs nothing. Per step, with
+    1 process or several alike:
+      * the finiteness check on (the default): 1, in fp32, bf16 and fp16, with or without --skip-spikes;
+      * ``--max-nonfinite-steps 0``: 0 in fp32/bf16 and in fp16 with fused AdamW (which reads the
+        GradScaler's flag on the device); 1 in fp16 with LARS/SGD (the GradScaler's flag); 1 in any
+        precision with --skip-spikes.
+    With several processes and no read in the step (the 0s above), the stop flag is all-reduced
+    asynchronously and read one step later (a wait for the step before, not a drain; a signal stops every
+    process one step later, all after the same step). A logged step adds 2 reads (the losses since the last
+    progress line, the gradient magnitudes), a skipped step 1 (its loss, for the warning), the epoch's end
+    1 with several processes (the count of unreadable images).
     """
     model.train()
     method = dist.unwrap(model)   # the MoCo/BYOL/M2T model under DDP and compile wrappers
@@ -40,7 +52,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     if nonfinite is None:
         nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
     skipped_images, skipped_before = 0, nonfinite.skipped
-    spikes_before = monitors.guard.skipped if monitors is not None and monitors.guard is not None else 0
+    guard = monitors.guard if monitors is not None else None
     if monitors is not None:
         monitors.start_epoch(epoch)
 
@@ -61,7 +73,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
             loss = model(x1, x2, m)
         logged = (i - start_iter) % args.print_freq == 0 or i == iters_per_epoch - 1
         inspect = monitors.after_backward(logged, loss) if monitors is not None else None
-        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check, inspect), loss, epoch, i):
+        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check, inspect, stop), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr, m=m)
         skipped_images += int(skipped.sum())  # a CPU tensor: no device sync
 
@@ -83,13 +95,13 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         if i + 1 < iters_per_epoch:   # at the epoch's last step the caller saves the epoch, then stops
             launch.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1} of {iters_per_epoch}: saved '
                                        f'{os.path.join(args.output_dir, LAST_CHECKPOINT)}',
-                                 save=save_progress and partial(save_progress, epoch, i + 1))
+                                 save=save_progress and partial(save_progress, epoch, i + 1), deferred=True)
 
     stats = logger.global_averages()
     stats.pop('grad_first', None)   # per-step values: log.txt gets the epoch's maximum and median instead
     skipped_steps = nonfinite.skipped - skipped_before
     skipped_images = round(dist.all_reduce_mean(skipped_images) * dist.world_size())
-    spike_steps = monitors.guard.skipped - spikes_before if monitors is not None and monitors.guard is not None else 0
+    spike_steps = guard.epoch_skipped if guard is not None else 0   # the whole epoch's, across a resume
     if skipped_images or skipped_steps or spike_steps:
         print(f'epoch {epoch + 1}: {skipped_images} unreadable image(s) replaced, {skipped_steps} step(s) skipped '
               f'for a non-finite loss' + (f', {spike_steps} by --skip-spikes' if spike_steps else ''), flush=True)

@@ -38,11 +38,17 @@ class StopRequest:
     take a job away). The handler only notes the signal; the training loop asks ``agreed()`` after each
     step, and since every process asks at the same step and they agree through one all-reduce, all of
     them stop after the same step, even when the signal reached only one. A second signal changes
-    nothing (the save in progress goes on)."""
+    nothing (the save in progress goes on).
+
+    The all-reduce need not be a sync of its own: the pretraining step folds this process's flag into the
+    all-reduce it makes anyway (``Amp.backward_step``), which ``settle``s the answer; a step without one
+    asks ``agreed(deferred=True)``: an asynchronous all-reduce whose answer is read one step later."""
 
     def __init__(self, names=('TERM', 'USR1')):
         self.received = None
         self.names = tuple(names)
+        self._settled = None    # the answer of an all-reduce this step already made (``settle``)
+        self._deferred = None   # a dist.DeferredAnyTrue once ``agreed(deferred=True)`` asked without one
         for name in self.names:
             signal.signal(getattr(signal, 'SIG' + name), self._note)
 
@@ -51,12 +57,34 @@ class StopRequest:
             self.received = signal.Signals(signum).name
             print(f'{self.received} received: stopping after this step', file=sys.stderr, flush=True)
 
-    def agreed(self):
-        """Whether any process received a stop signal (the same answer on every process)."""
-        flag = self.received is not None
-        if dist.world_size() > 1:
-            flag = dist.any_true(flag)
-        return flag
+    @property
+    def flag(self):
+        """Whether this process received a stop signal (what it contributes to ``agreed``)."""
+        return self.received is not None
+
+    def settle(self, agreed):
+        """The answer of an all-reduce of every process's ``flag`` made this step (the same on every
+        process): the next ``agreed()`` returns it without a collective of its own."""
+        self._settled = bool(agreed)
+
+    def agreed(self, deferred=False):
+        """Whether any process received a stop signal (the same answer on every process). One process:
+        its own flag, no collective. Several: one all-reduce and a host read now (taking in any answer
+        still pending); with ``deferred`` (the pretraining loop, after each step), no sync of its own: the
+        ``settle``d answer of this step when there is one, else the answer of the asynchronous all-reduce
+        started at the previous such call (this call's flag is answered at the next one: a signal stops
+        every process one step later, all after the same step)."""
+        settled, self._settled = self._settled, None
+        if dist.world_size() == 1:
+            return self.flag
+        if deferred and settled is not None:
+            return settled
+        if deferred:
+            if self._deferred is None:
+                self._deferred = dist.DeferredAnyTrue()
+            return self._deferred.exchange(self.flag)
+        pending = self._deferred.drain() if self._deferred is not None else False
+        return dist.any_true(self.flag or settled or pending)
 
     def describe(self):
         return self.received or 'a stop signal (on another process)'
@@ -82,10 +110,11 @@ def stop_request(args):
     return StopRequest(names) if names else None
 
 
-def stop_after_step(stop, what, save=None):
+def stop_after_step(stop, what, save=None, deferred=False):
     """Raise Stopped when any process received a stop signal (the same answer on every process), after
-    ``save()`` when given. One all-reduce per call in a distributed run."""
-    if stop is not None and stop.agreed():
+    ``save()`` when given. In a distributed run: one all-reduce and a host read per call, unless the
+    answer was ``settle``d this step or ``deferred`` (``StopRequest.agreed``)."""
+    if stop is not None and stop.agreed(deferred):
         if save is not None:
             save()
         raise Stopped(f'{stop.describe()} {what}; to continue, run the same command with --resume auto')

@@ -231,13 +231,17 @@ class CollapseTripwire:
 class SpikeGuard:
     """``--skip-spikes``: whether to take a step, from its loss and gradient norm (the same on every
     process: the loss averaged over processes, the norm of DDP's averaged gradients). A step is skipped
-    when either exceeds the mean + ``sigmas`` x std of the last ``window`` steps taken (once
-    ``min_history`` are in); non-finite values are skipped too and never enter the window."""
+    when either exceeds the mean + ``sigmas`` x std of the last ``window`` steps (once ``min_history``
+    are in), or is not finite. As OLMo-core's SkipStepOptimizer, every finite value enters the window
+    once judged, a skipped step's too: a lasting rise is absorbed after a few skips (4 for a 15% rise of
+    a gradient norm with 1% noise) instead of skipping every later step; non-finite values never enter.
+    ``skipped``: the run's skipped steps; ``epoch_skipped``: those of the epoch ``start_epoch`` began."""
 
     def __init__(self, window=128, sigmas=6.0, min_history=20):
         self.sigmas, self.min_history = sigmas, min_history
         self.history = {'loss': deque(maxlen=window), 'grad_norm': deque(maxlen=window)}
         self.skipped = 0
+        self.epoch, self.skipped_before_epoch = None, 0
 
     def _outlier(self, name, value):
         values = self.history[name]
@@ -247,29 +251,69 @@ class SpikeGuard:
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
         return value > mean + self.sigmas * std
 
-    def decide(self, loss, grad_norm):
-        """True: take the step. One all-reduce of (loss, norm) when there are several processes."""
-        stats = torch.stack([loss.detach().float(), grad_norm.float()])
-        if dist.world_size() > 1:
-            stats = stats.clone()
-            torch.distributed.all_reduce(stats)
-            stats /= dist.world_size()
-        loss_value, norm_value = stats.tolist()
-        values = {'loss': loss_value, 'grad_norm': norm_value}
-        if not all(math.isfinite(v) for v in values.values()) or any(self._outlier(k, v) for k, v in values.items()):
-            self.skipped += 1
-            return False
+    def judge(self, loss, grad_norm):
+        """True: take the step. ``loss`` and ``grad_norm``: python numbers, the same on every process."""
+        values = {'loss': loss, 'grad_norm': grad_norm}
+        take = all(math.isfinite(v) and not self._outlier(k, v) for k, v in values.items())
         for k, v in values.items():
-            self.history[k].append(v)
-        return True
+            if math.isfinite(v):
+                self.history[k].append(v)
+        if not take:
+            self.skipped += 1
+        return take
+
+    def decide(self, loss, grad_norm):
+        """``judge`` of device tensors: one all-reduce of (loss, norm) when there are several processes,
+        and a host read (the training loop folds them into the step's one read instead)."""
+        loss_value, norm_value = dist.sum_to_host(torch.stack([loss.detach().float(), grad_norm.float()]))
+        return self.judge(loss_value / dist.world_size(), norm_value / dist.world_size())
+
+    def start_epoch(self, epoch):
+        """Count ``epoch_skipped`` from here, unless this epoch was begun already (a mid-epoch resume)."""
+        if epoch != self.epoch:
+            self.epoch, self.skipped_before_epoch = epoch, self.skipped
+
+    @property
+    def epoch_skipped(self):
+        return self.skipped - self.skipped_before_epoch
 
     def state_dict(self):
-        return {k: list(v) for k, v in self.history.items()} | {'skipped': self.skipped}
+        return {k: list(v) for k, v in self.history.items()} | {
+            'skipped': self.skipped, 'epoch': self.epoch, 'skipped_before_epoch': self.skipped_before_epoch}
 
     def load_state_dict(self, state):
         for k in self.history:
             self.history[k].extend(state.get(k, []))
         self.skipped = state.get('skipped', 0)
+        self.epoch = state.get('epoch')
+        self.skipped_before_epoch = state.get('skipped_before_epoch', self.skipped)
+
+
+class _StepInspection:
+    """What ``TrainingMonitors.after_backward`` gives ``Amp.backward_step``: ``share()`` measures the
+    gradient magnitudes (a logged step) and, with the guard, returns (loss, gradient norm) to be averaged
+    over processes in the step's one read; ``decide`` is the guard's decision from the averages."""
+
+    def __init__(self, monitors, logged, loss):
+        self.monitors, self.logged, self.loss = monitors, logged, loss
+
+    def share(self):
+        m = self.monitors
+        values = m.gradients.measure() if self.logged else None
+        m._measured = values
+        if m.guard is None:
+            return None
+        norm = values[-1] if values is not None else total_grad_norm(m._params)
+        return torch.stack([self.loss.detach().float(), norm.float()])
+
+    def decide(self, finite, shared, overflow=None):
+        if self.monitors.guard is None:
+            return True
+        if not finite:     # counted as a non-finite step, not as a spike
+            return False
+        if overflow:       # an fp16 overflow: the GradScaler skips the step and lowers its scale; not a spike
+            return True
+        return self.monitors.guard.judge(*shared)
 
 
 class TrainingMonitors:
@@ -292,19 +336,10 @@ class TrainingMonitors:
         self.evaluations = []   # (epochs done, {knn_top1, rankme, feature_std}) of the feature monitors
 
     def after_backward(self, logged, loss):
+        """The ``after_backward`` of ``Amp.backward_step`` for this step (a ``_StepInspection``), or None."""
         if not logged and self.guard is None:
             return None
-
-        def callback(finite):
-            values = self.gradients.measure() if logged else None
-            self._measured = values
-            if self.guard is None:
-                return True
-            if not finite:   # counted as a non-finite step, not as a spike
-                return False
-            norm = values[-1] if values is not None else total_grad_norm(self._params)
-            return self.guard.decide(loss, norm)
-        return callback
+        return _StepInspection(self, logged, loss)
 
     def log_step(self, iteration, run_log, loss=None):
         """At a logged step, after the step: read the measured values back (one transfer), log them to
@@ -323,6 +358,8 @@ class TrainingMonitors:
     def start_epoch(self, epoch):
         self._epoch_values, self._epoch_spikes = [], []
         self.tripwire.start_epoch(epoch)
+        if self.guard is not None:
+            self.guard.start_epoch(epoch)
 
     def epoch_record(self, epoch):
         """{'grad_max': {...}, 'grad_median': {...}, 'grad_spikes': [...], 'skipped_spike_steps': n} of the
@@ -336,7 +373,7 @@ class TrainingMonitors:
         if self._epoch_spikes:
             record['grad_spikes'] = self._epoch_spikes
         if self.guard is not None:
-            record['skipped_spike_steps'] = self.guard.skipped
+            record['skipped_spike_steps'] = self.guard.epoch_skipped   # the run's: guard.skipped
         warning = self.tripwire.end_epoch(epoch)
         if warning:
             record['collapse_warning'] = warning

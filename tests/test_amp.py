@@ -64,3 +64,58 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLoss, match='3 consecutive steps'):
         _train(model, 6, max_nonfinite=3, tmp_path=tmp_path)
     assert model.calls == 5 and torch.isfinite(model.w) and model.w.item() < 1
+
+
+def _scaled_steps(optimizer_name, via_amp, multipliers, after_backward=False):
+    """Weights, scale and growth tracker after each step of a GradScaler on the CPU (fp16's logic) over
+    losses scaled by ``multipliers`` (1e30: the scaled loss overflows, an inf step): through
+    ``Amp.backward_step`` or through the textbook loop (scale, backward, step, update)."""
+    from moco.amp import Amp
+    from moco.optim import build_optimizer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    if optimizer_name == 'adamw_fused':   # decides on the device from GradScaler's flag (as fused AdamW on CUDA)
+        optimizer = torch.optim.AdamW(model.parameters(), 0.1, weight_decay=1e-4, fused=True)
+    else:
+        optimizer = build_optimizer(optimizer_name, model, 0.1, 1e-4)
+    amp = Amp('fp32', torch.device('cpu'))
+    amp.scaler = scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 96, growth_interval=2)
+    x, out = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), []
+    for k, mult in enumerate(multipliers):
+        loss = model(x[k % 4::4]).square().mean() * mult
+        if via_amp:
+            amp.backward_step(loss, optimizer, True, (lambda finite: True) if after_backward else None)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        out.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale(),
+                    scaler._get_growth_tracker()))
+    return out
+
+
+@pytest.mark.parametrize('optimizer_name', ['lars', 'sgd', 'adamw', 'adamw_fused'])
+@pytest.mark.parametrize('after_backward', [False, True])
+def test_the_folded_grad_scaler_decision_is_the_grad_scalers(optimizer_name, after_backward):
+    """Under fp16, Amp.backward_step reads whether the GradScaler found inf with the step's other values
+    and steps itself (LARS, SGD) instead of letting GradScaler.step read it again: the same skips, scale
+    updates and weights, bit for bit, as the textbook loop (fused AdamW: GradScaler.step, as before)."""
+    multipliers = [1, 1, 1e30, 1, 1, 1, 1, 1e30, 1e30, 1, 1]   # overflows, backoffs and growths
+    ours = _scaled_steps(optimizer_name, True, multipliers, after_backward)
+    reference = _scaled_steps(optimizer_name, False, multipliers)
+    scales = [s for _, s, _ in reference]
+    assert len(set(scales)) >= 3   # the scale went down and up
+    for (w, s, g), (w_ref, s_ref, g_ref) in zip(ours, reference):
+        assert s == s_ref and g == g_ref
+        assert all(torch.equal(a, b) for a, b in zip(w, w_ref))
+
+
+def test_a_grad_scaler_without_its_private_flag_decides_by_itself(monkeypatch):
+    """If a torch keeps the GradScaler's found-inf flag elsewhere, GradScaler.step decides (one more read)."""
+    import moco.amp
+    monkeypatch.setattr(moco.amp, 'found_inf_of', lambda scaler, optimizer: None)
+    multipliers = [1, 1e30, 1, 1]
+    ours, reference = _scaled_steps('lars', True, multipliers), _scaled_steps('lars', False, multipliers)
+    for (w, s, g), (w_ref, s_ref, g_ref) in zip(ours, reference):
+        assert s == s_ref and g == g_ref and all(torch.equal(a, b) for a, b in zip(w, w_ref))

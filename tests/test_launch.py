@@ -64,3 +64,55 @@ def test_gpu_without_a_gpu_says_how_to_run_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(UserError, match='leave out --gpu to run on the CPU'):
         launch.launch(lambda args: None, argparse.Namespace(gpu=0))
+
+
+def test_stop_request_answers_from_the_steps_all_reduce_or_one_step_late(monkeypatch):
+    """With several processes, the pretraining loop's check (``agreed(deferred=True)``) makes no sync of
+    its own: it returns the answer ``settle``d by the step's all-reduce, else the answer of the
+    asynchronous all-reduce of the previous call; the synchronous check takes in whatever is pending."""
+    from moco import dist
+
+    class Deferred:   # dist.DeferredAnyTrue of a run whose other processes never received a signal
+        def __init__(self):
+            self.pending = None
+
+        def exchange(self, flag):
+            previous, self.pending = self.drain(), flag
+            return previous
+
+        def drain(self):
+            previous, self.pending = bool(self.pending), None
+            return previous
+    syncs = []
+    monkeypatch.setattr(dist, 'world_size', lambda: 2)
+    monkeypatch.setattr(dist, 'DeferredAnyTrue', Deferred)
+    monkeypatch.setattr(dist, 'any_true', lambda flag: syncs.append(flag) or flag)
+    stop = launch.StopRequest(names=())
+    stop.settle(True)                    # another process received a signal: the step's all-reduce says so
+    assert stop.agreed(deferred=True) and not syncs
+    assert not stop.agreed(deferred=True)                        # nothing settled: deferred, nothing pending
+    stop.received = 'TERM'
+    assert not stop.agreed(deferred=True) and stop.agreed(deferred=True) and not syncs   # one call late
+    assert stop.agreed() and syncs == [True]                    # synchronous: an all-reduce now
+    stop.received = None
+    stop.agreed(deferred=True)
+    stop.received = 'TERM'
+    stop.agreed(deferred=True)           # pending: True
+    stop.received = None
+    assert stop.agreed() and syncs[-1] is True                  # the synchronous check takes it in
+    stop.settle(True)
+    assert stop.agreed() and not stop.agreed()                  # a settled answer is used once
+
+
+def test_deferred_any_true_answers_one_call_late(tmp_path):
+    """dist.DeferredAnyTrue in a real (one-process) gloo group: each call returns the previous flag."""
+    import torch.distributed as tdist
+
+    from moco import dist
+    tdist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', world_size=1, rank=0)
+    try:
+        deferred = dist.DeferredAnyTrue()
+        assert [deferred.exchange(f) for f in (True, False, False, True)] == [False, True, False, False]
+        assert deferred.drain() is True and deferred.drain() is False
+    finally:
+        tdist.destroy_process_group()

@@ -144,12 +144,91 @@ def test_spike_guard_skips_outliers_and_keeps_nan_out_of_its_window():
     torch.manual_seed(0)
     for _ in range(30):
         assert guard.decide(torch.tensor(1.0) + 0.01 * torch.randn(()), torch.tensor(5.0) + 0.05 * torch.randn(()))
-    assert not guard.decide(torch.tensor(float('nan')), torch.tensor(5.0))   # skipped, not in the window
+    assert not guard.decide(torch.tensor(float('nan')), torch.tensor(5.0))   # skipped; NaN not in the window
     assert not guard.decide(torch.tensor(1.0), torch.tensor(50.0))           # a gradient-norm spike
     assert not guard.decide(torch.tensor(3.0), torch.tensor(5.0))            # a loss spike
     assert guard.decide(torch.tensor(1.005), torch.tensor(5.02))
-    assert guard.skipped == 3 and len(guard.history['loss']) == 31
-    assert all(math.isfinite(v) for v in guard.history['loss'])
+    # every finite value entered the window, the skipped steps' too (OLMo-core's rule); the NaN did not
+    assert guard.skipped == 3 and len(guard.history['loss']) == 33 and len(guard.history['grad_norm']) == 34
+    assert all(math.isfinite(v) for v in guard.history['loss']) and 50.0 in guard.history['grad_norm']
     again = mon.SpikeGuard(window=50)
     again.load_state_dict(guard.state_dict())
     assert list(again.history['grad_norm']) == list(guard.history['grad_norm']) and again.skipped == 3
+
+
+def _guard_taken(norms):
+    """Whether the default SpikeGuard takes each step of a gradient-norm series (the loss steady)."""
+    guard, g = mon.SpikeGuard(), torch.Generator().manual_seed(1)
+    return [guard.decide(1.0 + 0.01 * torch.randn((), generator=g), torch.tensor(n)) for n in norms], guard
+
+
+def test_spike_guard_absorbs_a_lasting_level_shift_and_still_skips_an_isolated_spike():
+    """A gradient norm of 1.0 +- 0.01 that rises 15% for good at step 200: the guard skips the first few
+    steps of the new level, then takes steps again (before the fix, a skipped step never entered the
+    window: 0 of the 200 steps after the shift were taken while the momentum encoder kept moving)."""
+    g = torch.Generator().manual_seed(0)
+    noise = (0.01 * torch.randn(400, generator=g)).tolist()
+    taken, guard = _guard_taken([1.0 + e for e in noise[:200]] + [1.15 + e for e in noise[200:]])
+    assert taken[:200].count(False) <= 2              # at most a rare false alarm before the shift
+    after = taken[200:]
+    assert not after[0]                               # the rise itself is an outlier
+    assert after.index(True) <= 5                     # steps are taken again within a few steps
+    assert sum(after) >= 190 and all(after[10:])      # ... and from then on
+    # an isolated spike (one step at 1.15) is skipped, the steps after it taken
+    taken, guard = _guard_taken([1.0 + e for e in noise[:200]] + [1.15] + [1.0 + e for e in noise[201:260]])
+    assert taken[200] is False and all(taken[201:]) and guard.skipped == taken.count(False)
+
+
+def test_an_fp16_overflow_is_not_a_spike():
+    """Finite loss, inf gradients (the scaled loss overflows): the GradScaler skips the step and lowers its
+    scale, as without --skip-spikes; the guard does not count it (it counted it as a spike before), nor
+    does its window change, nor is it a non-finite step."""
+    torch.manual_seed(0)
+    model = small_moco('mocov3', 'vit_tiny_patch4')
+    monitors = mon.TrainingMonitors(model, skip_spikes=True)
+    amp = Amp('fp32', torch.device('cpu'))
+    amp.scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 100)   # fp16's scaler, on the CPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3, 8, 8)
+    weight = model.base_encoder.patch_embed.proj.weight
+    before = weight.detach().clone()
+
+    def step(scale):
+        loss = model(x, x.flip(-1), 0.99) * scale
+        return amp.backward_step(loss, optimizer, True, monitors.after_backward(False, loss))
+    assert step(1e30)   # 1e30 x 2^100 overflows float32: inf gradients, finite loss
+    guard = monitors.guard
+    assert guard.skipped == 0 and not guard.history['loss'] and not guard.history['grad_norm']
+    assert torch.equal(weight, before) and amp.scaler.get_scale() == 2. ** 99   # GradScaler's own skip
+    assert step(1.)                                                               # a normal step
+    assert not torch.equal(weight, before) and len(guard.history['grad_norm']) == 1
+
+
+def test_skipped_spike_steps_are_the_epochs_and_survive_a_mid_epoch_resume():
+    """log.txt's skipped_spike_steps is the epoch's count (it was the run's running total), and a resume in
+    the middle of an epoch gives the same count as an uninterrupted run."""
+    def run(monitors, epoch, spikes, skip_to=0):
+        monitors.start_epoch(epoch)
+        for k in range(skip_to, len(spikes)):
+            monitors.guard.decide(torch.tensor(1.0), torch.tensor(spikes[k]))
+    epochs = [[1.0] * 25 + [9.0, 1.0, 100.0], [1.0] * 3 + [1e4], [1.0] * 4]   # 2, 1 and 0 spikes
+    monitors = mon.TrainingMonitors(small_moco('mocov3'), skip_spikes=True)
+    counts = []
+    for epoch, spikes in enumerate(epochs):
+        run(monitors, epoch, spikes)
+        counts.append(monitors.epoch_record(epoch)['skipped_spike_steps'])
+    assert counts == [2, 1, 0] and monitors.guard.skipped == 3   # the closing summary's total
+
+    # the same, stopped in epoch 0 after its first spike and resumed from the checkpoint's state
+    first = mon.TrainingMonitors(small_moco('mocov3'), skip_spikes=True)
+    first.start_epoch(0)
+    for value in epochs[0][:26]:
+        first.guard.decide(torch.tensor(1.0), torch.tensor(value))
+    resumed = mon.TrainingMonitors(small_moco('mocov3'), skip_spikes=True)
+    resumed.load_state_dict(first.state_dict())
+    run(resumed, 0, epochs[0], skip_to=26)
+    again = [resumed.epoch_record(0)['skipped_spike_steps']]
+    for epoch, spikes in enumerate(epochs[1:], start=1):
+        run(resumed, epoch, spikes)
+        again.append(resumed.epoch_record(epoch)['skipped_spike_steps'])
+    assert again == counts and resumed.guard.skipped == 3
