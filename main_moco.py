@@ -61,7 +61,8 @@ def get_args_parser():
                    help='resume although flags that change the mathematics (lr, batch, temperature, ...) differ '
                         'from the ones the run was started with (each is listed; --epochs may always change)')
     g.add_argument('--start-epoch', default=0, type=int, metavar='N',
-                   help='manual epoch number (useful on restarts)')
+                   help='epoch a new run starts at (the original\'s flag; --resume takes it from the checkpoint); '
+                        'on an --output-dir that holds checkpoints it needs --overwrite')
     g.add_argument('-b', '--batch-size', default=4096, type=int, metavar='N',
                    help='mini-batch size (default: 4096), this is the total batch size of all processes')
     g.add_argument('--lr', '--learning-rate', default=None, type=float, metavar='LR', dest='lr',
@@ -104,7 +105,12 @@ def get_args_parser():
                             "checkpoint to resume from, or 'auto' for the newest readable one in --output-dir",
                             'after saving a resumable checkpoint (mid-epoch: checkpoint_last.pth.tar)')
     g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
-                   help='keep only the N newest checkpoint_*.pth.tar (default: 0 = keep all, as the original)')
+                   help='keep only the N newest checkpoint_*.pth.tar of the run\'s line of training (README "Runs '
+                        'you can follow"; default: 0 = keep all, as the original)')
+    g.add_argument('--overwrite', action='store_true',
+                   help='let a new run (no --resume) start in an --output-dir that holds checkpoints, overwriting '
+                        'the ones whose names it writes (with --start-epoch N: checkpoint_NNNN on); the others are '
+                        'kept, as another line of training')
     g.add_argument('--save-every-iters', default=0, type=int, metavar='N',
                    help='also save checkpoint_last.pth.tar every N iterations inside an epoch, for long epochs '
                         '(--resume auto continues from it mid-epoch; default: 0 = only at epoch ends)')
@@ -160,7 +166,7 @@ def main_worker(args):
     print(f'precision: {amp.precision}')
 
     shape_flags = run_record.SHAPE_FLAGS + (('image_size', 'stop_grad_conv1') if is_vit(args.arch) else ())
-    resume, ckpt = resume_pretraining(args, settings, model, optimizer, amp, shape_flags)
+    resume, ckpt, line = resume_pretraining(args, settings, model, optimizer, amp, shape_flags)
     start_iter, data_seed = 0, args.seed
     if resume:
         args.start_epoch, start_iter = ckpt['epoch'], ckpt.get('iter', 0)
@@ -207,11 +213,12 @@ def main_worker(args):
             batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
 
     if dist.is_main_process():
-        written = run_record.write(args.output_dir, settings)
+        written = run_record.write(args.output_dir, settings, line.record())
         print(f'run folder: {os.path.abspath(args.output_dir)} (checkpoints, log.txt, tensorboard/; settings in '
               f'{os.path.basename(written)})')
     run_log = RunLog(args.output_dir)
-    knn_acc1 = best_knn = None
+    # each checkpoint records the last kNN top-1 evaluated: after a resume, the last one before the stop
+    knn_acc1 = last_knn_top1(monitors.evaluations)
 
     def report(epoch_done, record):
         """Run the feature monitors, print and log them into ``record``; returns kNN top-1 (or None)."""
@@ -233,14 +240,15 @@ def main_worker(args):
         run_log.epoch(first)
 
     def save(epochs_done, iters_done=0):
-        """The original's checkpoint (plus method, eval_encoder, data_seed, knn_top1 and, mid-epoch, iter);
-        rank 0 writes it."""
+        """The original's checkpoint (plus method, eval_encoder, data_seed, knn_top1, the line of training
+        and, mid-epoch, iter); rank 0 writes it."""
         if not dist.is_main_process():
             return
         state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'eval_encoder': eval_encoder,
                  'state_dict': ddp_state_dict(model),
                  'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
-                 'data_seed': loader.sampler.seed, 'args': settings, 'monitors': monitors.state_dict()}
+                 'data_seed': loader.sampler.seed, 'args': settings, 'monitors': monitors.state_dict(),
+                 'line': line.record()}
         if knn_acc1 is not None:
             state['knn_top1'] = knn_acc1
         save_pretraining(state, args.output_dir, epochs_done, iters_done, args.keep_checkpoints)
@@ -255,8 +263,6 @@ def main_worker(args):
         record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}, **monitors.epoch_record(epoch)}
         if evaluate is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
             knn_acc1 = report(epoch + 1, record)
-            if knn_acc1 is not None:
-                best_knn = knn_acc1 if best_knn is None else max(best_knn, knn_acc1)
         save(epoch + 1)
         run_log.epoch(record)
         if epoch + 1 < args.epochs:
@@ -264,9 +270,22 @@ def main_worker(args):
                                        f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
     run_log.close()
     last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
+    best_knn = best_knn_top1(monitors.evaluations)
     print(closing_summary(args, last, best_knn, monitors))
     dist.cleanup()
     return {'checkpoint': last, 'best_knn_top1': best_knn, 'spikes': monitors.spikes.events}
+
+
+def last_knn_top1(evaluations):
+    """kNN top-1 of the latest evaluation of the feature monitors ([(epochs done, values)]), or None."""
+    return evaluations[-1][1].get('knn_top1') if evaluations else None
+
+
+def best_knn_top1(evaluations):
+    """The best kNN top-1 evaluated after training began, over the whole run: a resumed run's monitors
+    hold the evaluations made before the stop (they are in the checkpoint)."""
+    return max((values['knn_top1'] for epoch, values in evaluations if epoch > 0 and 'knn_top1' in values),
+               default=None)
 
 
 def closing_summary(args, last, best_knn, monitors=None):

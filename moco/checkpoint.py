@@ -6,10 +6,14 @@ and ours are interchangeable. Only tensors and plain types are saved, and every 
 ``weights_only=True``: a checkpoint cannot run code. Every file is checked before it is loaded
 (``moco.file_check``: the CRC-32 of every entry and the zip structure), so a damaged file is refused,
 or, by ``--resume auto``, moved aside for the newest intact one; a new numbered checkpoint is checked
-after it is written, before any older one is removed.
+after it is written, before any older one is removed. Every pretraining checkpoint records its line of
+training (``Line``), so that ``--resume auto`` and ``--keep-checkpoints`` act on the run's own files only.
 """
 import os
+import pickle
 import re
+import uuid
+import zipfile
 from typing import NamedTuple, Optional
 
 import torch
@@ -159,10 +163,111 @@ def set_aside(path):
     return target
 
 
-def _read_pretraining(path):
-    """(progress, checkpoint) of a readable pretraining checkpoint, progress being (epoch, iter); None,
-    with a warning, for a file that cannot be read or is not one. A damaged file is moved aside (by
-    rank 0; every process finds it damaged and passes it over)."""
+class Line(NamedTuple):
+    """A line of training (README "Runs you can follow"): the checkpoints of one run and of the restarts
+    that continue it. A run started from scratch begins a line; a resume from a file that is not the
+    furthest of its line (``--resume`` of an older checkpoint, say after a divergence) branches a new one,
+    whose history is its own files and its parent's up to the file it started from. Each checkpoint
+    records its line (``'line'``), args.json the line of the latest start, so that ``--resume auto`` and
+    ``--keep-checkpoints`` act on that line only, although branches overwrite each other's file names."""
+    id: str
+    parent: Optional[str] = None          # the line it branched from; None: files that record no line
+    branched_at: Optional[tuple] = None   # (epoch, iter) of the file it started from; None: from scratch
+
+    @staticmethod
+    def new(parent=None, branched_at=None):
+        return Line(uuid.uuid4().hex, parent, tuple(branched_at) if branched_at is not None else None)
+
+    @staticmethod
+    def of(record):
+        """The Line of a checkpoint's or args.json's ``record``; None where none is recorded."""
+        if not isinstance(record, dict) or not isinstance(record.get('id'), str):
+            return None
+        at = record.get('branched_at')
+        return Line(record['id'], record.get('parent'), tuple(at) if at is not None else None)
+
+    def record(self):
+        return {'id': self.id, 'parent': self.parent,
+                'branched_at': list(self.branched_at) if self.branched_at is not None else None}
+
+    def holds(self, record, progress):
+        """Whether a checkpoint that records line ``record`` and ``progress`` (epoch, iter) is of this
+        line's history: its own, or its parent's up to the branch point."""
+        other = record.get('id') if isinstance(record, dict) else None
+        return other == self.id or (self.branched_at is not None and other == self.parent
+                                    and tuple(progress) <= self.branched_at)
+
+    def describe(self):
+        if self.branched_at is None:
+            return 'began from scratch'
+        epoch, it = self.branched_at
+        return f'began from the checkpoint of epoch {epoch}' + (f' step {it}' if it else '')
+
+
+class _Stub:
+    """What ``_Skeleton`` makes of every object that is not a plain value (tensors, OrderedDicts): nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _Skeleton(pickle.Unpickler):
+    """Unpickles the plain values of a checkpoint: every class is a _Stub and no tensor is read, so that
+    nothing in the file runs and a file of any size is read in milliseconds."""
+
+    def find_class(self, module, name):
+        return _Stub
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _peek(path):
+    """(line record, (epoch, iter)) of a pretraining checkpoint, from its pickle alone (the tensors are
+    neither read nor checked: ``load_checkpoint`` does that before a file is used); None for a file that
+    cannot be read so."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            with z.open(next(n for n in z.namelist() if n.endswith('/data.pkl'))) as f:
+                ckpt = _Skeleton(f).load()
+        return ckpt.get('line'), (int(ckpt['epoch']), int(ckpt.get('iter', 0)))
+    except Exception:
+        return None
+
+
+def _pretrain_files(folder):
+    """The paths of the checkpoint_NNNN files of ``folder`` (by number), then checkpoint_last's if any."""
+    names = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
+    paths = [os.path.join(folder, name) for _, name in names]
+    last = os.path.join(folder, LAST_CHECKPOINT)
+    return paths + [last] if os.path.exists(last) else paths
+
+
+def _held(path, line):
+    """Whether ``path`` is of ``line``'s history, or may be (no line given, or none can be read)."""
+    peek = _peek(path) if line is not None else None
+    return peek is None or line.holds(*peek)
+
+
+def _read_pretraining(path, line=None):
+    """(progress, checkpoint) of a readable pretraining checkpoint of ``line``'s history (any with None),
+    progress being (epoch, iter); None, with a warning, for a file that cannot be read or is not one, and
+    silently for a file of another line. A damaged file is moved aside (by rank 0; every process finds it
+    damaged and passes it over)."""
+    if not _held(path, line):
+        return None
     try:
         ckpt = load_checkpoint(path)
     except DamagedCheckpoint as e:
@@ -180,25 +285,30 @@ def _read_pretraining(path):
     if 'state_dict' not in ckpt or 'epoch' not in ckpt:
         print(f'warning: skipping {path}: not a pretraining checkpoint')
         return None
-    return (ckpt['epoch'], ckpt.get('iter', 0)), ckpt
+    progress = (ckpt['epoch'], ckpt.get('iter', 0))
+    if line is not None and not line.holds(ckpt.get('line'), progress):
+        return None
+    return progress, ckpt
 
 
-def latest_checkpoint(folder):
+def latest_checkpoint(folder, line=None):
     """``(path, checkpoint)`` of the readable pretraining checkpoint of ``folder`` that is furthest in
     training (by its (epoch, iter) fields: a mid-epoch checkpoint_last.pth.tar beats the end of the
-    previous epoch), or ``(None, None)``. Unreadable files are skipped with a warning.
+    previous epoch), or ``(None, None)``; with ``line``, among the files of its history only (``Line``).
+    Unreadable files are skipped with a warning.
 
     checkpoint_last is weighed against the newest readable numbered file only, so a long run costs two
-    reads, and the winner is returned loaded (it is not read again).
+    full reads (other lines' files are told apart by their pickle alone), and the winner is returned
+    loaded (it is not read again).
     """
     found = []
     last = os.path.join(folder, LAST_CHECKPOINT)
-    if os.path.exists(last) and (read := _read_pretraining(last)):
+    if os.path.exists(last) and (read := _read_pretraining(last, line)):
         found.append((read[0], last, read[1]))
     numbered = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
     for _, name in reversed(numbered):
         path = os.path.join(folder, name)
-        if read := _read_pretraining(path):
+        if read := _read_pretraining(path, line):
             found.append((read[0], path, read[1]))
             break
     if not found:
@@ -230,16 +340,85 @@ def resolve_resume(resume, output_dir, has_run, find_latest, kind, allow_existin
     return None, None
 
 
-def pretraining_resume(resume, output_dir, allow_existing=False):
-    """``resolve_resume`` for pretraining: a run in ``output_dir`` is any checkpoint_NNNN or
-    checkpoint_last file, 'auto' takes the furthest readable one; the partial files of killed saves are
-    removed (rank 0)."""
+def _names(paths):
+    names = [os.path.basename(p) for p in paths]
+    return ', '.join(names) if len(names) <= 3 else f'{names[0]}, {names[1]}, ..., {names[-1]} ({len(names)} files)'
+
+
+def _latest_of_line(output_dir, line):
+    """``latest_checkpoint`` of ``line`` (None: of the folder); a one-line refusal when the line has no
+    readable file while the folder holds another line's: then --resume auto cannot tell which to continue."""
+    path, ckpt = latest_checkpoint(output_dir, line)
+    if path is None and line is not None:
+        other, _ = latest_checkpoint(output_dir)
+        if other is not None:
+            raise UserError(f'--resume auto cannot tell which run of {output_dir} to continue: the latest start '
+                            f'(args.json) {line.describe()} and left no readable checkpoint, and {other} is of another '
+                            f'line of training; pass --resume {other} to continue that line, or start afresh with '
+                            '--overwrite instead of --resume')
+    return path, ckpt
+
+
+def _line_of_start(path, ckpt, output_dir):
+    """The line a resume from ``path`` continues: the file's own, unless a file of that line in
+    ``output_dir`` is further in training; then (an older checkpoint given to --resume) a new line that
+    branches from it."""
+    own, progress = Line.of(ckpt.get('line')), (ckpt['epoch'], ckpt.get('iter', 0))
+    own_id = own.id if own else None
+    for other in _pretrain_files(output_dir) if os.path.isdir(output_dir) else []:
+        peek = None if os.path.abspath(other) == os.path.abspath(path) else _peek(other)
+        if peek and (peek[0].get('id') if isinstance(peek[0], dict) else None) == own_id and peek[1] > progress:
+            print(f'=> {path} is not the furthest checkpoint of its line of training ({other} is further): this run '
+                  'branches a new line from it, which --resume auto will continue')
+            return Line.new(own_id, progress)
+    return own or Line.new(None, progress)   # a file that records no line: its older files are the history
+
+
+def _start_epoch_refusal(output_dir, start_epoch, epochs):
+    files = _pretrain_files(output_dir)
+    numbers = [(p, int(m.group(1))) for p in files if (m := _NUMBERED.match(os.path.basename(p)))]
+    reached = [p for p, n in numbers if start_epoch <= n < epochs]   # the run writes start_epoch ... epochs - 1
+    what = f'overwrite {_names(reached)}' if reached else f'write its checkpoints among {_names(files)}'
+    return (f'--start-epoch {start_epoch} begins a new run in {output_dir}, which holds checkpoints: it would {what}; '
+            'pass --overwrite to allow it, or --resume auto to continue the run there')
+
+
+def pretraining_resume(resume, output_dir, overwrite=False, start_epoch=0, epochs=None):
+    """``resolve_resume`` for pretraining, with the line of training the run continues or begins (``Line``):
+    ``(path, checkpoint, line)``, path and checkpoint None for a new run.
+
+    A run in ``output_dir`` is any checkpoint_NNNN or checkpoint_last file; 'auto' takes the furthest
+    readable one of the line args.json records (in folders that record none: of all files), and refuses
+    when that line has none while the folder holds others; the file found must have a pretraining
+    checkpoint's keys. A new run on a folder with checkpoints needs
+    ``overwrite`` (README "When things go wrong"), with ``start_epoch`` too. The partial files of killed
+    saves are removed (rank 0)."""
     has_run = os.path.isdir(output_dir) and any(map(is_pretrain_checkpoint_name, os.listdir(output_dir)))
-    found = resolve_resume(resume, output_dir, has_run, lambda: latest_checkpoint(output_dir), 'pretraining',
-                           allow_existing)
+    if has_run and not resume and start_epoch > 0 and not overwrite:
+        raise UserError(_start_epoch_refusal(output_dir, start_epoch, epochs if epochs is not None else float('inf')))
+    current = Line.of(run_record.recorded_line(output_dir))
+    path, ckpt = resolve_resume(resume, output_dir, has_run, lambda: _latest_of_line(output_dir, current),
+                                'pretraining', overwrite)
+    if path is not None:
+        require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], path)
+    if path is None:
+        line = Line.new()
+    elif resume == 'auto' and current is not None:
+        line = current   # the file is the furthest of its line
+    else:
+        line = _line_of_start(path, ckpt, output_dir)
     if dist.is_main_process():
         remove_stale_temporaries(output_dir)
-    return found
+    return path, ckpt, line
+
+
+def _note_other_lines(output_dir, line):
+    """Say which files of the run folder are of another line of training: this run leaves them alone."""
+    others = [p for p in _pretrain_files(output_dir) if (peek := _peek(p)) and not line.holds(*peek)]
+    if others:
+        print(f'note: {len(others)} checkpoint(s) in {output_dir} are of another line of training ({_names(others)}): '
+              '--resume auto passes over them and --keep-checkpoints keeps them; this run overwrites those whose '
+              'names it writes')
 
 
 def resume_pretraining(args, settings, model, optimizer, amp, shape_flags):
@@ -247,11 +426,14 @@ def resume_pretraining(args, settings, model, optimizer, amp, shape_flags):
     it is one, that its recorded settings agree with ``settings`` (``run_record.check_resume``: a flag of
     ``shape_flags`` must be the same, another change of the mathematics needs ``--accept-changes``) and
     that -a and --method are its own, then restore model, optimizer and scaler. Returns (path,
-    checkpoint), or (None, None) for a new run."""
-    path, ckpt = pretraining_resume(args.resume, args.output_dir, allow_existing=args.start_epoch > 0)
+    checkpoint, line): path and checkpoint None for a new run; the ``Line`` its checkpoints record."""
+    path, ckpt, line = pretraining_resume(args.resume, args.output_dir, args.overwrite, args.start_epoch, args.epochs)
+    if dist.world_size() > 1:
+        dist.any_true(False)   # a barrier: every process has read args.json's line before rank 0 rewrites it
+    if dist.is_main_process() and os.path.isdir(args.output_dir):
+        _note_other_lines(args.output_dir, line)
     if path is None:
-        return None, None
-    require_keys(ckpt, ['state_dict', 'epoch', 'optimizer'], path)
+        return None, None, line
     run_record.check_resume(run_record.recorded_settings(ckpt, args.output_dir), settings, path, args.accept_changes,
                             shape_flags)
     check_recorded(ckpt, path, '-a', args.arch)
@@ -259,7 +441,7 @@ def resume_pretraining(args, settings, model, optimizer, amp, shape_flags):
     restore(ckpt, path, model, optimizer, amp, optimizer_flag=args.optimizer)
     print(f"=> resumed from '{path}': {ckpt['epoch']} epoch(s) done"
           + (f", continuing epoch {ckpt['epoch'] + 1} at step {ckpt['iter'] + 1}" if ckpt.get('iter') else ""))
-    return path, ckpt
+    return path, ckpt, line
 
 
 def single_file_resume(resume, output_dir, name, kind, needs, hint, allow_existing=False):
@@ -327,9 +509,9 @@ def save_last_and_best(state, output_dir, last, best, is_best):
 
 def save_pretraining(state, output_dir, epochs_done, iters_done=0, keep=0):
     """Pretraining's files (the original's naming): at an epoch's end ``checkpoint_NNNN.pth.tar``
-    (NNNN = epochs done - 1), which makes a rolling mid-epoch ``checkpoint_last.pth.tar`` obsolete, and
-    only the ``keep`` newest numbered files kept (0: all); inside an epoch (``iters_done`` > 0) the
-    rolling file. Rank 0 writes them."""
+    (NNNN = epochs done - 1), which makes a rolling mid-epoch ``checkpoint_last.pth.tar`` of its line
+    obsolete, and only the ``keep`` newest numbered files of its line kept (0: all; the line is the one
+    ``state`` records, ``Line``); inside an epoch (``iters_done`` > 0) the rolling file. Rank 0 writes them."""
     if not dist.is_main_process():
         return
     if iters_done:
@@ -341,16 +523,22 @@ def save_pretraining(state, output_dir, epochs_done, iters_done=0, keep=0):
     if problem:
         print(f'warning: the checkpoint just written is damaged ({problem}); the older ones are kept', flush=True)
         return
-    remove_file(os.path.join(output_dir, LAST_CHECKPOINT))  # older than the file just written
-    thin_checkpoints(output_dir, keep, protect=path)
+    line = Line.of(state.get('line'))
+    last = os.path.join(output_dir, LAST_CHECKPOINT)
+    if _held(last, line):
+        remove_file(last)  # older than the file just written
+    thin_checkpoints(output_dir, keep, protect=path, line=line)
 
 
-def thin_checkpoints(folder, keep, protect=None):
+def thin_checkpoints(folder, keep, protect=None, line=None):
     """Delete all but the ``keep`` newest checkpoint_NNNN.pth.tar of folder (keep <= 0: keep all), and
-    never ``protect`` (the intact file just written, whatever numbers other files carry)."""
+    never ``protect`` (the intact file just written, whatever numbers other files carry). With ``line``,
+    only the files of its history count and go: another line's, and files whose line cannot be read, stay."""
     if keep <= 0:
         return
     names = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
+    if line is not None:
+        names = [(n, name) for n, name in names if (peek := _peek(os.path.join(folder, name))) and line.holds(*peek)]
     for _, name in names[:-keep]:
         if protect is None or os.path.join(folder, name) != protect:
             remove_file(os.path.join(folder, name))

@@ -1,5 +1,5 @@
 """A run's settings: written at start into its folder (``args.json``: every flag, the command line,
-the versions of Python, torch, torchvision and timm, the git commit) and into each checkpoint
+the versions of Python, torch, torchvision and timm, the git commit, the line of training) and into each checkpoint
 (``'args'``), and compared with the command line when the run is resumed (README, "Runs you can
 follow")."""
 import json
@@ -20,7 +20,7 @@ OPERATIONAL = frozenset({
     'data', 'workers', 'output_dir', 'resume', 'keep_checkpoints', 'save_every_iters', 'print_freq',
     'knn_freq', 'knn_k', 'knn_t', 'seed', 'start_epoch', 'world_size', 'rank', 'dist_url', 'dist_backend',
     'gpu', 'dist_timeout', 'multiprocessing_distributed', 'strict_data', 'max_nonfinite_steps', 'compile',
-    'channels_last', 'accept_changes', 'evaluate', 'stop_signals'})
+    'channels_last', 'accept_changes', 'evaluate', 'stop_signals', 'overwrite'})
 # Flags the shapes of the weights depend on: another value cannot load the checkpoint at all.
 SHAPE_FLAGS = ('arch', 'method', 'moco_dim', 'moco_mlp_dim')
 
@@ -58,13 +58,25 @@ def environment():
             'torchvision': torchvision.__version__, 'timm': timm.__version__, 'git_commit': _git_commit()}
 
 
-def write(output_dir, recorded):
-    """``output_dir/args.json``: the settings and the environment of this start (a resume writes it
-    again, so it always describes the latest start; each checkpoint keeps the settings it was made with)."""
+def write(output_dir, recorded, line=None):
+    """``output_dir/args.json``: the settings and the environment of this start, and the line of
+    training it continues or begins (``line``: ``checkpoint.Line.record()``, which ``--resume auto``
+    follows). A resume writes it again, so it always describes the latest start; each checkpoint keeps
+    the settings it was made with."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, SETTINGS_FILE)
-    write_text_atomic(path, json.dumps({'args': recorded, **environment()}, indent=1) + '\n')
+    extra = {'line': line} if line is not None else {}
+    write_text_atomic(path, json.dumps({'args': recorded, **extra, **environment()}, indent=1) + '\n')
     return path
+
+
+def recorded_line(output_dir):
+    """The line of training args.json records (``write``); None in folders written before lines were."""
+    try:
+        with open(os.path.join(output_dir, SETTINGS_FILE)) as f:
+            return json.load(f).get('line')
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def write_text_atomic(path, text):

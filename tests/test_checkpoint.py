@@ -1,6 +1,8 @@
 """moco/checkpoint.py: atomic saves, the newest readable checkpoint (damaged ones moved aside), thinning
-that never removes the file just written, damaged files refused, stale temporaries, loads that cannot
-run code, and which encoder of a pretraining checkpoint is evaluated."""
+that never removes the file just written, lines of training (resume and thinning follow the run's own),
+damaged files refused, stale temporaries, loads that cannot run code, and which encoder of a pretraining
+checkpoint is evaluated."""
+import json
 import os
 import subprocess
 
@@ -10,12 +12,15 @@ import torch
 from helpers import small_moco
 from moco.checkpoint import (
     LAST_CHECKPOINT,
+    Line,
     latest_checkpoint,
     load_backbone,
     load_checkpoint,
+    pretraining_resume,
     read_backbone,
     remove_stale_temporaries,
     save_checkpoint,
+    save_pretraining,
     single_file_resume,
     thin_checkpoints,
 )
@@ -73,6 +78,68 @@ def test_thinning_keeps_the_newest_numbered_files_and_checkpoint_last(tmp_path):
     thin_checkpoints(str(tmp_path), 1, protect=str(tmp_path / 'checkpoint_0002.pth.tar'))
     assert sorted(os.listdir(tmp_path)) == ['checkpoint_0002.pth.tar', 'checkpoint_0099.pth.tar', LAST_CHECKPOINT,
                                             'model_best.pth.tar']
+
+
+def _two_lines(folder):
+    """A run of 10 epochs (line A; checkpoint_last: mid-epoch 10), restarted from the end of epoch 5 (line
+    B, recorded in args.json) and stopped after epoch 7: B's 0005 and 0006 replaced A's."""
+    a = Line.new()
+    b = Line.new(a.id, (5, 0))
+    for epoch, line in [(e, a) for e in range(1, 11)] + [(6, b), (7, b)]:
+        save_checkpoint({'state_dict': {}, 'optimizer': {}, 'epoch': epoch, 'line': line.record()},
+                        str(folder / f'checkpoint_{epoch - 1:04d}.pth.tar'))
+    save_checkpoint({'state_dict': {}, 'optimizer': {}, 'epoch': 9, 'iter': 1, 'line': a.record()},
+                    str(folder / LAST_CHECKPOINT))
+    (folder / 'args.json').write_text(json.dumps({'args': {}, 'line': b.record()}))
+    return a, b
+
+
+def test_resume_auto_follows_the_line_of_the_latest_start(tmp_path, capsys):
+    a, b = _two_lines(tmp_path)
+    path, ckpt, line = pretraining_resume('auto', str(tmp_path))
+    assert path == str(tmp_path / 'checkpoint_0006.pth.tar') and ckpt['epoch'] == 7 and line == b
+    assert latest_checkpoint(str(tmp_path))[0] == str(tmp_path / 'checkpoint_0009.pth.tar')   # the rule without lines
+    # the branch's newest file damaged: moved aside, the one before it taken; then the branch point (A's 0004)
+    data = bytearray((tmp_path / 'checkpoint_0006.pth.tar').read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp_path / 'checkpoint_0006.pth.tar').write_bytes(data)
+    assert pretraining_resume('auto', str(tmp_path))[0] == str(tmp_path / 'checkpoint_0005.pth.tar')
+    assert (tmp_path / 'checkpoint_0006.pth.tar.corrupt').exists()
+    os.remove(tmp_path / 'checkpoint_0005.pth.tar')
+    assert pretraining_resume('auto', str(tmp_path))[0] == str(tmp_path / 'checkpoint_0004.pth.tar')
+    # a line that has no readable file while the folder holds another's: refused, naming both
+    (tmp_path / 'args.json').write_text(json.dumps({'args': {}, 'line': Line.new().record()}))
+    with pytest.raises(UserError, match=r'^--resume auto cannot tell which run of .* the latest start \(args.json\) '
+                                        r'began from scratch .*checkpoint_0009.pth.tar is of another line'):
+        pretraining_resume('auto', str(tmp_path))
+
+
+def test_resume_from_a_file_continues_its_line_or_branches(tmp_path, capsys):
+    a, b = _two_lines(tmp_path)
+    assert pretraining_resume(str(tmp_path / 'checkpoint_0006.pth.tar'), str(tmp_path))[2] == b   # B's newest
+    assert pretraining_resume(str(tmp_path / 'checkpoint_0009.pth.tar'), str(tmp_path))[2] == a   # A's newest
+    line = pretraining_resume(str(tmp_path / 'checkpoint_0003.pth.tar'), str(tmp_path))[2]    # older than A's 0009
+    assert line.id not in (a.id, b.id) and (line.parent, line.branched_at) == (a.id, (4, 0))
+    assert 'branches a new line from it' in capsys.readouterr().out
+    # a file that records no line (written before lines were): its older files are the new line's history
+    save_checkpoint({'state_dict': {}, 'optimizer': {}, 'epoch': 1}, str(tmp_path / 'old' / 'checkpoint_0000.pth.tar'))
+    line = pretraining_resume('auto', str(tmp_path / 'old'))[2]
+    assert (line.parent, line.branched_at) == (None, (1, 0)) and line.holds(None, (1, 0))
+
+
+def test_thinning_and_epoch_ends_leave_other_lines_alone(tmp_path, capsys):
+    a, b = _two_lines(tmp_path)
+    thin_checkpoints(str(tmp_path), 2, line=b)   # B's history: A's 0000 ... 0004, then its own 0005, 0006
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith('checkpoint_')) == [
+        'checkpoint_0005.pth.tar', 'checkpoint_0006.pth.tar', 'checkpoint_0007.pth.tar', 'checkpoint_0008.pth.tar',
+        'checkpoint_0009.pth.tar', LAST_CHECKPOINT]
+    save_pretraining({'state_dict': {}, 'epoch': 8, 'line': b.record()}, str(tmp_path), 8, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ['args.json', 'checkpoint_0006.pth.tar', 'checkpoint_0007.pth.tar',
+                                            'checkpoint_0008.pth.tar', 'checkpoint_0009.pth.tar', LAST_CHECKPOINT]
+    assert load_checkpoint(str(tmp_path / LAST_CHECKPOINT))['line'] == a.record()   # A's mid-epoch file stays
+    save_pretraining({'state_dict': {}, 'epoch': 9, 'iter': 1, 'line': b.record()}, str(tmp_path), 8, iters_done=1)
+    save_pretraining({'state_dict': {}, 'epoch': 9, 'line': b.record()}, str(tmp_path), 9, keep=2)
+    assert not (tmp_path / LAST_CHECKPOINT).exists()   # the line's own mid-epoch file is obsolete at the epoch end
 
 
 def test_a_damaged_new_checkpoint_does_not_thin_the_older_ones(tmp_path, monkeypatch, capsys):

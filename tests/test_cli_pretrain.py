@@ -157,9 +157,13 @@ def _check_run_folder(run, state_keys, knn=False):
     for epoch, name in ((1, 'checkpoint_0000.pth.tar'), (2, 'checkpoint_0001.pth.tar')):
         ckpt = torch.load(os.path.join(out, name), map_location='cpu', weights_only=True)
         assert ORIGINAL_KEYS <= set(ckpt)
-        for extra in set(ckpt) - ORIGINAL_KEYS - {'args', 'monitors'}:
+        for extra in set(ckpt) - ORIGINAL_KEYS - {'args', 'monitors', 'line'}:
             assert isinstance(ckpt[extra], (int, float, str, bool)), extra
         assert _plain(ckpt['monitors'])   # the monitors' windows: plain values only, no tensors or objects
+        # the line of training (README "Runs you can follow"): one for the whole run, begun from scratch
+        assert _plain(ckpt['line']) and ckpt['line']['parent'] is None and ckpt['line']['branched_at'] is None
+        with open(os.path.join(out, 'args.json')) as f:
+            assert json.load(f)['line'] == ckpt['line']
         assert all(v is None or isinstance(v, (int, float, str, bool)) for v in ckpt['args'].values())
         assert ckpt['args']['arch'] == ARCH and ckpt['args']['batch_size'] == 8   # the total batch, as given
         assert ckpt['epoch'] == epoch and ckpt['arch'] == ARCH

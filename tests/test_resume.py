@@ -148,3 +148,34 @@ def test_resume_continues_the_schedules_exactly(tiny_folder, tmp_path, method):
         cmd = _method_command(tiny_folder, tmp_path / 'cut', 'mocov3', epochs=3) + ['--resume', 'auto']
         rc, out = wait_output(start(cmd))
         assert rc == 2 and 'Traceback' not in out and 'was trained with --method byol' in out, out
+
+
+def test_knn_results_before_a_resume_count(tiny_folder, tmp_path):
+    """With --knn-freq 2 over 4 epochs, the run resumed from its epoch-2 checkpoint ends with the
+    uninterrupted run's best kNN top-1 and knn_top1 in each checkpoint: the evaluations before the stop
+    count, and epoch 3's checkpoint (no evaluation of its own) carries epoch 2's. An evaluation before
+    the stop that is better than any after it stays the best."""
+    import main_moco
+    argv = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco-mlp-dim', '16', '-b', '20',
+            '--epochs', '4', '--warmup-epochs', '1', '--knn-freq', '2', '--knn-k', '3', '-j', '0', '-p', '100',
+            '--seed', '0', '--resume', 'auto', str(tiny_folder)]
+
+    def run(output_dir):
+        return main_moco.main(main_moco.get_args_parser().parse_args(argv + ['--output-dir', str(output_dir)]))
+
+    def knn(folder):
+        return [load(folder / f'checkpoint_{n:04d}.pth.tar').get('knn_top1') for n in range(1, 4)]
+
+    full = run(tmp_path / 'full')
+    stopped = load(tmp_path / 'full' / 'checkpoint_0001.pth.tar')
+    for name, best_before in (('cut', None), ('better_before', 100.)):
+        os.makedirs(tmp_path / name)
+        if best_before is not None:   # as if epoch 2 had been evaluated at 100%
+            stopped['monitors']['evaluations'][-1][1]['knn_top1'] = stopped['knn_top1'] = best_before
+        torch.save(stopped, tmp_path / name / 'checkpoint_0001.pth.tar')
+        resumed = run(tmp_path / name)
+        if best_before is None:
+            assert resumed['best_knn_top1'] == full['best_knn_top1'] is not None
+            assert knn(tmp_path / name) == knn(tmp_path / 'full') and None not in knn(tmp_path / name)
+        else:
+            assert resumed['best_knn_top1'] == best_before and knn(tmp_path / name)[:2] == [best_before] * 2
