@@ -52,8 +52,8 @@ def get_args_parser():
 
     g = parser.add_argument_group('model')
     g.add_argument('-a', '--arch', metavar='ARCH', default=None, type=cli.choice_type(arch_names()),
-                   help='model architecture, the one used for pretraining: ' + ' | '.join(arch_names()[:8])
-                        + ' | ... (default: the one recorded in the checkpoint, else resnet50)')
+                   help='model architecture, the one used for pretraining: ' + cli.compact_names(arch_names())
+                        + ' (default: the one recorded in the checkpoint, else resnet50)')
     g.add_argument('--pretrained', default='', type=cli.path, metavar='PATH',
                    help='MoCo pretraining checkpoint (ours or the original release); without it the '
                         'probe trains on a randomly initialised backbone')

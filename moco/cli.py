@@ -1,9 +1,10 @@
-"""What the command lines share beyond their flags: ``--help`` that shows every default, an
-architecture flag that suggests the name meant, and the checks of numbers and folders made before a
-run creates anything."""
+"""What the command lines share beyond their flags: ``--help`` that shows every default, one-line
+errors for a mistyped command line, an architecture flag that suggests the name meant (and whose help
+names every family), and the checks of numbers and folders made before a run creates anything."""
 import argparse
 import difflib
 import os
+import re
 
 from moco.errors import UserError
 
@@ -19,22 +20,85 @@ class HelpFormatter(argparse.HelpFormatter):
         return f'{text} (default: %(default)s)'
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line on stderr, ``error: <what is wrong> (<how to see the
+    flags>)``, exit 2, without the usage block argparse prints first (20 lines before the one that helps)."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message} ({help_command(self.prog)} lists the flags)\n')
+
+
+def help_command(prog):
+    """How to get the --help of ``prog`` as typed: ``python main_moco.py --help``."""
+    if prog.endswith('.py') and not prog.startswith('python'):
+        prog = f'python {prog}'
+    return f'{prog} --help'
+
+
 def parser(description, prog=None):
-    return argparse.ArgumentParser(description=description, prog=prog, formatter_class=HelpFormatter)
+    return ArgumentParser(description=description, prog=prog, formatter_class=HelpFormatter)
 
 
 def choice_type(names, what='architecture'):
-    """An argparse ``type`` accepting one of ``names``; a wrong one is answered with the closest ones."""
+    """An argparse ``type`` accepting one of ``names``; a wrong one is answered with the closest ones
+    (or, when none is close, with all of them, by family: ``compact_names``)."""
     names = list(names)
 
     def check(value):
         if value in names:
             return value
         close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
-        hint = f'; did you mean {" or ".join(close)}?' if close else f' (one of: {", ".join(names[:8])}, ...)'
+        hint = (f'; did you mean {", ".join(close[:-1]) + " or " if close[1:] else ""}{close[-1]}?' if close
+                else f'; one of: {compact_names(names)}')
         raise argparse.ArgumentTypeError(f'unknown {what} {value!r}{hint}')
     check.__name__ = what
     return check
+
+
+# Name families that ``compact_names`` writes in brace form (``resnet{18,34,50}``): a pattern whose group
+# ``v`` varies within the family, and the label of the section the family belongs to.
+_FAMILIES = (
+    ('ViTs', r'vit_(?P<v>[a-z]+)'), ('ViTs', r'vit_conv_(?P<v>[a-z]+)'),
+    ('32 px', r'vit_(?P<v>[a-z]+)_patch4'), ('32 px', r'resnet(?P<v>\d+)_cifar'), ('32 px', r'resnet10_w(?P<v>\d+)'),
+    ('torchvision', r'resnet(?P<v>\d+)'), ('torchvision', r'resnext(?P<v>\d+_\w+)'),
+    ('torchvision', r'wide_resnet(?P<v>\d+_\d+)'), ('torchvision', r'regnet_x_(?P<v>\w+)'),
+    ('torchvision', r'regnet_y_(?P<v>\w+)'),
+)
+_SIZES = ('mini', 'tiny', 'small', 'base', 'large', 'huge')
+
+
+def _size_key(v):
+    """Order of the varying part of a family: ViT sizes small to large, numbers (1_6gf: 1.6 GFLOPs) ascending."""
+    if v in _SIZES:
+        return 0, _SIZES.index(v), v
+    m = re.match(r'(\d+)(?:_(\d+))?([a-z]*)', v)
+    if not m:
+        return 2, 0, v
+    number = float(m[1] + ('.' + m[2] if m[2] and m[3] in ('mf', 'gf') else ''))
+    return 1, number * (1000 if m[3] == 'gf' else 1), v
+
+
+def compact_names(names):
+    """``names`` (architectures) in a short form that still names every one: by section (ViTs, 32 px,
+    torchvision), a family in brace form, e.g. ``ViTs: vit_{tiny,small,base} | torchvision: resnet{18,50}``;
+    a name of no known family is written as it is."""
+    families, others = {}, []   # (family's index in _FAMILIES, prefix, suffix): its varying parts
+    for name in names:
+        for index, (_, pattern) in enumerate(_FAMILIES):
+            m = re.fullmatch(pattern, name)
+            if m:
+                families.setdefault((index, name[:m.start('v')], name[m.end('v'):]), []).append(m['v'])
+                break
+        else:
+            others.append(name)
+    sections = {}
+    for (index, prefix, suffix), variants in sorted(families.items()):
+        variants = sorted(variants, key=_size_key)
+        middle = variants[0] if len(variants) == 1 else '{' + ','.join(variants) + '}'
+        sections.setdefault(_FAMILIES[index][0], []).append(prefix + middle + suffix)
+    if others:
+        sections['other'] = others
+    return ' | '.join(f'{section}: {", ".join(written)}' for section, written in sections.items())
 
 
 def require_positive(args, *names):

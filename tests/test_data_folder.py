@@ -29,7 +29,8 @@ def test_every_image_mode_becomes_rgb(odd_images):
 def test_unreadable_images_are_replaced_reported_once_and_counted(tmp_path, capsys):
     ds = SafeImageFolder(str(broken_folder(tmp_path / 'train')), pretrain_transform(8))
     got = [ds.load(i)[2] for i in range(len(ds))]
-    assert got == [0, 3, 2, 1, 0]      # a bad file is replaced by the next readable one
+    # a bad file is replaced by the next readable one, and counted once (not 3 + 2 + 1 files passed over)
+    assert got == [0, 1, 1, 1, 0]
     ds.load(1)
     err = capsys.readouterr().err
     for name in ('1_truncated.jpg', '2_text.jpg', '3_empty.jpg'):
@@ -83,3 +84,17 @@ def test_image_folder_empty_raises_user_error(tmp_path, with_class_dir):
         image_folder(str(tmp_path), 'val', None)
     msg = str(exc.value)
     assert '\n' not in msg and msg.strip() and 'val' in msg
+
+
+@pytest.mark.parametrize('hidden_folder', [False, True])
+def test_an_empty_folder_names_both_layouts(tmp_path, hidden_folder):
+    """Images without class folders are allowed: an empty train/ says so, not only 'class folder'."""
+    (tmp_path / 'train').mkdir()
+    if hidden_folder:
+        (tmp_path / 'train' / '.cache').mkdir()     # not a class
+    (tmp_path / 'train' / 'notes.txt').write_text('no images')
+    with pytest.raises(UserError) as exc:
+        image_folder(str(tmp_path), 'train', None)
+    msg, path = str(exc.value), os.path.join(str(tmp_path), 'train')
+    assert '\n' not in msg and 'class folder' not in msg
+    assert f'no images in {path}' in msg and f'{path}/<image>' in msg and f'{path}/<class>/<image>' in msg

@@ -160,7 +160,7 @@ def test_gpu_loader_views_are_the_sampled_views(tiny_folder, monkeypatch):
 @pytest.mark.parametrize('decode_in_workers', [False, True])
 def test_unreadable_files_are_replaced_by_the_next_readable_file(tmp_path, capsys, decode_in_workers):
     """The rule of every pipeline (SafeImageFolder.load): an unreadable file is replaced by the next
-    readable file in the folder's order, and the files passed over are counted."""
+    readable file in the folder's order, and each replaced file is counted once."""
     root = tmp_path / 'data'
     broken_folder(root / 'train')
     loader = GpuJpegLoader(str(root), 'train', 5, CPU, 8, seed=0, decode_in_workers=decode_in_workers)
@@ -169,8 +169,8 @@ def test_unreadable_files_are_replaced_by_the_next_readable_file(tmp_path, capsy
         views, targets, skipped = _epoch(loader, epoch)[0]
         assert views[0].shape == (5, 3, 8, 8) and torch.isfinite(views[0]).all()
         order = [i for i, _ in loader.sampler]
-        # 0_good and 4_good are kept; 1_truncated, 2_text and 3_empty pass over 3, 2 and 1 files to 4_good
-        assert skipped.tolist() == [(0, 3, 2, 1, 0)[i] for i in order]
+        # 0_good and 4_good are kept; 1_truncated, 2_text and 3_empty are each replaced (by 4_good): 1 each
+        assert skipped.tolist() == [(0, 1, 1, 1, 0)[i] for i in order]
     images = loader.folder
     assert all(torch.equal(TF.pil_to_tensor(images.load(i)[0]), good) for i in (1, 2, 3))
     err = capsys.readouterr().err

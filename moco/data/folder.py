@@ -54,7 +54,10 @@ class SafeImageFolder(datasets.ImageFolder):
     """ImageFolder that survives bad files: an unreadable image is reported once (per process) on
     stderr and replaced by the next readable one, unless ``strict`` (then it is a one-line error).
 
-    ``load(i)`` returns ``(sample, target, skipped)``, ``skipped`` counting the files passed over.
+    ``load(i)`` returns ``(sample, target, skipped)``, ``skipped`` 1 when file ``i`` was unreadable and
+    replaced, else 0: summed over the indices an epoch draws (each once), it is the number of unreadable
+    files drawn, each counted once, also when it was passed over while replacing another (two broken
+    files in a row are 2, not 1 + 2).
     """
 
     def __init__(self, root, transform=None, strict=False):
@@ -80,7 +83,7 @@ class SafeImageFolder(datasets.ImageFolder):
                 continue
             if self.transform is not None:
                 sample = self.transform(sample)
-            return sample, target, skipped
+            return sample, target, int(skipped > 0)
         raise too_many_unreadable(f'{MAX_CONSECUTIVE_BAD} consecutive', self.root)
 
     def __getitem__(self, index):
@@ -131,7 +134,11 @@ def image_folder(root, split, transform, strict=False):
         raise UserError(f'data folder not found: {path} ({hint})')
     if is_unlabelled_folder(path):
         return UnlabelledImageFolder(path, transform, strict=strict)
+    if not _has_class_folders(path):   # neither images nor class folders (images alone are allowed)
+        extensions = ', '.join(datasets.folder.IMG_EXTENSIONS)
+        raise UserError(f'no images in {path} (expected {path}/<image> or {path}/<class>/<image>; '
+                        f'extensions read: {extensions})')
     try:
         return SafeImageFolder(path, transform, strict=strict)
-    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
+    except (FileNotFoundError, RuntimeError) as e:  # class folders without images in them
         raise UserError(f'no images in {path}: {first_line(e, None)}') from None

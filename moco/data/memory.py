@@ -19,7 +19,7 @@ MAX_IMAGES = 2_000_000  # beyond this, decoding everything up front is not what 
 
 
 def decode_folder(root, split, workers=0, strict=False):
-    """(uint8 images (N, 3, H, W), int64 labels, unreadable files passed over) of root/split; every
+    """(uint8 images (N, 3, H, W), int64 labels, unreadable files replaced) of root/split; every
     image must have the same size."""
     dataset = image_folder(root, split, transforms.PILToTensor(), strict=strict)
     if len(dataset) > MAX_IMAGES:
@@ -40,7 +40,7 @@ def _check_one_size(shapes):
 
 
 def _stack_one_size(items):
-    """collate of (image, label, skipped) items into (images, labels, skipped files)."""
+    """collate of (image, label, skipped) items into (images, labels, files replaced)."""
     _check_one_size({tuple(x.shape) for x, _, _ in items})
     return (torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items]),
             sum(s for _, _, s in items))

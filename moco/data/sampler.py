@@ -58,7 +58,7 @@ class EpochSampler(torch.utils.data.Sampler):
 class EpochDataset(torch.utils.data.Dataset):
     """Wraps a dataset for an EpochSampler: item ``(index, seed)`` is ``(sample, target, skipped)``
     with every random op of the transform drawn from ``seed`` (torch and python RNGs). A SafeImageFolder
-    gives its ``load(index)`` (``skipped``: the unreadable files passed over); any other dataset
+    gives its ``load(index)`` (``skipped``: 1 when the file was unreadable and replaced); any other dataset
     ``(sample, target)`` with ``skipped`` 0."""
 
     def __init__(self, dataset):

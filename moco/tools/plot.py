@@ -1,13 +1,15 @@
 """PNG figures of pretraining runs (main_moco.py's log.txt and tensorboard/):
 
-    python -m moco.tools.plot output/run --out run.png                  # one run: the paper's figure
-    python -m moco.tools.plot output/run1 output/run2 --out curves.png  # several: loss and kNN per epoch
+    python -m moco.tools.plot output/run --out run.png                     # loss (and kNN) per epoch
+    python -m moco.tools.plot output/run1 output/run2 --out curves.png     # the same, one line per run
+    python -m moco.tools.plot output/run --kind gradients --out grads.png  # one run: the paper's figure
 
-One run with gradient magnitudes logged (every run since they were added; ``--kind gradients``): on
-one iteration axis, the kNN top-1 (or RankMe, in a folder without labels) above, the first layer's
-and the last block's largest absolute gradient below, log scale, with the spikes the run found
-marked: MoCo v3's Figure 4 (paper, section 4). Otherwise (``--kind curves``): training loss and kNN
-top-1 per epoch, one line per run.
+The training curves (default, ``--kind curves``): the training loss per epoch and, where a run
+evaluated them (``--knn-freq``), the kNN top-1 (or RankMe, in a folder without labels); a panel
+without data is left out. ``--kind gradients``, one run that logged gradient magnitudes (every run
+since they were added): on one iteration axis, the kNN top-1 (or RankMe) above when there is one,
+the first layer's and the last block's largest absolute gradient below, log scale, with the spikes
+the run found marked: MoCo v3's Figure 4 (paper, section 4).
 """
 import json
 import os
@@ -80,64 +82,103 @@ def _pyplot():
 GRADIENT_TAGS = ('grad/first_layer', 'grad/last_block')
 
 
-def plot_gradients(run, out, title=None):
-    """The paper's figure of one run (see the module's docstring)."""
+def gradients_figure(run, title=None):
+    """The paper's figure of one run (see the module's docstring), as a matplotlib figure."""
     plt = _pyplot()
     scalars = read_scalars(run, GRADIENT_TAGS + ('val/knn_top1', 'val/rankme'))
     if not any(tag in scalars for tag in GRADIENT_TAGS):
         raise SystemExit(f'error: {run} has no gradient magnitudes in tensorboard/ '
                          '(a run from before they were logged?)')
-    fig, (ax_eval, ax_grad) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(1, 1.3))
-    monitor = 'val/knn_top1' if 'val/knn_top1' in scalars else 'val/rankme'
-    if monitor in scalars:
-        steps, values = scalars[monitor]
-        ax_eval.plot(steps, values, marker='o', markersize=3, color='tab:green')
-    ax_eval.set(ylabel='kNN top-1 (%)' if monitor == 'val/knn_top1' else 'RankMe of the features',
-                title=title or os.path.basename(os.path.normpath(run)))
+    monitor = next((tag for tag in ('val/knn_top1', 'val/rankme') if tag in scalars), None)
+    title = title or os.path.basename(os.path.normpath(run))
+    if monitor is None:   # no kNN or RankMe evaluated (no --knn-freq): the gradients alone
+        fig, ax_grad = plt.subplots(1, 1, figsize=(9, 3.6))
+        axes = [ax_grad]
+        ax_grad.set_title(title)
+    else:
+        fig, (ax_eval, ax_grad) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(1, 1.3))
+        axes = [ax_eval, ax_grad]
+        ax_eval.plot(*scalars[monitor], marker='o', markersize=3, color='tab:green')
+        ax_eval.set(ylabel='kNN top-1 (%)' if monitor == 'val/knn_top1' else 'RankMe of the features', title=title)
     for tag, color, label in ((GRADIENT_TAGS[0], 'tab:blue', 'first layer'),
                               (GRADIENT_TAGS[1], 'tab:orange', 'last block')):
         if tag in scalars:
             ax_grad.plot(*scalars[tag], color=color, linewidth=0.8, label=label)
-    spikes = read_spikes(run)
-    for k, spike in enumerate(spikes):
-        for ax in (ax_eval, ax_grad):
+    for k, spike in enumerate(read_spikes(run)):
+        for ax in axes:
             ax.axvline(spike['iteration'], color='tab:red', alpha=0.35, linewidth=0.8,
                        label='first-layer spike' if k == 0 and ax is ax_grad else None)
     ax_grad.set(xlabel='iteration', ylabel='max |gradient| of the layer', yscale='log')
-    for ax in (ax_eval, ax_grad):
+    for ax in axes:
         ax.grid(alpha=0.3)
     ax_grad.legend()
     fig.tight_layout()
-    cli.make_parent_folder(out, '--out')
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def plot_gradients(run, out, title=None):
+    """Write the paper's figure of one run to ``out``; returns ``out``."""
+    return _save(gradients_figure(run, title), out)
 
 
 def has_gradients(run):
     return os.path.isdir(run) and any(tag in read_scalars(run, GRADIENT_TAGS) for tag in GRADIENT_TAGS)
 
 
-def plot(runs, out, labels=None, title=None):
+def read_rankme(run_dir):
+    """(epochs, RankMe) of a run's log.txt (a run without labels evaluates RankMe, not kNN)."""
+    path = run_dir if run_dir.endswith('.txt') else os.path.join(run_dir, 'log.txt')
+    epochs, values = [], []
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line) if line.strip() else {}
+            if 'rankme' in record:
+                epochs.append(record['epoch'])
+                values.append(record['rankme'])
+    return epochs, values
+
+
+def curves_figure(runs, labels=None, title=None):
+    """The training curves of ``runs`` (see the module's docstring), as a matplotlib figure: one panel
+    per quantity some run logged (a panel without data would be empty), one labelled line per run."""
     plt = _pyplot()
     labels = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
-    for run, label in zip(runs, labels):
-        epochs, losses, knn_epochs, knn = read_log(run)
-        ax_loss.plot(epochs, losses, label=label)
-        if knn:
-            ax_knn.plot(knn_epochs, knn, marker='o', markersize=3, label=label)
-    ax_loss.set(xlabel='epoch', ylabel='training loss', title='loss')
-    ax_knn.set(xlabel='epoch', ylabel='kNN top-1 (%)', title='kNN monitor (held-out split)')
-    for ax in (ax_loss, ax_knn):
+    logs = [read_log(run) for run in runs]
+    knn = any(log[3] for log in logs)
+    rankme = [read_rankme(run) for run in runs] if not knn else [([], [])] * len(runs)
+    panels = [('loss', 'training loss', [(log[0], log[1]) for log in logs]),
+              ('kNN monitor (held-out split)', 'kNN top-1 (%)', [(log[2], log[3]) for log in logs]),
+              ('RankMe (no labels: no kNN)', 'RankMe of the features', rankme)]
+    panels = [(name, ylabel, series) for name, ylabel, series in panels if any(y for _, y in series)]
+    if not panels:
+        raise SystemExit(f'error: nothing to draw: no training loss in the log of {", ".join(runs)} '
+                         '(has a first epoch finished?)')
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (name, ylabel, series) in zip(axes[0], panels):
+        for (x, y), label in zip(series, labels):
+            if y:
+                ax.plot(x, y, label=label, **({} if name == 'loss' else dict(marker='o', markersize=3)))
+        ax.set(xlabel='epoch', ylabel=ylabel, title=name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend()      # every panel kept has a labelled line
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    cli.make_parent_folder(out, '--out')
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(runs, out, labels=None, title=None):
+    """Write the training curves of ``runs`` to ``out``; returns ``out``."""
+    return _save(curves_figure(runs, labels, title), out)
+
+
+def _save(fig, out):
+    import matplotlib.pyplot as plt
+    try:
+        cli.make_parent_folder(out, '--out')
+        fig.savefig(out, dpi=120)
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -147,9 +188,10 @@ def main(argv=None):
     p.add_argument('--out', default='curves.png', type=cli.path, help='PNG to write')
     p.add_argument('--labels', nargs='+', default=None, help='one label per run (default: folder names)')
     p.add_argument('--title', default=None)
-    p.add_argument('--kind', default='auto', choices=('auto', 'gradients', 'curves'),
-                   help='gradients: the paper\'s figure of one run; curves: loss and kNN per epoch of the runs; '
-                        'auto (default): gradients for one run that logged them, else curves')
+    p.add_argument('--kind', default='curves', choices=('curves', 'gradients'),
+                   help='curves: training loss and kNN top-1 (or RankMe) per epoch of the runs; gradients: one '
+                        'run\'s first- and last-layer gradient magnitudes per iteration, spikes marked, kNN above '
+                        '(the paper\'s Figure 4)')
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit('error: give one --labels entry per run')
@@ -160,10 +202,7 @@ def main(argv=None):
 
 
 def _draw(args):
-    kind = args.kind
-    if kind == 'auto':
-        kind = 'gradients' if len(args.runs) == 1 and has_gradients(args.runs[0]) else 'curves'
-    if kind == 'gradients':
+    if args.kind == 'gradients':
         if len(args.runs) != 1:
             raise SystemExit('error: --kind gradients draws one run')
         print(f'wrote {plot_gradients(args.runs[0], args.out, args.title)}')
