@@ -114,7 +114,7 @@ class Amp:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def backward_step(self, loss, optimizer, check_finite=True, after_backward=None, stop=None):
+    def backward_step(self, loss, optimizer, check_finite=True, after_backward=None, stop=None, backward=None):
         """Backward and step; returns False if the loss was not finite on some process, in which case
         no process takes the step (fp16: the GradScaler skips it and lowers its scale, as usual).
 
@@ -131,9 +131,15 @@ class Amp:
         ``share()`` returns a 1-D device tensor (or None) to be averaged over processes in that read and
         whose ``decide(finite, shared, overflow) -> take`` gets the averages (``overflow``: the GradScaler
         found inf/NaN gradients, None when not known). Either sees the gradients unscaled (fp16), before
-        the step; take False: skipped on every process, which must all answer alike."""
+        the step; take False: skipped on every process, which must all answer alike.
+
+        ``backward``: a callable that back-propagates the scaled loss in place of ``.backward()`` and leaves
+        the gradients as DDP would (--micro-batch: ``moco.microbatch.MicroBatchStep.backward``)."""
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if backward is None:
+            self.scaler.scale(loss).backward()
+        else:
+            backward(self.scaler.scale(loss))
         scaled = self.scaler.is_enabled()
         share = getattr(after_backward, 'share', None)
         # GradScaler.step decides on the host whether it found inf, unless the optimizer decides on the device

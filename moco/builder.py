@@ -127,10 +127,28 @@ class MoCo(nn.Module):
 
         return self.pair_loss(q1, k2) + self.pair_loss(q2, k1)
 
+    def forward_from_features(self, h1, h2, m, momentum_features):
+        """``forward`` from the online backbone's features of the two views (``h1``, ``h2``: what its head
+        takes, a ViT's pooled [cls] token), for a step that runs the backbones by pieces of the batch
+        (--micro-batch, moco/microbatch.py): the same heads on the whole batch (their BatchNorms see all of
+        it), in ``forward``'s order: the queries, the momentum update, then the keys, whose backbone
+        features ``momentum_features(i)`` gives for view ``i`` (0, 1), called after the update. Keep it in
+        step with ``forward``: tests/test_microbatch.py checks that both give the same loss and gradients."""
+        q1 = self.predictor(getattr(self.base_encoder, self.head_attr)(h1))
+        q2 = self.predictor(getattr(self.base_encoder, self.head_attr)(h2))
+
+        with torch.no_grad():
+            self._update_momentum_encoder(m)
+            k1 = getattr(self.momentum_encoder, self.head_attr)(momentum_features(0))
+            k2 = getattr(self.momentum_encoder, self.head_attr)(momentum_features(1))
+
+        return self.pair_loss(q1, k2) + self.pair_loss(q2, k1)
+
 
 class MoCo_ResNet(MoCo):
     """ResNet: 2-layer projector (on the pooled 2048-d feature for R50), 2-layer predictor without
     the last BN."""
+    head_attr = 'fc'   # the encoder's classifier, then projector
 
     def _build_projector_and_predictor_mlps(self, dim, mlp_dim):
         hidden_dim = self.base_encoder.fc.weight.shape[1]
@@ -143,6 +161,7 @@ class MoCo_ResNet(MoCo):
 
 class MoCo_ViT(MoCo):
     """ViT: 3-layer projector on the [cls] feature, 2-layer predictor, both ending in BN."""
+    head_attr = 'head'
 
     def _build_projector_and_predictor_mlps(self, dim, mlp_dim):
         hidden_dim = self.base_encoder.head.weight.shape[1]

@@ -8,6 +8,7 @@ from moco import dist, launch, schedules
 from moco.amp import NonFiniteSteps
 from moco.checkpoint import LAST_CHECKPOINT
 from moco.metrics import MetricLogger, SmoothedValue
+from moco.microbatch import micro_batch_step
 
 
 def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=0,
@@ -41,6 +42,7 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     """
     model.train()
     method = dist.unwrap(model)   # the MoCo/BYOL/M2T model under DDP and compile wrappers
+    micro = micro_batch_step(model, args)   # --micro-batch N: the step by pieces of N images, else None
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.4g}'))
     logger.add_meter('m', SmoothedValue(window_size=1, fmt='{value:.5f}'))
@@ -70,10 +72,11 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         x1 = images[0].to(device, non_blocking=True, memory_format=args.memory_format)
         x2 = images[1].to(device, non_blocking=True, memory_format=args.memory_format)
         with amp.autocast():
-            loss = model(x1, x2, m)
+            loss = model(x1, x2, m) if micro is None else micro(x1, x2, m)
         logged = (i - start_iter) % args.print_freq == 0 or i == iters_per_epoch - 1
         inspect = monitors.after_backward(logged, loss) if monitors is not None else None
-        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check, inspect, stop), loss, epoch, i):
+        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check, inspect, stop,
+                                              backward=micro and micro.backward), loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr, m=m)
         skipped_images += int(skipped.sum())  # a CPU tensor: no device sync
 

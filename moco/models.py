@@ -150,6 +150,22 @@ def encoder_layout(encoder):
     raise TypeError(f'no layout known for a {type(encoder).__name__} encoder')
 
 
+def residual_blocks(encoder):
+    """The residual blocks of an encoder of any family ``arch_names()`` lists, in forward order: the
+    transformer blocks of a ViT; the blocks of each stage (``layer1``..``layer4``; RegNets: the trunk's
+    stages) of a ResNet, ResNeXt, Wide ResNet or RegNet. The stems and heads are not blocks. What
+    ``--grad-checkpointing`` recomputes (moco/recompute.py)."""
+    if isinstance(encoder, vits.VisionTransformerMoCo):
+        return list(encoder.blocks)
+    if isinstance(encoder, ResNet):
+        stages = [encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4]
+    elif isinstance(encoder, tvm.RegNet):
+        stages = list(encoder.trunk_output)
+    else:
+        raise TypeError(f'no residual blocks known for a {type(encoder).__name__} encoder')
+    return [block for stage in stages for block in stage.children()]
+
+
 class BackboneFeatures(nn.Module):
     """Features of an encoder just before its head (the pooled ResNet feature, the ViT [cls] token
     after the final norm): what linear probing and kNN read."""
