@@ -16,10 +16,16 @@ import os
 
 import torch
 
-from moco import cli, dist, launch, run_record
+from moco import cli, dist, launch, microbatch, run_record
 from moco.amp import Amp, NonFiniteSteps, add_training_precision_args
 from moco.builder import METHODS
-from moco.checkpoint import ddp_state_dict, pretrain_checkpoint_name, resume_pretraining, save_pretraining
+from moco.checkpoint import (
+    ddp_state_dict,
+    describe_keeping,
+    pretrain_checkpoint_name,
+    resume_pretraining,
+    save_pretraining,
+)
 from moco.data import is_unlabelled_folder, pipelines, start_epoch
 from moco.engine_pretrain import train_one_epoch
 from moco.errors import UserError
@@ -30,6 +36,7 @@ from moco.models import BackboneFeatures, arch_names, build_moco, compile_networ
 from moco.monitors import TrainingMonitors, dips, rankme_indices
 from moco.norm import convert_sync_batchnorm
 from moco.optim import build_optimizer
+from moco.recompute import enable_grad_checkpointing
 
 
 def get_args_parser():
@@ -42,7 +49,7 @@ def get_args_parser():
                         'teacher, no synchronised BN); --lr, --wd, --moco-m and --optimizer default to the '
                         "method's recipe (CONFIG.md)")
     g.add_argument('-a', '--arch', metavar='ARCH', default='resnet50', type=cli.choice_type(arch_names()),
-                   help='model architecture: ' + ' | '.join(arch_names()[:8]) + ' | ... (default: resnet50)')
+                   help='model architecture: ' + cli.compact_names(arch_names()) + ' (default: resnet50)')
     g.add_argument('--moco-dim', default=256, type=int, help='feature dimension (default: 256)')
     g.add_argument('--moco-mlp-dim', default=4096, type=int, help='hidden dimension in MLPs (default: 4096)')
     g.add_argument('--moco-m', default=None, type=float,
@@ -81,6 +88,16 @@ def get_args_parser():
                         'float operations differs; faster on GPUs; default: on with CUDA)')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the encoders and the predictor (same math; slow first steps, faster after)')
+    g.add_argument('--grad-checkpointing', action='store_true',
+                   help='recompute the activations of each residual block of the online encoder in the backward '
+                        'instead of keeping them: the same numbers bit for bit, far less activation memory, about '
+                        '10-20%% more compute (ResNets and RegNets: not with --compile)')
+    g.add_argument('--micro-batch', default=0, type=int, metavar='N',
+                   help='ViTs: compute each step\'s loss and gradients of the whole per-process batch while holding '
+                        'the backbone activations of N images at a time (the backbones run over pieces of N, the '
+                        'heads and the loss over the batch; the online backbone runs twice): the same training up '
+                        'to float rounding, e.g. the paper\'s -b 4096 on one GPU (README "Pretraining"; default: '
+                        '0 = off)')
     add_training_precision_args(g, reference="the original's",
                                 fast_help='bf16 autocast on GPUs that have it, and the in-memory data pipeline '
                                           'for folders of small images of one size or the GPU one otherwise '
@@ -104,9 +121,11 @@ def get_args_parser():
     g = launch.add_run_args(parser, './output', 'folder for checkpoints, log.txt and tensorboard/',
                             "checkpoint to resume from, or 'auto' for the newest readable one in --output-dir",
                             'after saving a resumable checkpoint (mid-epoch: checkpoint_last.pth.tar)')
-    g.add_argument('--keep-checkpoints', default=0, type=int, metavar='N',
-                   help='keep only the N newest checkpoint_*.pth.tar of the run\'s line of training (README "Runs '
-                        'you can follow"; default: 0 = keep all, as the original)')
+    g.add_argument('--keep-checkpoints', default=1, type=int, metavar='N',
+                   help='keep the N newest checkpoint_*.pth.tar of the run\'s line of training (README "Runs you can '
+                        'follow") and those of --keep-every; 0: keep every epoch\'s, as the original (default: 1)')
+    g.add_argument('--keep-every', default=20, type=int, metavar='E',
+                   help='also keep the checkpoint after every E-th epoch (default: 20, as MAE; 0: none)')
     g.add_argument('--overwrite', action='store_true',
                    help='let a new run (no --resume) start in an --output-dir that holds checkpoints, overwriting '
                         'the ones whose names it writes (with --start-epoch N: checkpoint_NNNN on); the others are '
@@ -131,8 +150,10 @@ def check_args(args):
     """Impossible values are one-line errors before anything is created."""
     cli.require_positive(args, 'batch_size', 'epochs', 'print_freq', 'image_size', 'moco_dim', 'moco_mlp_dim',
                          'moco_t', 'knn_k')
-    cli.require_not_negative(args, 'workers', 'save_every_iters', 'keep_checkpoints', 'knn_freq', 'warmup_epochs',
-                             'max_nonfinite_steps')
+    cli.require_not_negative(args, 'workers', 'save_every_iters', 'keep_checkpoints', 'keep_every', 'knn_freq',
+                             'warmup_epochs', 'max_nonfinite_steps', 'micro_batch')
+    if args.micro_batch and microbatch.refusal(args.arch):
+        raise UserError(microbatch.refusal(args.arch))
     if not 0 < args.crop_min <= 1:
         raise UserError(f'--crop-min must be in (0, 1] (got {args.crop_min})')
 
@@ -148,6 +169,9 @@ def main_worker(args):
 
     model = build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, args.moco_t,
                        image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1, method=args.method)
+    if args.grad_checkpointing:
+        n = enable_grad_checkpointing(model, compile=args.compile)
+        print(f'gradient checkpointing: {n} residual blocks of the online encoder recomputed in the backward')
     sync_bn, eval_encoder = model.sync_bn, model.eval_encoder
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -179,7 +203,9 @@ def main_worker(args):
 
     if args.compile:
         compile_networks(model)
-    if args.distributed:
+    if args.distributed and args.micro_batch:
+        dist.broadcast_from_rank0(model)   # no DDP: moco/microbatch.py averages the gradients itself
+    elif args.distributed:
         # gradients live in DDP's all-reduce buckets (no second copy); buckets overlap the backward
         model = dist.ddp(model, device, args.gpu, sync_buffers=sync_bn, gradient_as_bucket_view=True)
 
@@ -212,62 +238,67 @@ def main_worker(args):
             backbone, *sets, device, rankme_indices(len(sets[0])), k=args.knn_k, T=args.knn_t,
             batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
 
-    if dist.is_main_process():
-        written = run_record.write(args.output_dir, settings, line.record())
-        print(f'run folder: {os.path.abspath(args.output_dir)} (checkpoints, log.txt, tensorboard/; settings in '
-              f'{os.path.basename(written)})')
-    run_log = RunLog(args.output_dir)
-    # each checkpoint records the last kNN top-1 evaluated: after a resume, the last one before the stop
-    knn_acc1 = last_knn_top1(monitors.evaluations)
+    saved = []   # the checkpoints this start wrote
+    # a new run that fails before its first checkpoint (--strict-data at a broken image, say) leaves nothing
+    with run_record.undone_on_error(args.output_dir, resume is None and dist.is_main_process(), saved):
+        if dist.is_main_process():
+            written = run_record.write(args.output_dir, settings, line.record())
+            print(f'run folder: {os.path.abspath(args.output_dir)} (checkpoints, log.txt, tensorboard/; settings in '
+                  f'{os.path.basename(written)})')
+            print(describe_keeping(model, args.optimizer, args.epochs, args.keep_checkpoints, args.keep_every))
+        run_log = RunLog(args.output_dir)
+        # each checkpoint records the last kNN top-1 evaluated: after a resume, the last one before the stop
+        knn_acc1 = last_knn_top1(monitors.evaluations)
 
-    def report(epoch_done, record):
-        """Run the feature monitors, print and log them into ``record``; returns kNN top-1 (or None)."""
-        values = evaluate()
-        record.update(values)
-        monitors.evaluations.append((epoch_done, values))
-        when = 'at initialisation' if epoch_done == 0 else f'after epoch {epoch_done}'
-        label_free = (f"RankMe {values['rankme']:.1f}, feature std {values['feature_std']:.4f} "
-                      f'({len(rankme_indices(len(sets[0])))} training images)')
-        print(f"kNN top-1 {when}: {values['knn_top1']:.2f}; {label_free}" if 'knn_top1' in values
-              else f'{when}: {label_free}')
-        run_log.scalars(epoch_done * iters_per_epoch, 'val', **values)
-        monitors.tripwire.rankme(values['rankme'])
-        return values.get('knn_top1')
+        def report(epoch_done, record):
+            """Run the feature monitors, print and log them into ``record``; returns kNN top-1 (or None)."""
+            values = evaluate()
+            record.update(values)
+            monitors.evaluations.append((epoch_done, values))
+            when = 'at initialisation' if epoch_done == 0 else f'after epoch {epoch_done}'
+            label_free = (f"RankMe {values['rankme']:.1f}, feature std {values['feature_std']:.4f} "
+                          f'({len(rankme_indices(len(sets[0])))} training images)')
+            print(f"kNN top-1 {when}: {values['knn_top1']:.2f}; {label_free}" if 'knn_top1' in values
+                  else f'{when}: {label_free}')
+            run_log.scalars(epoch_done * iters_per_epoch, 'val', **values)
+            monitors.tripwire.rankme(values['rankme'])
+            return values.get('knn_top1')
 
-    if evaluate is not None and args.start_epoch == 0 and start_iter == 0:
-        first = {'epoch': 0}
-        knn_acc1 = report(0, first)
-        run_log.epoch(first)
+        if evaluate is not None and args.start_epoch == 0 and start_iter == 0:
+            first = {'epoch': 0}
+            knn_acc1 = report(0, first)
+            run_log.epoch(first)
 
-    def save(epochs_done, iters_done=0):
-        """The original's checkpoint (plus method, eval_encoder, data_seed, knn_top1, the line of training
-        and, mid-epoch, iter); rank 0 writes it."""
-        if not dist.is_main_process():
-            return
-        state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'eval_encoder': eval_encoder,
-                 'state_dict': ddp_state_dict(model),
-                 'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
-                 'data_seed': loader.sampler.seed, 'args': settings, 'monitors': monitors.state_dict(),
-                 'line': line.record()}
-        if knn_acc1 is not None:
-            state['knn_top1'] = knn_acc1
-        save_pretraining(state, args.output_dir, epochs_done, iters_done, args.keep_checkpoints)
+        def save(epochs_done, iters_done=0):
+            """The original's checkpoint (plus method, eval_encoder, data_seed, knn_top1, the line of training
+            and, mid-epoch, iter); rank 0 writes it."""
+            if not dist.is_main_process():
+                return
+            state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'eval_encoder': eval_encoder,
+                     'state_dict': ddp_state_dict(model),
+                     'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
+                     'data_seed': loader.sampler.seed, 'args': settings, 'monitors': monitors.state_dict(),
+                     'line': line.record()}
+            if knn_acc1 is not None:
+                state['knn_top1'] = knn_acc1
+            save_pretraining(state, args.output_dir, epochs_done, iters_done, args.keep_checkpoints, args.keep_every)
+            saved.append(epochs_done)
 
-    nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
-    for epoch in range(args.start_epoch, args.epochs):
-        start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
-        stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch,
-                                start_iter=start_iter, save_progress=save, nonfinite=nonfinite, stop=stop,
-                                monitors=monitors)
-        start_iter = 0
-        record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}, **monitors.epoch_record(epoch)}
-        if evaluate is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
-            knn_acc1 = report(epoch + 1, record)
-        save(epoch + 1)
-        run_log.epoch(record)
-        if epoch + 1 < args.epochs:
-            launch.stop_after_step(stop, f'at the end of epoch {epoch + 1}: saved '
-                                       f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
+        nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
+        for epoch in range(args.start_epoch, args.epochs):
+            start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
+            stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch,
+                                    start_iter=start_iter, save_progress=save, nonfinite=nonfinite, stop=stop,
+                                    monitors=monitors)
+            start_iter = 0
+            record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}, **monitors.epoch_record(epoch)}
+            if evaluate is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+                knn_acc1 = report(epoch + 1, record)
+            save(epoch + 1)
+            run_log.epoch(record)
+            if epoch + 1 < args.epochs:
+                launch.stop_after_step(stop, f'at the end of epoch {epoch + 1}: saved '
+                                           f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
     run_log.close()
     last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
     best_knn = best_knn_top1(monitors.evaluations)
@@ -306,8 +337,11 @@ def closing_summary(args, last, best_knn, monitors=None):
                      f'--output-dir {os.path.join(args.output_dir, "lincls")} {args.data}')
     if is_vit(args.arch):
         lines.append(f'  or fine-tuning: python convert_to_deit.py --input {last} --output '
-                     f'{os.path.join(args.output_dir, "deit.pth")}, '
+                     f'{os.path.join(args.output_dir, "deit.pth")} (also a timm folder), '
                      'then python -m transfer.finetune (transfer/README.md)')
+    else:
+        lines.append(f'  or the backbone for torchvision, timm or detectron2: python convert_to_deit.py --input {last} '
+                     f'--output {os.path.join(args.output_dir, "backbone.pth")}')
     return '\n'.join(lines)
 
 

@@ -507,11 +507,12 @@ def save_last_and_best(state, output_dir, last, best, is_best):
             save_checkpoint(state, os.path.join(output_dir, best))
 
 
-def save_pretraining(state, output_dir, epochs_done, iters_done=0, keep=0):
+def save_pretraining(state, output_dir, epochs_done, iters_done=0, keep=0, every=0):
     """Pretraining's files (the original's naming): at an epoch's end ``checkpoint_NNNN.pth.tar``
     (NNNN = epochs done - 1), which makes a rolling mid-epoch ``checkpoint_last.pth.tar`` of its line
-    obsolete, and only the ``keep`` newest numbered files of its line kept (0: all; the line is the one
-    ``state`` records, ``Line``); inside an epoch (``iters_done`` > 0) the rolling file. Rank 0 writes them."""
+    obsolete, and of the numbered files of its line only the ``keep`` newest and those of every
+    ``every``-th epoch kept (``thin_checkpoints``; the line is the one ``state`` records, ``Line``); inside
+    an epoch (``iters_done`` > 0) the rolling file. Rank 0 writes them."""
     if not dist.is_main_process():
         return
     if iters_done:
@@ -527,21 +528,61 @@ def save_pretraining(state, output_dir, epochs_done, iters_done=0, keep=0):
     last = os.path.join(output_dir, LAST_CHECKPOINT)
     if _held(last, line):
         remove_file(last)  # older than the file just written
-    thin_checkpoints(output_dir, keep, protect=path, line=line)
+    thin_checkpoints(output_dir, keep, protect=path, line=line, every=every)
 
 
-def thin_checkpoints(folder, keep, protect=None, line=None):
-    """Delete all but the ``keep`` newest checkpoint_NNNN.pth.tar of folder (keep <= 0: keep all), and
-    never ``protect`` (the intact file just written, whatever numbers other files carry). With ``line``,
-    only the files of its history count and go: another line's, and files whose line cannot be read, stay."""
+def is_kept(epochs_done, keep_every):
+    """Whether the checkpoint after ``epochs_done`` epochs is one of the periodic ones (``--keep-every``)."""
+    return keep_every > 0 and epochs_done % keep_every == 0
+
+
+def thin_checkpoints(folder, keep, protect=None, line=None, every=0):
+    """Delete the checkpoint_NNNN.pth.tar of folder but the ``keep`` newest (keep <= 0: keep all) and those
+    after every ``every``-th epoch (``is_kept``), and never ``protect`` (the intact file just written,
+    whatever numbers other files carry). With ``line``, only the files of its history count and go:
+    another line's, and files whose line cannot be read, stay."""
     if keep <= 0:
         return
     names = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NUMBERED.match(name)))
     if line is not None:
         names = [(n, name) for n, name in names if (peek := _peek(os.path.join(folder, name))) and line.holds(*peek)]
-    for _, name in names[:-keep]:
-        if protect is None or os.path.join(folder, name) != protect:
+    for n, name in names[:-keep]:
+        if not is_kept(n + 1, every) and (protect is None or os.path.join(folder, name) != protect):
             remove_file(os.path.join(folder, name))
+
+
+OPTIMIZER_SLOTS = {'lars': 1, 'sgd': 1, 'adamw': 2}   # tensors of state per trainable parameter
+
+
+def checkpoint_bytes(model, optimizer_name):
+    """About how many bytes a pretraining checkpoint of ``model`` takes: its state_dict and the optimizer's
+    state (momentum buffers; AdamW's two moments), which only exists after the first step."""
+    tensors = sum(t.numel() * t.element_size() for t in dist.unwrap(model).state_dict().values())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)   # fp32 state
+    return tensors + OPTIMIZER_SLOTS.get(optimizer_name, 1) * trainable
+
+
+def kept_checkpoints(epochs, keep, every):
+    """The numbered checkpoints (by epochs done) a run of ``epochs`` epochs keeps at its end."""
+    if keep <= 0:
+        return list(range(1, epochs + 1))
+    return sorted({e for e in range(1, epochs + 1) if is_kept(e, every)} | set(range(max(1, epochs - keep + 1),
+                                                                                   epochs + 1)))
+
+
+def describe_keeping(model, optimizer_name, epochs, keep, every):
+    """The start-up line: what a checkpoint weighs and what the run keeps of them."""
+    size = checkpoint_bytes(model, optimizer_name)
+    kept = kept_checkpoints(epochs, keep, every)
+    rule = ('every epoch\'s (--keep-checkpoints 0, as the original)' if keep <= 0 else
+            f'the newest {keep}' + (f' and every {every}th epoch\'s' if every > 0 else '')
+            + ' (--keep-checkpoints 0 keeps all, as the original)')
+    return (f'checkpoints: about {_in_units(size)} each; keeping {rule}: {len(kept)} file(s), about '
+            f'{_in_units(len(kept) * size)} after {epochs} epochs')
+
+
+def _in_units(size):
+    return f'{size / 2 ** 30:,.1f} GiB' if size >= 2 ** 30 else f'{max(1, round(size / 2 ** 20)):,} MiB'
 
 
 # ---- backbone weights of a pretraining checkpoint (linear probe, DeiT conversion, fine-tuning) ----

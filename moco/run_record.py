@@ -6,9 +6,11 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 from moco.errors import UserError
 
@@ -17,10 +19,11 @@ SETTINGS_FILE = 'args.json'
 # Flags that change how a run is executed, stored or watched, not what it computes: a resume may change
 # them freely. Every other flag changes the mathematics (or the pixels) of the steps still to come.
 OPERATIONAL = frozenset({
-    'data', 'workers', 'output_dir', 'resume', 'keep_checkpoints', 'save_every_iters', 'print_freq',
+    'data', 'workers', 'output_dir', 'resume', 'keep_checkpoints', 'keep_every', 'save_every_iters', 'print_freq',
     'knn_freq', 'knn_k', 'knn_t', 'seed', 'start_epoch', 'world_size', 'rank', 'dist_url', 'dist_backend',
     'gpu', 'dist_timeout', 'multiprocessing_distributed', 'strict_data', 'max_nonfinite_steps', 'compile',
-    'channels_last', 'accept_changes', 'evaluate', 'stop_signals', 'overwrite'})
+    'channels_last', 'accept_changes', 'evaluate', 'stop_signals', 'overwrite', 'micro_batch',
+    'grad_checkpointing'})
 # Flags the shapes of the weights depend on: another value cannot load the checkpoint at all.
 SHAPE_FLAGS = ('arch', 'method', 'moco_dim', 'moco_mlp_dim')
 
@@ -128,3 +131,20 @@ def check_resume(recorded, current, path, accept_changes, shape_flags=SHAPE_FLAG
     if lines:
         print('\n'.join(lines))
     return lines
+
+
+@contextmanager
+def undone_on_error(output_dir, new_run, saved):
+    """What a ``new_run`` adds to ``output_dir`` (args.json, log.txt, tensorboard/) removed again when the
+    block fails with a UserError (e.g. --strict-data at an unreadable image) while ``saved`` (the
+    checkpoints it wrote) is still empty: a run that failed at once leaves the folder as it found it
+    (README "When things go wrong")."""
+    before = set(os.listdir(output_dir)) if os.path.isdir(output_dir) else set()
+    try:
+        yield
+    except UserError:
+        if new_run and not saved and os.path.isdir(output_dir):
+            for name in set(os.listdir(output_dir)) - before:
+                path = os.path.join(output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import small_moco
+from moco import checkpoint
 from moco.checkpoint import (
     LAST_CHECKPOINT,
     Line,
@@ -228,3 +229,22 @@ def test_single_file_resume_takes_the_run_file_and_refuses_another_kind(tmp_path
                                         r'epoch, optimizer and best_acc1\); a pretraining checkpoint goes to'):
         single_file_resume(str(tmp_path / 'pretrained.pth.tar'), str(tmp_path), 'checkpoint.pth.tar', 'linear-probe',
                            needs, 'a pretraining checkpoint goes to --pretrained')
+
+
+def test_thinning_keeps_the_newest_and_every_eth_epoch(tmp_path):
+    """The default keeps what resuming needs (the newest) and a periodic one (--keep-every), as MAE and
+    DINO do; --keep-checkpoints 0 keeps all, as the original."""
+    for epochs_done in range(1, 46):
+        checkpoint.save_pretraining({'epoch': epochs_done, 'w': torch.ones(2)}, str(tmp_path), epochs_done, keep=1,
+                                    every=20)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ['checkpoint_0019.pth.tar', 'checkpoint_0039.pth.tar', 'checkpoint_0044.pth.tar']
+    assert checkpoint.kept_checkpoints(45, 1, 20) == [20, 40, 45]
+    assert checkpoint.kept_checkpoints(3, 1, 20) == [3] and checkpoint.kept_checkpoints(3, 0, 20) == [1, 2, 3]
+
+
+def test_the_start_line_says_what_a_checkpoint_weighs_and_what_is_kept():
+    model = torch.nn.Linear(256, 256)   # 65,792 parameters: 257 KiB, and as much again of LARS momentum
+    line = checkpoint.describe_keeping(model, 'lars', 100, 1, 20)
+    assert 'about 1 MiB each' in line and 'the newest 1 and every 20th epoch' in line and '5 file(s)' in line
+    assert checkpoint.checkpoint_bytes(model, 'adamw') == 3 * 65_792 * 4

@@ -32,7 +32,8 @@ TIMEOUT = 300
 KILL_EPOCHS = 5
 LAST_OF_KILL_RUNS = f'checkpoint_{KILL_EPOCHS - 1:04d}.pth.tar'
 TINY = ['-a', 'vit_tiny_patch4', '--image-size', '8', '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8',
-        '--warmup-epochs', '1', '--moco-m-cos', '-p', '100', '--seed', '5', '-j', '0']
+        '--warmup-epochs', '1', '--moco-m-cos', '-p', '100', '--seed', '5', '-j', '0',
+        '--keep-checkpoints', '0']   # every epoch's file, as the original: the tests read older ones
 
 
 def _argv(data, out, *extra, epochs=3):

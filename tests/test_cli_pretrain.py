@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow   # launches the scripts or several processes (mak
 
 ARCH, IMG = 'vit_tiny_patch4', 8
 SMALL = ['-a', ARCH, '--image-size', str(IMG), '--moco-dim', '16', '--moco-mlp-dim', '32',
-         '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '2', '--seed', '0']
+         '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '2', '--seed', '0', '--keep-checkpoints', '0']
 ORIGINAL_KEYS = {'epoch', 'arch', 'state_dict', 'optimizer', 'scaler'}
 PREFIXES = ('module.base_encoder.', 'module.momentum_encoder.', 'module.predictor.')
 TIMEOUT = 300

@@ -318,3 +318,17 @@ def test_tools_find_the_repository_root():
     from moco.tools import gpu_check, study
     for root in (study.ROOT, gpu_check.ROOT):
         assert os.path.isfile(os.path.join(root, 'main_moco.py')), root
+
+
+def test_a_default_run_keeps_few_checkpoints_says_so_and_resumes(tiny_folder, tmp_path, capsys):
+    """By default a run keeps the newest checkpoint and every 20th epoch's (README "Runs you can follow"),
+    not every epoch's, and says at the start what a checkpoint weighs and what it keeps."""
+    out_dir = tmp_path / 'run'
+    code, out, err = pretrain(capsys, *TINY, '--epochs', '3', '--output-dir', out_dir, tiny_folder)
+    assert code == 0, err
+    assert re.search(r'checkpoints: about \d+ MiB each; keeping the newest 1 and every 20th epoch', out), out
+    assert sorted(p.name for p in out_dir.glob('checkpoint_*')) == ['checkpoint_0002.pth.tar']
+    code, out, err = pretrain(capsys, *TINY, '--epochs', '4', '--output-dir', out_dir, '--resume', 'auto',
+                              tiny_folder)
+    assert code == 0 and "resumed from" in out, err
+    assert sorted(p.name for p in out_dir.glob('checkpoint_*')) == ['checkpoint_0003.pth.tar']

@@ -45,7 +45,8 @@ def test_resume_auto_continues_a_branch_and_thinning_keeps_its_files(tiny_folder
     def ckpt(n):
         return out / f'checkpoint_{n:04d}.pth.tar'
 
-    code, _, err = pretrain(capsys, *TINY, '--epochs', '10', '--output-dir', out, tiny_folder)
+    code, _, err = pretrain(capsys, *TINY, '--epochs', '10', '--keep-checkpoints', '0', '--output-dir', out,
+                            tiny_folder)
     assert code == 0, err
 
     # the run diverged: restart from the end of epoch 5, keeping 2 checkpoints; this job ends after epoch 7
@@ -71,7 +72,7 @@ def test_resume_auto_continues_a_branch_and_thinning_keeps_its_files(tiny_folder
 
 def test_start_epoch_on_a_folder_with_checkpoints_needs_overwrite(tiny_folder, tmp_path, capsys):
     out = tmp_path / 'run'
-    code, _, err = pretrain(capsys, *TINY, '--epochs', '2', '--output-dir', out, tiny_folder)
+    code, _, err = pretrain(capsys, *TINY, '--epochs', '2', '--keep-checkpoints', '0', '--output-dir', out, tiny_folder)
     assert code == 0, err
     before = {n: (out / n).read_bytes() for n in checkpoints(out)}
 

@@ -463,3 +463,27 @@ def test_two_processes_equal_ddp_and_one_process(tmp_path):
                                            msg=lambda m, k=k: f'{k} {m}')
     assert results[0]['nan']['skipped'] == results[1]['nan']['skipped'] == 1
     assert all(torch.equal(v, results[1]['nan']['params'][k]) for k, v in results[0]['nan']['params'].items())
+
+
+@pytest.mark.slow
+def test_main_moco_trains_by_pieces_and_refuses_resnets(tiny_folder, tmp_path, capsys):
+    """Through the command line: an epoch with --micro-batch 3 ends where the whole-batch epoch ends (float
+    rounding apart); a ResNet is refused with one line that points to --grad-checkpointing."""
+    import main_moco
+    from helpers import run_in_process
+    common = ['-a', 'vit_tiny_patch4', '--image-size', '8', '--moco-dim', '8', '--moco-mlp-dim', '16', '-b', '8',
+              '--epochs', '1', '--warmup-epochs', '0', '--optimizer', 'sgd', '--lr', '0.1', '-j', '0', '--seed', '0',
+              '--stop-grad-conv1']
+    states = []
+    for name, extra in (('whole', []), ('pieces', ['--micro-batch', '3'])):
+        code, errors = run_in_process(main_moco, [*common, *extra, '--output-dir', tmp_path / name, tiny_folder],
+                                      capsys)
+        assert code == 0 and not errors, errors
+        states.append(torch.load(tmp_path / name / 'checkpoint_0000.pth.tar', weights_only=True)['state_dict'])
+    for k in states[0]:   # five steps in float32: sums in another order drift a little (exact in float64: above)
+        a, b = states[0][k].double(), states[1][k].double()
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max() + 2e-5, k   # (biases whose gradient is ~0)
+    code, errors = run_in_process(main_moco, ['-a', 'resnet18_cifar', '--micro-batch', '2', '--output-dir',
+                                              tmp_path / 'resnet', tiny_folder], capsys)
+    assert code == 2 and len(errors) == 1 and '--grad-checkpointing' in errors[0]
+    assert not (tmp_path / 'resnet').exists()

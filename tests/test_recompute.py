@@ -218,3 +218,21 @@ def test_two_processes_with_synchronised_batchnorm_are_bit_identical(tmp_path):
         assert r[True][1]['base_encoder.layer1.0.bn1.num_batches_tracked'] == 4   # 2 steps of 2 views
     for name, grad in ranks[0][True][0][-1][1].items():
         assert torch.equal(grad, ranks[1][True][0][-1][1][name]), name
+
+
+@pytest.mark.slow
+def test_main_moco_with_grad_checkpointing_writes_the_same_checkpoint(tiny_folder, tmp_path, capsys):
+    """Through the command line, a ResNet epoch (synchronised BN statistics, LARS) ends bit for bit where it
+    ends without --grad-checkpointing."""
+    import main_moco
+    from helpers import assert_identical, run_in_process
+    common = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco-mlp-dim', '16', '-b', '8',
+              '--epochs', '1', '--warmup-epochs', '0', '-j', '0', '--seed', '0']
+    files = []
+    for name, extra in (('plain', []), ('recomputed', ['--grad-checkpointing'])):
+        code, errors = run_in_process(main_moco, [*common, *extra, '--output-dir', tmp_path / name, tiny_folder],
+                                      capsys)
+        assert code == 0 and not errors, errors
+        files.append(torch.load(tmp_path / name / 'checkpoint_0000.pth.tar', weights_only=True))
+    assert_identical(files[0]['state_dict'], files[1]['state_dict'], 'state_dict')
+    assert_identical(files[0]['optimizer'], files[1]['optimizer'], 'optimizer')

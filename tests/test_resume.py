@@ -31,7 +31,7 @@ def _command(data, output_dir, workers, optimizer, *extra):
     return [sys.executable, 'main_moco.py', str(data), '-a', ARCH, '--image-size', str(IMG),
             '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', '3', '--warmup-epochs', '1',
             '--moco-m-cos', '--optimizer', optimizer, '-j', str(workers), '-p', '2', '--seed', '3', '--skip-spikes',
-            '--output-dir', str(output_dir), *extra]
+            '--keep-checkpoints', '0', '--output-dir', str(output_dir), *extra]
 
 
 def _last_train_record(output_dir):
@@ -120,7 +120,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(resume_runs, variant):
 def _method_command(data, out_dir, method, epochs=2):
     return [sys.executable, 'main_moco.py', str(data), '--method', method, '-a', 'resnet18_cifar', '--image-size', '8',
             '--moco-dim', '16', '--moco-mlp-dim', '32', '-b', '8', '--epochs', str(epochs), '--warmup-epochs', '1',
-            '-j', '0', '-p', '100', '--seed', '2', '--data-pipeline', 'gpu', '--output-dir', str(out_dir)]
+            '-j', '0', '-p', '100', '--seed', '2', '--data-pipeline', 'gpu', '--keep-checkpoints', '0',
+            '--output-dir', str(out_dir)]
 
 
 @pytest.mark.parametrize('method', ['byol', 'm2t'])
@@ -158,7 +159,7 @@ def test_knn_results_before_a_resume_count(tiny_folder, tmp_path):
     import main_moco
     argv = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco-mlp-dim', '16', '-b', '20',
             '--epochs', '4', '--warmup-epochs', '1', '--knn-freq', '2', '--knn-k', '3', '-j', '0', '-p', '100',
-            '--seed', '0', '--resume', 'auto', str(tiny_folder)]
+            '--seed', '0', '--keep-checkpoints', '0', '--resume', 'auto', str(tiny_folder)]
 
     def run(output_dir):
         return main_moco.main(main_moco.get_args_parser().parse_args(argv + ['--output-dir', str(output_dir)]))
