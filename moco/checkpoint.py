@@ -21,7 +21,7 @@ import torch
 from moco import dist, run_record
 from moco.builder import METHODS
 from moco.errors import UserError, first_line
-from moco.file_check import damage
+from moco.file_check import damage, is_zip
 
 DDP_PREFIX = 'module.'
 
@@ -127,10 +127,24 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, not a torch file at all, ...
-        raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
+        raise UserError(why_unreadable(path, e)) from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} is not a checkpoint (a {type(ckpt).__name__}, not a dict)')
     return ckpt
+
+
+def why_unreadable(path, error):
+    """One line for a file ``torch.load(weights_only=True)`` refused: not a torch file at all, or one holding
+    objects that could run code when loaded (never the advice to load it unsafely), or torch's own reason."""
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if not is_zip(path) and head != b'\x80\x02':   # torch.save's zip archive, or its legacy pickle
+        return f'{path} is not a PyTorch checkpoint (neither the zip archive torch.save writes nor its older format)'
+    if 'Weights only load failed' in str(error):   # torch's message advises unsafe loading: not repeated
+        found = re.search(r'GLOBAL (\S+)', str(error))
+        return (f'{path} holds objects other than tensors and plain values' + (f' ({found.group(1)})' if found else '')
+                + ', which could run code when loaded: refused')
+    return f'cannot read checkpoint {path}: {first_line(error)}'
 
 
 LAST_CHECKPOINT = 'checkpoint_last.pth.tar'  # the rolling mid-epoch file of --save-every-iters

@@ -191,7 +191,7 @@ def test_a_checkpoint_cannot_run_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / 'evil.pth.tar'
     torch.save({'state_dict': {}, 'epoch': 1, 'payload': _RunsCode()}, path)
-    with pytest.raises(UserError, match='cannot read checkpoint'):
+    with pytest.raises(UserError, match='could run code when loaded: refused'):
         load_checkpoint(str(path))
     assert not (tmp_path / 'PWNED').exists()
 
@@ -248,3 +248,21 @@ def test_the_start_line_says_what_a_checkpoint_weighs_and_what_is_kept():
     line = checkpoint.describe_keeping(model, 'lars', 100, 1, 20)
     assert 'about 1 MiB each' in line and 'the newest 1 and every 20th epoch' in line and '5 file(s)' in line
     assert checkpoint.checkpoint_bytes(model, 'adamw') == 3 * 65_792 * 4
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so_and_never_advises_unsafe_loading(tmp_path, monkeypatch):
+    """Random bytes, and a pickle that would run code: one line each, neither torch's weights_only advice."""
+    random_bytes = tmp_path / 'random.pth.tar'
+    random_bytes.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(str(random_bytes))
+    assert 'is not a PyTorch checkpoint' in str(refused.value) and 'weights_only' not in str(refused.value)
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'epoch': 1, 'payload': _RunsCode()}, evil)
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(str(evil))
+    message = str(refused.value)
+    assert 'could run code when loaded: refused' in message and 'weights_only' not in message
+    assert len(message.splitlines()) == 1 and not (tmp_path / 'PWNED').exists()

@@ -150,7 +150,7 @@ def test_bad_pretrained_files_are_one_line_errors(probe_run, probe_data, moco_ck
     torch.save({'model': {'cls_token': torch.zeros(1, 1, 8)}}, deit)
     truncated = tmp_path / 'truncated.pth.tar'
     truncated.write_bytes(open(moco_ckpt, 'rb').read()[:100_000])
-    cases = {text: 'cannot read checkpoint', deit: 'is not a MoCo pretraining checkpoint: no state_dict',
+    cases = {text: 'is not a PyTorch checkpoint', deit: 'is not a MoCo pretraining checkpoint: no state_dict',
              out / 'checkpoint.pth.tar': 'holds no module.base_encoder.* weights',
              truncated: 'damaged checkpoint', tmp_path / 'missing.pth': 'checkpoint not found'}
     for path, message in cases.items():
