@@ -145,16 +145,23 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-def run_in_process(script, argv, capsys):
+def run_script(script, argv, capsys):
     """``script.main`` (main_moco or main_lincls) in this process, as its command line would run it:
-    (exit code, the lines of stderr that start with 'error:')."""
+    (exit code, stdout, stderr)."""
     capsys.readouterr()
     try:
         script.main(script.get_args_parser().parse_args([str(a) for a in argv]))
         code = 0
     except SystemExit as e:
         code = e.code
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_in_process(script, argv, capsys):
+    """``run_script``: (exit code, the lines of stderr that start with 'error:')."""
+    code, _, err = run_script(script, argv, capsys)
+    return code, [line for line in err.splitlines() if line.startswith('error:')]
 
 
 def lars_loop_and_foreach(device):

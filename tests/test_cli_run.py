@@ -27,7 +27,7 @@ from PIL import Image
 
 import main_lincls
 import main_moco
-from helpers import ROOT, cli_env, wait_output
+from helpers import ROOT, cli_env, run_script, wait_output
 from moco.tools import plot, split_folder
 
 pytestmark = pytest.mark.slow   # launches the scripts or several processes (make test-fast leaves it out)
@@ -38,15 +38,7 @@ TINY = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco
 
 def pretrain(capsys, *argv):
     """main_moco in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    args = main_moco.get_args_parser().parse_args([str(a) for a in argv])
-    try:
-        main_moco.main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script(main_moco, argv, capsys)
 
 
 def one_error_line(err):

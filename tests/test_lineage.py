@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main_moco
-from helpers import load
+from helpers import load, run_script
 
 pytestmark = pytest.mark.slow   # trains for a while (make test-fast leaves it out)
 
@@ -21,14 +21,7 @@ TINY = ['-a', 'resnet18_cifar', '--image-size', '16', '--moco-dim', '8', '--moco
 
 def pretrain(capsys, *argv):
     """main_moco in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main_moco.main(main_moco.get_args_parser().parse_args([str(a) for a in argv]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script(main_moco, argv, capsys)
 
 
 def line_of(path):
