@@ -16,34 +16,36 @@ def test_estimate_matches_the_real_step():
 
 
 def test_checkpointing_and_micro_batch_lower_the_estimate():
-    plain = memory.measure_step('vit_tiny_patch4', 32, **TINY)['peak']
-    assert memory.measure_step('vit_tiny_patch4', 32, grad_checkpointing=True, **TINY)['peak'] < plain
-    assert memory.measure_step('vit_tiny_patch4', 32, micro_batch=8, **TINY)['peak'] < plain
+    plain = memory.measure_step('vit_tiny_patch4', 16, **TINY)['peak']
+    assert memory.measure_step('vit_tiny_patch4', 16, grad_checkpointing=True, **TINY)['peak'] < plain
+    assert memory.measure_step('vit_tiny_patch4', 16, micro_batch=8, **TINY)['peak'] < plain
 
 
 def test_ddp_holds_the_gradients_and_gathers_the_keys():
-    one = memory.estimate('vit_tiny_patch4', 32, gpus=1, **TINY)
-    four = memory.estimate('vit_tiny_patch4', 128, gpus=4, **TINY)
+    one = memory.estimate('vit_tiny_patch4', 8, gpus=1, **TINY)
+    four = memory.estimate('vit_tiny_patch4', 32, gpus=4, **TINY)
     assert four['grads_held'] == four['grads'] > 0 and one['grads_held'] == 0
     assert four['peak'] > one['peak']
 
 
+@pytest.mark.slow   # a search over many estimates
 def test_fit_finds_the_largest_piece_that_fits():
     kw = dict(TINY)
-    whole = memory.estimate('vit_tiny_patch4', 64, 1, **kw)['peak']
-    small = memory.estimate('vit_tiny_patch4', 64, 1, micro_batch=4, **kw)['peak']
-    budget = (small + whole) / 2 / memory.GIB   # between a small piece and the whole batch
-    n = memory.largest_piece('vit_tiny_patch4', 64, 1, budget, 0, **kw)
-    assert 4 <= n < 64
-    assert memory.fits(memory.estimate('vit_tiny_patch4', 64, 1, micro_batch=n, **kw), budget, 0)
-    assert not memory.fits(memory.estimate('vit_tiny_patch4', 64, 1, micro_batch=n + 1, **kw), budget, 0)
+    whole = memory.estimate('vit_tiny_patch4', 16, 1, micro_batch=16, **kw)['peak']
+    small = memory.estimate('vit_tiny_patch4', 16, 1, micro_batch=4, **kw)['peak']
+    budget = (small + whole) / 2 / memory.GIB   # between a small piece and one piece of the whole batch
+    n = memory.largest_piece('vit_tiny_patch4', 16, 1, budget, 0, **kw)
+    assert 4 <= n < 16
+    assert memory.fits(memory.estimate('vit_tiny_patch4', 16, 1, micro_batch=n, **kw), budget, 0)
+    assert not memory.fits(memory.estimate('vit_tiny_patch4', 16, 1, micro_batch=n + 1, **kw), budget, 0)
 
 
+@pytest.mark.slow   # a search over many estimates
 def test_fewest_gpus():
     kw = dict(TINY)
-    at4 = memory.estimate('vit_tiny_patch4', 64, 4, **kw)['peak']
-    at2 = memory.estimate('vit_tiny_patch4', 64, 2, **kw)['peak']
-    g = memory.fewest_gpus('vit_tiny_patch4', 64, (at4 + at2) / 2 / memory.GIB, 0, **kw)
+    at4 = memory.estimate('vit_tiny_patch4', 16, 4, **kw)['peak']
+    at2 = memory.estimate('vit_tiny_patch4', 16, 2, **kw)['peak']
+    g = memory.fewest_gpus('vit_tiny_patch4', 16, (at4 + at2) / 2 / memory.GIB, 0, **kw)
     assert g == 4
 
 
@@ -63,6 +65,7 @@ def test_cli_line_and_one_line_errors(capsys):
     assert len(err) == 1 and 'vit_base' in err[0]
 
 
+@pytest.mark.slow   # a search over many estimates
 def test_table_prints_one_row_per_recipe(monkeypatch):
     rows = []
     monkeypatch.setattr(memory, 'PAPER_RECIPES', (('resnet18_cifar', 'R18', 'lars', 1.0),
@@ -70,6 +73,6 @@ def test_table_prints_one_row_per_recipe(monkeypatch):
     monkeypatch.setattr(memory, 'largest_piece', lambda *a, **k: 8)
     monkeypatch.setattr(memory, 'fewest_gpus', lambda *a, **k: 1)
     real_estimate = memory.estimate
-    monkeypatch.setattr(memory, 'estimate', lambda arch, b, g, **kw: real_estimate(arch, 32, 2, **dict(kw, image_size=32)))
+    monkeypatch.setattr(memory, 'estimate', lambda arch, b, g, **kw: real_estimate(arch, 8, 2, **dict(kw, image_size=32)))
     memory.table(out=rows.append)
     assert len(rows) == 4 and rows[2].startswith('| R18') and rows[3].startswith('| ViT-T') and 'N=8' in rows[3]
