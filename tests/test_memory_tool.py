@@ -73,6 +73,7 @@ def test_table_prints_one_row_per_recipe(monkeypatch):
     monkeypatch.setattr(memory, 'largest_piece', lambda *a, **k: 8)
     monkeypatch.setattr(memory, 'fewest_gpus', lambda *a, **k: 1)
     real_estimate = memory.estimate
-    monkeypatch.setattr(memory, 'estimate', lambda arch, b, g, **kw: real_estimate(arch, 8, 2, **dict(kw, image_size=32)))
+    monkeypatch.setattr(memory, 'estimate',
+                        lambda arch, b, g, **kw: real_estimate(arch, 8, 2, **dict(kw, image_size=32)))
     memory.table(out=rows.append)
     assert len(rows) == 4 and rows[2].startswith('| R18') and rows[3].startswith('| ViT-T') and 'N=8' in rows[3]

@@ -26,13 +26,11 @@ fragmentation and rounding; the CUDA context (0.5-1 GiB); cuBLAS/cuDNN workspace
 data loader's pinned memory. ``--fit`` therefore keeps ``--reserve`` GiB (default 3) free.
 """
 import contextlib
-import math
 import sys
 import time
 import weakref
 
 import torch
-import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -113,7 +111,8 @@ def _simulated_processes(gpus):
         flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]   # all at once, as there
         for bucket, flat in zip(buckets, flats):
             flat.div_(gpus)
-            torch._foreach_copy_(bucket, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
+            pieces = flat.split([g.numel() for g in bucket])
+            torch._foreach_copy_(bucket, [f.view_as(g) for f, g in zip(pieces, bucket)])
         del flats
     moco_dist.concat_all_gather, moco_microbatch.average_gradients = fake_gather, fake_average
     try:
@@ -161,7 +160,7 @@ def measure_step(arch, batch, gpus=1, grad_checkpointing=False, micro_batch=0, a
         opt.step()
         if not ddp:   # else gradient_as_bucket_view: the gradients are views of DDP's buckets, held all along
             opt.zero_grad(set_to_none=True)
-        for step in range(steps):
+        for _ in range(steps):
             if not ddp:
                 opt.zero_grad(set_to_none=True)
             if before_step is not None:   # a check's hook (tests: the RSS of the process)
@@ -272,7 +271,8 @@ def image_size_note():
 def get_args_parser():
     p = cli.parser('Peak GPU memory of one MoCo v3 pretraining step per process, estimated on the CPU (fake '
                    'tensors). Leaves out the CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers and the '
-                   'allocator\'s fragmentation: --fit keeps --reserve GiB for them.', prog='python -m moco.tools.memory')
+                   'allocator\'s fragmentation: --fit keeps --reserve GiB for them.',
+                   prog='python -m moco.tools.memory')
     p.add_argument('-a', '--arch', default='resnet50', type=cli.choice_type(arch_names()))
     p.add_argument('-b', '--batch-size', default=4096, type=int, help='total batch over all GPUs, as main_moco.py')
     p.add_argument('--gpus', default=8, type=int, help='processes (GPUs) sharing the batch')
@@ -298,7 +298,8 @@ def check(args):
     cli.require_positive(args, 'batch_size', 'gpus', 'image_size', 'moco_dim', 'moco_mlp_dim')
     cli.require_not_negative(args, 'micro_batch', 'reserve')
     if args.batch_size % args.gpus:
-        raise UserError(f'-b {args.batch_size} is not divisible by --gpus {args.gpus}: the batch per process must be whole')
+        raise UserError(f'-b {args.batch_size} is not divisible by --gpus {args.gpus}: the batch per process must be '
+                        'whole')
     if args.micro_batch and moco_microbatch.refusal(args.arch):
         raise UserError(moco_microbatch.refusal(args.arch))
     if is_vit(args.arch):
@@ -336,7 +337,7 @@ def main(argv=None):
                 line += (f'; on {args.gpus} GPU(s): --micro-batch {n}' if n else
                          f'; on {args.gpus} GPU(s): no --micro-batch fits')
             print(line)
-        print(f'({time.time() - tic:.0f} s; an estimate: see python -m moco.tools.memory --help for what it leaves out)',
+        print(f'({time.time() - tic:.0f} s; an estimate: python -m moco.tools.memory --help says what it leaves out)',
               file=sys.stderr)
         return 0
     except UserError as e:
