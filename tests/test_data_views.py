@@ -1,8 +1,10 @@
-"""moco/data/views.py: MoCo v3's two views are the original release's, byte for byte and draw for draw.
+"""moco/data/views.py: the PIL views (``pil_pretrain_transform``) are the definition's, the original release's,
+byte for byte and draw for draw.
 
-The original is its op list as its main_moco.py writes it (``moco.tools.bench_pipeline.original_pretrain_transform``:
-torchvision ops on PIL images behind torchvision's ImageFolder loader). For each image and seed both
-views, made float by ``ToFloat``, must equal the original's float views exactly, and the torch and
+The definition is the original's op list as its main_moco.py writes it (``original_pretrain_transform``:
+torchvision ops on PIL images; here behind torchvision's ImageFolder loader), and its numbers are the
+paper's (checked on the ops themselves). For each image and seed both views, made float by ``ToFloat``,
+must equal the definition's float views exactly, and the torch and
 python random states afterwards must be the original's (so a changed number or order of draws fails
 even where the pixels happen to agree). Images: JPEGs of ImageNet's sizes in both orientations cut
 from a photograph, and files in the modes a folder holds (L, CMYK, palette, RGBA, EXIF-rotated).
@@ -14,8 +16,9 @@ import random
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
+from moco.data import views
 from moco.data.folder import SafeImageFolder, load_rgb
 from moco.data.views import (
     IMAGENET_MEAN,
@@ -23,10 +26,11 @@ from moco.data.views import (
     ToFloat,
     eval_transform,
     lincls_train_transform,
-    pretrain_transform,
+    original_pretrain_transform,
+    pil_pretrain_transform,
     random_resized_crop_params,
 )
-from moco.tools.bench_pipeline import cut_jpegs, original_loader, original_pretrain_transform, photo_files
+from moco.tools.bench_pipeline import cut_jpegs, original_loader, photo_files
 
 TO_FLOAT = ToFloat()
 
@@ -47,10 +51,8 @@ def _seeded(seed, fn, *args):
 
 
 def _assert_views_are_the_originals(data, seeds, image_size=224, crop_min=0.08, blur=True, where=''):
-    ours = pretrain_transform(image_size, crop_min, blur=blur)
-    original = original_pretrain_transform(image_size, crop_min)
-    if not blur:   # --no-blur: the original's lists without the blur op
-        original = _without_blur(image_size, crop_min)
+    ours = pil_pretrain_transform(image_size, crop_min, blur=blur)
+    original = original_pretrain_transform(image_size, crop_min, blur=blur)
     for seed in seeds:
         expected, torch_state, py_state = _seeded(seed, original, original_loader(data))
         got, our_torch_state, our_py_state = _seeded(seed, ours, load_rgb(where, data))
@@ -61,17 +63,6 @@ def _assert_views_are_the_originals(data, seeds, image_size=224, crop_min=0.08, 
                 f'{where} seed {seed} view {k + 1}: {(floats != e).sum().item()} values differ'
         assert torch.equal(our_torch_state, torch_state), f'{where} seed {seed}: torch draws differ'
         assert our_py_state == py_state, f'{where} seed {seed}: python random draws differ'
-
-
-def _without_blur(image_size, crop_min):
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    common = [T.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
-              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
-    from moco.tools.bench_pipeline import OriginalSolarize
-    v1 = T.Compose(common + [T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    v2 = T.Compose(common + [T.RandomApply([OriginalSolarize()], p=0.2), T.RandomHorizontalFlip(), T.ToTensor(),
-                             normalize])
-    return lambda x: [v1(x), v2(x)]
 
 
 def test_views_are_the_originals_on_photographs(photo_jpegs):
@@ -158,28 +149,66 @@ def test_to_float_is_totensor_and_normalize():
 
 def test_pretrain_views_are_uint8_and_asymmetric(photo_jpegs):
     img = load_rgb('photo', photo_jpegs[1])
-    tf = pretrain_transform(image_size=32, crop_min=0.2)
+    tf = pil_pretrain_transform(image_size=32, crop_min=0.2)
     views = tf(img)
     assert [(v.shape, v.dtype) for v in views] == [((32, 32, 3), torch.uint8)] * 2
     assert not torch.equal(views[0], views[1])
     v1, v2 = tf.view1, tf.view2
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     assert v1.scale == v2.scale == (0.2, 1.)
-    no_blur = pretrain_transform(image_size=32, blur=False)
+    no_blur = pil_pretrain_transform(image_size=32, blur=False)
     assert (no_blur.view1.blur_p, no_blur.view2.blur_p, no_blur.view2.solarize_p) == (0., 0., 0.2)
 
 
-def test_original_op_list_is_the_papers():
-    """The reference the views are tested against: the paper's appendix (BYOL's recipe)."""
-    import inspect
+def _ops(view):
+    """A view's ops as (name, numbers) pairs: RandomApply as its op's, with its p."""
+    ops = []
+    for t in view.transforms:
+        p = None
+        if isinstance(t, T.RandomApply):
+            (t,), p = t.transforms, t.p
+        if isinstance(t, T.RandomResizedCrop):
+            ops.append(('crop', (tuple(t.size), tuple(t.scale), tuple(t.ratio), t.interpolation)))
+        elif isinstance(t, T.ColorJitter):
+            ops.append(('jitter', (p, tuple(t.brightness), tuple(t.contrast), tuple(t.saturation), tuple(t.hue))))
+        elif isinstance(t, T.RandomGrayscale):
+            ops.append(('gray', (t.p,)))
+        elif isinstance(t, views.GaussianBlur):
+            ops.append(('blur', (p, tuple(t.sigma))))
+        elif isinstance(t, views.Solarize):
+            ops.append(('solarize', (p,)))
+        elif isinstance(t, T.RandomHorizontalFlip):
+            ops.append(('flip', (t.p,)))
+        elif isinstance(t, T.ToTensor):
+            ops.append(('to_tensor', ()))
+        elif isinstance(t, T.Normalize):
+            ops.append(('normalize', (tuple(t.mean), tuple(t.std))))
+        else:
+            raise AssertionError(f'an op the paper does not list: {t!r}')
+    return ops
 
-    from moco.tools import bench_pipeline
-    source = inspect.getsource(bench_pipeline.original_pretrain_transform)
-    for piece in ('RandomResizedCrop(image_size, scale=(crop_min, 1.))', 'ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)',
-                  'RandomGrayscale(p=0.2)', 'OriginalGaussianBlur([.1, 2.])], p=1.0)',
-                  'OriginalGaussianBlur([.1, 2.])], p=0.1)', 'OriginalSolarize()], p=0.2)', 'RandomHorizontalFlip()',
-                  'mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]'):
-        assert piece in source, piece
+
+@pytest.mark.parametrize('image_size, crop_min, blur', [(224, 0.08, True), (64, 0.2, True), (32, 0.08, False)])
+def test_the_definition_is_the_papers_op_list(image_size, crop_min, blur):
+    """The definition the views are tested against: the paper's appendix (BYOL's recipe), op by op, in order,
+    with its probabilities and ranges; ``blur=False`` (--no-blur) only drops the blur."""
+    crop = ('crop', ((image_size, image_size), (crop_min, 1.), (3 / 4, 4 / 3), T.InterpolationMode.BILINEAR))
+    common = [crop, ('jitter', (0.8, (0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))), ('gray', (0.2,))]
+    tail = [('flip', (0.5,)), ('to_tensor', ()), ('normalize', ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))]
+    blur1, blur2 = ([('blur', (1.0, (.1, 2.)))], [('blur', (0.1, (.1, 2.)))]) if blur else ([], [])
+    definition = original_pretrain_transform(image_size, crop_min, blur=blur)
+    assert _ops(definition.view1) == common + blur1 + tail
+    assert _ops(definition.view2) == common + blur2 + [('solarize', (0.2,))] + tail
+
+
+def test_the_definitions_blur_and_solarize_are_pils():
+    img = Image.new('RGB', (16, 16))
+    img.putdata([(i * 16 % 256, i % 256, 255 - i % 256) for i in range(256)])
+    assert views.Solarize()(img).tobytes() == ImageOps.solarize(img, 128).tobytes()
+    random.seed(3)
+    radius = random.uniform(0.1, 2.0)
+    random.seed(3)
+    assert views.GaussianBlur([.1, 2.])(img).tobytes() == img.filter(ImageFilter.GaussianBlur(radius)).tobytes()
 
 
 # ------------------------------------------------------------------------------- eval views
@@ -203,7 +232,7 @@ def test_lincls_train_transform(photo_jpegs):
 
 
 def test_odd_images_go_through_the_pretraining_views(odd_images):
-    ds = SafeImageFolder(str(odd_images), pretrain_transform(16, blur=True))
+    ds = SafeImageFolder(str(odd_images), pil_pretrain_transform(16, blur=True))
     assert len(ds) == 7                                    # notes.txt is not an image
     for i in range(len(ds)):
         views, _, skipped = ds.load(i)

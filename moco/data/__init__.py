@@ -2,7 +2,8 @@
 
 folder.py         image folders (class folders or images alone), any image mode as RGB, and the one
                   rule for an unreadable file: reported once, replaced by the next readable one
-views.py          MoCo v3's two augmented views on PIL images (the reference path) and the eval views
+views.py          MoCo v3's two augmented views: the original's op list (the definition) and its bit-identical
+                  PIL views (the reference pipeline), and the eval views
 pil_ops.py        PIL's colour jitter, Gaussian blur and solarize computed faster, the same bytes (views.py)
 sampler.py        the order of an epoch and each image's view seed, from (seed, epoch, position);
                   the reference loader (``make_loader``) and ``start_epoch``
@@ -17,7 +18,7 @@ The names the scripts use are importable from ``moco.data`` itself.
 """
 from moco.data.folder import image_folder, is_unlabelled, is_unlabelled_folder
 from moco.data.sampler import make_loader, start_epoch
-from moco.data.views import eval_transform, lincls_train_transform, pretrain_transform
+from moco.data.views import eval_transform, lincls_train_transform, original_pretrain_transform, pil_pretrain_transform
 
 __all__ = ['image_folder', 'is_unlabelled', 'is_unlabelled_folder', 'make_loader', 'start_epoch', 'eval_transform',
-           'lincls_train_transform', 'pretrain_transform']
+           'lincls_train_transform', 'original_pretrain_transform', 'pil_pretrain_transform']

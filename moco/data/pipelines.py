@@ -1,7 +1,8 @@
 """The three input pipelines of pretraining behind one call (``--data-pipeline``).
 
-reference: PIL/torchvision ops in loader workers, the original's pixels (moco/data/views.py); the
-           views travel as uint8 and become the original's float32 input on the device.
+reference: PIL views in loader workers, the original's bytes (``views.pil_pretrain_transform``, the equal
+           of the original's op list, ``views.original_pretrain_transform``); the views travel as uint8 and
+           become the original's float32 input on the device.
 memory:    the whole folder decoded once into (GPU) memory, views made batch-wise on the device;
            small images of one size such as CIFAR (moco/data/memory.py).
 gpu:       workers read JPEG bytes, the batch is decoded and both views made on the GPU; full-size
@@ -16,7 +17,7 @@ import os
 
 from moco.data.folder import image_folder
 from moco.data.sampler import make_loader
-from moco.data.views import ToFloat, pretrain_transform
+from moco.data.views import ToFloat, pil_pretrain_transform
 
 PIPELINES = ('auto', 'reference', 'memory', 'gpu')
 RESOLVED = ('reference', 'memory', 'gpu')   # what ``resolve`` returns, and ``pretrain_loader`` takes
@@ -74,16 +75,17 @@ def pretrain_loader(pipeline, root, batch_size, device, image_size, crop_min=0.0
         loader = GpuJpegLoader(root, 'train', batch_size, device, image_size, crop_min, blur=blur, seed=seed,
                                workers=workers, strict=strict)
     else:
-        train_set = image_folder(root, 'train', pretrain_transform(image_size, crop_min, blur=blur), strict=strict)
-        loader = ReferenceLoader(make_loader(train_set, batch_size, workers, shuffle=True, drop_last=True, seed=seed,
-                                             pin_memory=device.type == 'cuda'), device)
+        train_set = image_folder(root, 'train', pil_pretrain_transform(image_size, crop_min, blur=blur), strict=strict)
+        loader = PilViewsLoader(make_loader(train_set, batch_size, workers, shuffle=True, drop_last=True, seed=seed,
+                                            pin_memory=device.type == 'cuda'), device)
     return loader
 
 
-class ReferenceLoader:
-    """The reference pipeline's DataLoader, its uint8 views sent to ``device`` and made the original's
-    float32 input there (``views.ToFloat``). ``sampler`` is the DataLoader's (``start_epoch`` sets it);
-    ``num_images`` as the device pipelines' (``DeviceLoader.num_images``)."""
+class PilViewsLoader:
+    """The reference pipeline's DataLoader of PIL views (``views.pil_pretrain_transform``, the original's
+    bytes), its uint8 views sent to ``device`` and made the original's float32 input there (``views.ToFloat``).
+    ``sampler`` is the DataLoader's (``start_epoch`` sets it); ``num_images`` as the device pipelines'
+    (``DeviceLoader.num_images``)."""
 
     def __init__(self, loader, device):
         self.loader, self.device, self.to_float = loader, device, ToFloat()

@@ -1,19 +1,22 @@
 """MoCo v3's two asymmetric views on PIL images (the reference pipeline), and the evaluation views.
 
-Each view is the original release's torchvision op list (the paper's appendix, after BYOL):
+The definition comes first: ``original_pretrain_transform``, the original release's two op lists as its
+main_moco.py writes them (torchvision ops on PIL images, with its own GaussianBlur and Solarize of
+moco/loader.py; the paper's appendix, after BYOL):
 
     RandomResizedCrop(size, scale=(crop_min, 1)) -> ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8
     -> RandomGrayscale(p 0.2) -> GaussianBlur(sigma ~ U[0.1, 2], PIL's radius) with p 1.0 / 0.1
     -> Solarize(128) with p 0 / 0.2 -> RandomHorizontalFlip -> ToTensor -> Normalize(ImageNet)
 
-with the original's random parameters (the same calls, in the same order, on the same generators:
-python's ``random`` for the blur's sigma, torch for the rest) and the original's bytes. What is done
-differently is only how the bytes are computed (README "Speed"): the colour jitter and the blur by
-moco/data/pil_ops.py; a view made gray stays one channel through blur, solarize and flip (its tensor
-repeats that channel without a copy; the batch is made of three); and a view leaves the loader worker
-as uint8 (H, W, 3): ToTensor + Normalize run where the batch goes, by looking up the float32
-values torchvision's ops give each byte (``ToFloat``), so a quarter of the bytes cross the worker
-queues and the PCIe bus. Tested against the original's op list, view by view (tests/test_data_views.py).
+Beside it, its equal: ``pil_pretrain_transform`` (``PilView``), what the reference pipeline runs. The same
+random parameters (the same calls, in the same order, on the same generators: python's ``random`` for the
+blur's sigma, torch for the rest) and the original's bytes; only how the bytes are computed differs
+(README "Speed"): the colour jitter and the blur by moco/data/pil_ops.py; a view made gray stays one
+channel through blur, solarize and flip (its tensor repeats that channel without a copy; the batch is made
+of three); and a view leaves the loader worker as uint8 (H, W, 3): ToTensor + Normalize run where the
+batch goes, by looking up the float32 values torchvision's ops give each byte (``ToFloat``), so a quarter
+of the bytes cross the worker queues and the PCIe bus. Tested against the definition, view by view, byte
+for byte and draw for draw (tests/test_data_views.py).
 """
 import math
 import random
@@ -23,12 +26,83 @@ import numpy as np
 import torch
 import torchvision.transforms as transforms
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from moco.data import pil_ops
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TwoViews:
+    """Both views of one image, [view 1, view 2] (the original's ``TwoCropsTransform``)."""
+
+    def __init__(self, view1, view2):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, img):
+        return [self.view1(img), self.view2(img)]
+
+
+# ----------------------------------------------------------------------------------- the definition
+class GaussianBlur:
+    """The original's blur (its moco/loader.py, from SimCLR): sigma ~ U[sigma_min, sigma_max] from python's
+    random, as PIL's radius."""
+
+    def __init__(self, sigma=(.1, 2.)):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        sigma = random.uniform(self.sigma[0], self.sigma[1])
+        return x.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+class Solarize:
+    """The original's solarize (its moco/loader.py, from BYOL): PIL's, threshold 128."""
+
+    def __call__(self, x):
+        return ImageOps.solarize(x)
+
+
+def original_pretrain_transform(image_size=224, crop_min=0.08, blur=True):
+    """The definition of the two views: the original's augmentation1 and augmentation2, as its main_moco.py
+    writes them, float32 (3, size, size) each. ``blur=False`` (``--no-blur``, not in the original): its
+    lists without the blur op."""
+    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    # follow BYOL's augmentation recipe: https://arxiv.org/abs/2006.07733
+    augmentation1 = [
+        transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
+        transforms.RandomApply([
+            transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)  # not strengthened
+        ], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([GaussianBlur([.1, 2.])], p=1.0),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize
+    ]
+    augmentation2 = [
+        transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
+        transforms.RandomApply([
+            transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)  # not strengthened
+        ], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([GaussianBlur([.1, 2.])], p=0.1),
+        transforms.RandomApply([Solarize()], p=0.2),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize
+    ]
+    if not blur:
+        augmentation1, augmentation2 = ([t for t in aug if not _is_blur(t)] for aug in (augmentation1, augmentation2))
+    return TwoViews(transforms.Compose(augmentation1), transforms.Compose(augmentation2))
+
+
+def _is_blur(t):
+    return isinstance(t, transforms.RandomApply) and isinstance(t.transforms[0], GaussianBlur)
+
+
+# ----------------------------------------------------------------------------------- its equal, faster
 JITTER = transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)   # not strengthened (the release's comment)
 RATIO = (3. / 4., 4. / 3.)   # RandomResizedCrop's default aspect ratios
 LOG_RATIO = torch.log(torch.tensor(RATIO)).tolist()   # float32, as get_params computes them
@@ -99,9 +173,10 @@ def random_resized_crop_params(width, height, scale, log_ratio=LOG_RATIO):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class PretrainView:
-    """One view of the BYOL augmentation as uint8 (size, size, 3); MoCo v3's two views differ only in
-    blur_p and solarize_p (``blur_p = 0``: no blur op at all, as ``--no-blur`` removes it)."""
+class PilView:
+    """One view of ``original_pretrain_transform`` on a PIL image, its bytes as uint8 (size, size, 3) (``ToFloat``
+    makes them the definition's float32 view); MoCo v3's two views differ only in blur_p and solarize_p
+    (``blur_p = 0``: no blur op at all, as ``--no-blur`` removes it)."""
 
     def __init__(self, size, crop_min, blur_p, solarize_p):
         self.size, self.scale = size, (crop_min, 1.)
@@ -151,22 +226,16 @@ class PretrainView:
         return img
 
 
-class TwoViews:
-    """Both views of one image, [view 1, view 2]: uint8 (size, size, 3) tensors (``ToFloat`` makes them
-    the original's float32 input)."""
-
-    def __init__(self, view1, view2):
-        self.view1, self.view2 = view1, view2
-
-    def __call__(self, img):
-        return [self.view1(img), self.view2(img)]
+def pil_pretrain_transform(image_size=224, crop_min=0.08, blur=True):
+    """``original_pretrain_transform``'s equal, the reference pipeline's views: the same draws and bytes, each
+    view uint8 (size, size, 3) (``ToFloat`` makes them the original's float32 input). View 1: blur p 1.0, no
+    solarize. View 2: blur p 0.1, solarize p 0.2 (paper appendix, BYOL). ``blur=False`` drops the blur from
+    both views (small-image recipes)."""
+    return TwoViews(PilView(image_size, crop_min, blur_p=1.0 if blur else 0., solarize_p=0.),
+                    PilView(image_size, crop_min, blur_p=0.1 if blur else 0., solarize_p=0.2))
 
 
-def pretrain_transform(image_size=224, crop_min=0.08, blur=True):
-    """View 1: blur p 1.0, no solarize. View 2: blur p 0.1, solarize p 0.2 (paper appendix, BYOL).
-    ``blur=False`` drops the blur from both views (small-image recipes)."""
-    return TwoViews(PretrainView(image_size, crop_min, blur_p=1.0 if blur else 0., solarize_p=0.),
-                    PretrainView(image_size, crop_min, blur_p=0.1 if blur else 0., solarize_p=0.2))
+pretrain_transform = pil_pretrain_transform   # the former name (tests/test_data_folder.py, tests/test_data_sampler.py)
 
 
 class ToFloat:

@@ -4,9 +4,10 @@ transform against the original release's, in one run, on ImageNet-sized JPEGs cu
     python -m moco.tools.bench --pipeline                          # transform per core, loader at -j 1 and 2
     python -m moco.tools.bench --pipeline --photos DIR --out F     # also cut from the photographs in DIR
 
-The original: its op list as the release's main_moco.py writes it (``original_pretrain_transform``,
-torchvision ops on PIL images, ToTensor + Normalize in the worker) behind torchvision's ImageFolder
-loader. Ours: ``moco.data.views.pretrain_transform`` (uint8 views) and ``ToFloat`` where the batch goes.
+The original: its op list as the release's main_moco.py writes it (``moco.data.views.original_pretrain_transform``,
+the definition: torchvision ops on PIL images, ToTensor + Normalize in the worker) behind torchvision's
+ImageFolder loader. Ours: its equal ``moco.data.views.pil_pretrain_transform`` (uint8 views) and ``ToFloat``
+where the batch goes.
 
 Rows: the transform alone, per core: decode + both views of every image, one thread, CPU time
 (``time.thread_time``) over ``--rounds`` rounds of all images, original and ours alternating every 25
@@ -31,9 +32,9 @@ import tempfile
 import time
 
 import torch
-import torchvision.transforms as transforms
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
+from moco.data.views import ToFloat, original_pretrain_transform, pil_pretrain_transform
 from moco.run_record import write_text_atomic
 
 # ImageNet's common sizes (width, height), both orientations
@@ -41,44 +42,6 @@ JPEG_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (400, 
 
 
 # ----------------------------------------------------------------------------------- the original
-class OriginalGaussianBlur:
-    """The release's blur: sigma ~ U[sigma_min, sigma_max] from python's random, PIL's radius."""
-
-    def __init__(self, sigma=(.1, 2.)):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
-
-
-class OriginalSolarize:
-    def __call__(self, x):
-        return ImageOps.solarize(x)
-
-
-def original_pretrain_transform(image_size=224, crop_min=0.08):
-    """The release's two views: its augmentation1 and augmentation2 lists, one after the other."""
-    normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    view1 = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([OriginalGaussianBlur([.1, 2.])], p=1.0),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize])
-    view2 = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([OriginalGaussianBlur([.1, 2.])], p=0.1),
-        transforms.RandomApply([OriginalSolarize()], p=0.2),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize])
-    return lambda x: [view1(x), view2(x)]
-
-
 def original_loader(data):
     """torchvision's ImageFolder loader (pil_loader): open, convert to RGB."""
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
@@ -130,8 +93,7 @@ def cut_jpegs(dest, photos, n=150, seed=0, quality=90):
 def views_identical(datas, seeds=2):
     """Whether both views of every image (``seeds`` seeds each) are the original's bytes."""
     from moco.data.folder import load_rgb
-    from moco.data.views import ToFloat, pretrain_transform
-    ours, original, to_float = pretrain_transform(), original_pretrain_transform(), ToFloat()
+    ours, original, to_float = pil_pretrain_transform(), original_pretrain_transform(), ToFloat()
     for k, data in enumerate(datas):
         for s in range(seeds):
             torch.manual_seed(k * 1000 + s)
@@ -150,8 +112,7 @@ def transform_seconds(datas, rounds=5, block=25):
     of ``block`` images, ``rounds`` times over all images. Original and ours alternate block by block
     on the same images and seeds, so that a change in the machine's speed touches both alike."""
     from moco.data.folder import load_rgb
-    from moco.data.views import pretrain_transform
-    ours, original = pretrain_transform(), original_pretrain_transform()
+    ours, original = pil_pretrain_transform(), original_pretrain_transform()
     runs = {'original': (original, original_loader), 'ours': (ours, lambda d: load_rgb('image', d))}
     seconds = {name: [] for name in runs}
     for r in range(rounds):
@@ -191,8 +152,7 @@ def _transforms_alone(which, root, image_size, batches, start, out):
     torch.set_num_threads(1)
     from moco.data.folder import image_folder
     from moco.data.sampler import EpochDataset
-    from moco.data.views import pretrain_transform
-    transform = pretrain_transform(image_size) if which == 'ours' else original_pretrain_transform(image_size)
+    transform = pil_pretrain_transform(image_size) if which == 'ours' else original_pretrain_transform(image_size)
     items = EpochDataset(image_folder(root, 'train', transform))
     start.wait()
     tic = time.perf_counter()
@@ -249,7 +209,6 @@ def loader_rate(root, which, workers, batch, image_size, warmup, count, device):
 
 def to_float_rate(device, image_size=224, batch=64, steps=5):
     """img/s (both views) of ``views.ToFloat`` on ``device``: ToTensor + Normalize where the batch goes."""
-    from moco.data.views import ToFloat
     to_float = ToFloat()
     views = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
