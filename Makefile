@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHELL := /bin/bash
 
-.PHONY: demo study test test-fast lint env clean gpu-check gpu-check-dry gpu-check-prepare device-versions
+.PHONY: demo study test test-fast lint env clean gpu-check gpu-check-dry device-versions
 
 # `make demo DEMO_FLAGS="--seed 1"` passes flags to python -m moco.tools.demo (--help lists them)
 DEMO_FLAGS ?=
@@ -39,28 +39,17 @@ $(VENV)/.installed: requirements.txt
 	@echo "Done. Run the commands of README.md after: source $(VENV)/bin/activate"
 
 
-# The GPU check (README "Speed"; python -m moco.tools.gpu_check --help): on a CUDA machine whose python3 already has
-# torch, torchvision and timm (e.g. a machine without network): the CUDA-only tests, the benchmark, the
-# CIFAR-10 runs, each part time-boxed inside GPU_CHECK_FLAGS' --budget-min (default 9 minutes); results in
-# $OUT, or output/gpu_check. `make gpu-check-dry` runs the same parts on this CPU, tiny.
-# `make gpu-check-prepare CIFAR_TAR=PATH` copies a CIFAR-10 JPEG tarball (cifar10/{train,val}/<class>/*.jpg)
-# into .gpu_data/ (git-ignored) so that it can travel.
+# The GPU check (README "Speed"; python tests/gpu_check.py --help), on a CUDA machine whose python3 has torch,
+# torchvision and timm: the CUDA tests, the benchmark, a short CIFAR-10 run, each time-boxed inside --budget-min
+# (default 9); results in $OUT, or output/gpu_check. GPU_CHECK_FLAGS="--cifar-tar PATH": the CIFAR-10 JPEG tarball
+# (default .gpu_data/cifar10-jpeg.tar.xz). `make gpu-check-dry` runs the same parts on this CPU, tiny.
 GPU_PYTHON ?= python3
 GPU_CHECK_FLAGS ?=
-CIFAR_TAR ?=
 gpu-check:
-	$(GPU_PYTHON) -m moco.tools.gpu_check $(GPU_CHECK_FLAGS)
+	$(GPU_PYTHON) tests/gpu_check.py $(GPU_CHECK_FLAGS)
 
 gpu-check-dry: $(VENV)/.installed
-	$(PY) -m moco.tools.gpu_check --dry-run $(GPU_CHECK_FLAGS)
-
-gpu-check-prepare:
-	@test -n "$(CIFAR_TAR)" || { echo 'error: give the tarball: make gpu-check-prepare CIFAR_TAR=PATH' >&2; exit 2; }
-	mkdir -p .gpu_data
-	cp -f $(CIFAR_TAR) .gpu_data/cifar10-jpeg.tar.xz
-	exclude=$$(git rev-parse --git-path info/exclude) && mkdir -p $$(dirname $$exclude) && \
-	  (grep -qx '/.gpu_data/' $$exclude 2>/dev/null || echo '/.gpu_data/' >> $$exclude)
-	git check-ignore -q .gpu_data/cifar10-jpeg.tar.xz
+	$(PY) tests/gpu_check.py --dry-run $(GPU_CHECK_FLAGS)
 
 # The GPU machine's versions (torch 2.11, torchvision 0.26, no TorchCodec; the rest as requirements.txt) in
 # .venv-device, made once (a download of several GB: not part of CI), then the fast test tier and the GPU
@@ -70,7 +59,7 @@ DEVICE_PINS ?= torch==2.11.0 torchvision==0.26.0
 device-versions: $(DEVICE_VENV)/.installed
 	$(DEVICE_VENV)/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
 	$(DEVICE_VENV)/bin/python -m pytest -q -m "not slow" tests
-	$(DEVICE_VENV)/bin/python -m moco.tools.gpu_check --dry-run $(GPU_CHECK_FLAGS)
+	$(DEVICE_VENV)/bin/python tests/gpu_check.py --dry-run $(GPU_CHECK_FLAGS)
 
 $(DEVICE_VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(DEVICE_VENV)

@@ -306,8 +306,11 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
 
 
 def test_tools_find_the_repository_root():
-    """The tools that start the programs as scripts find them from moco/tools/ (study, GPU check)."""
-    from moco.tools import gpu_check, study
+    """The tools that start the programs as scripts find them (the study from moco/tools/, the GPU check
+    from tests/)."""
+    import gpu_check
+
+    from moco.tools import study
     for root in (study.ROOT, gpu_check.ROOT):
         assert os.path.isfile(os.path.join(root, 'main_moco.py')), root
 

@@ -1,2 +1,3 @@
-"""Tools around the library, not part of it: the demo, the benchmarks, the GPU check, the stability
-study, plots, and data preparation. Each is run as ``python -m moco.tools.NAME`` (``--help``)."""
+"""Tools around the library, not part of it: the demo, the benchmarks, the memory estimate, the stability
+study, plots, and data preparation (the GPU check is tests/gpu_check.py). Each is run as
+``python -m moco.tools.NAME`` (``--help``)."""

@@ -199,7 +199,7 @@ def make_fullsize_jpegs(dest, n=2048, seed=0):
 
 def profile_steps(runner, batches, out, title, steps=3, warmup=3, row_limit=25):
     """Append torch.profiler's table of the operations of ``steps`` steps (after ``warmup``) to ``out``,
-    sorted by their own device time on CUDA (CPU time otherwise), with the step's wall time."""
+    sorted by their own time on the GPU (CPU time otherwise), with the step's wall time."""
     from torch.profiler import ProfilerActivity, profile
     cuda = runner.device.type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
