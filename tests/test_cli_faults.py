@@ -1,6 +1,6 @@
 """Fault injection through the command line: kills (also during a save), foreign checkpoints, a corrupt
 JPEG, a non-finite loss, dying, out-of-memory or silent processes, busy ports, the run folder. Each test
-names the fault it injects; README "When things go wrong" has the table, each row naming its tests (the
+names the fault it injects; tests/README.md "Faults" has the table, each row naming its tests (the
 unit checks of a fault sit in the test file of its module). Everything runs on CPU with tiny models
 (ViT-Tiny/4 at 8 px)."""
 import json

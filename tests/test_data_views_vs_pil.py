@@ -3,8 +3,8 @@ pipeline's PIL op with the same parameters, on real photographs: the shipped CIF
 to 224 px (smooth) and ImageNet-sized JPEGs (300-500 px, textured; ``moco.tools.bench.make_fullsize_jpegs``).
 
 Differences are in 8-bit levels (0-255) of the output, split into the interior and a 4-pixel border;
-each bound sits just above what the code measures (README "What differs from the original" gives the
-table; ``python tests/test_data_views_vs_pil.py`` prints it). Most of what remains is PIL rounding to 8
+each bound sits just above what the code measures (tests/README.md "The fast pipelines against PIL" gives
+the table; ``python tests/test_data_views_vs_pil.py`` prints it). Most of what remains is PIL rounding to 8
 bits inside an op (hue works on 8-bit HSV, contrast on the rounded mean), which a float pipeline does
 not do.
 
