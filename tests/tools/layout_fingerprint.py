@@ -154,7 +154,10 @@ def log_lines(out):
 
 
 def checkpoint(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
+    """A checkpoint without its line of training, whose id is drawn afresh by each run."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt.pop('line', None)
+    return ckpt
 
 
 def show_run(name, out, files):
@@ -166,7 +169,7 @@ def show_run(name, out, files):
 
 def run_fingerprints(root, work):
     common = ['-a', 'resnet10_w32', '--image-size', IMAGE_SIZE, '-b', BATCH, '--epochs', 2, '--warmup-epochs', 1,
-              '--moco-dim', 32, '--moco-mlp-dim', 64, '-j', 0, '-p', 1, '--seed', SEED]
+              '--moco-dim', 32, '--moco-mlp-dim', 64, '-j', 0, '-p', 1, '--seed', SEED, '--keep-checkpoints', 0]
     runs = {
         'mocov3': ['--knn-freq', 1, '--knn-k', 20],
         'byol': ['--method', 'byol'],
