@@ -19,7 +19,6 @@ from typing import NamedTuple, Optional
 import torch
 
 from moco import dist, run_record
-from moco.builder import METHODS
 from moco.errors import UserError, first_line
 from moco.file_check import damage, is_zip
 
@@ -602,11 +601,15 @@ def _in_units(size):
 # ---- backbone weights of a pretraining checkpoint (linear probe, DeiT conversion, fine-tuning) ----
 
 
+# The evaluated encoder of files that do not record ``eval_encoder`` (older ones), by their method: a
+# fact of those files (newer ones record it), the same as each method's class declares (moco/builder.py,
+# tested); unlisted methods, and files without a method (the original release's), evaluate base_encoder.
+LEGACY_EVAL_ENCODERS = {'m2t': 'momentum_encoder'}   # Momentum² Teacher: the teacher, with its momentum-BN statistics
+
+
 def evaluated_encoder(method):
-    """The encoder of a pretraining checkpoint that is evaluated, as its method's class declares it
-    (``eval_encoder``: for Momentum² Teacher the teacher, with its momentum-BN statistics), for files
-    that do not record it (older ones); files without a method (the original release's) are MoCo v3's."""
-    return METHODS.get(method, METHODS['mocov3'])[0].eval_encoder
+    """The encoder of a pretraining checkpoint that is evaluated, for files that do not record it."""
+    return LEGACY_EVAL_ENCODERS.get(method, 'base_encoder')
 
 
 CLASSIFIERS = ('fc', 'head')   # the classifier the projector replaced: ResNets' fc, ViTs' head

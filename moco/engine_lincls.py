@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from moco import dist, launch, schedules
+from moco.data.sampler import ignore_stop_signals
 from moco.metrics import MetricLogger, SmoothedValue, accuracy
 from moco.models import BackboneFeatures
 
@@ -121,7 +122,7 @@ def sharded_eval_loader(dataset, batch_size, workers, pin_memory=False):
     shard = torch.utils.data.Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
     return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory, drop_last=False,
-                                       worker_init_fn=launch.ignore_stop_signals)
+                                       worker_init_fn=ignore_stop_signals)
 
 
 def sanity_check(model, pretrained, head):

@@ -90,13 +90,6 @@ class StopRequest:
         return self.received or 'a stop signal (on another process)'
 
 
-def ignore_stop_signals(worker_id=None):
-    """``worker_init_fn`` of the data loaders: a loader worker outlives SIGTERM/SIGUSR1 sent to the whole
-    process group, so that the training process can finish its step and save (the workers end with it)."""
-    for name in ('SIGTERM', 'SIGUSR1'):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
 def add_stop_signals_arg(group, saved):
     """``--stop-signals`` of the training scripts; ``saved`` says what a stop keeps."""
     group.add_argument('--stop-signals', default='TERM,USR1', metavar='SIGNALS',
@@ -122,7 +115,7 @@ def stop_after_step(stop, what, save=None, deferred=False):
 
 def _end_loader_workers():
     """At exit, end the data-loading workers still running (after an error): they ignore SIGTERM
-    (``ignore_stop_signals``), so multiprocessing's own exit handler, which terminates and then joins
+    (``moco.data.sampler.ignore_stop_signals``), so multiprocessing's own exit handler, which terminates and then joins
     them, would wait forever."""
     workers = [p for p in multiprocessing.active_children() if p.daemon]
     if workers:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from moco import dist
-from moco.amp import at_least_fp32
+from moco.dtypes import at_least_fp32
 
 
 def infonce(q, k, T):

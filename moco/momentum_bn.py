@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco.amp import at_least_fp32
+from moco.dtypes import at_least_fp32
 
 
 class MomentumBatchNorm(nn.Module):

@@ -11,7 +11,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 from moco import dist as moco_dist
-from moco.amp import at_least_fp32
+from moco.dtypes import at_least_fp32
 
 
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):

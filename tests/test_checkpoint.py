@@ -266,3 +266,44 @@ def test_a_file_that_is_not_a_checkpoint_says_so_and_never_advises_unsafe_loadin
     message = str(refused.value)
     assert 'could run code when loaded: refused' in message and 'weights_only' not in message
     assert len(message.splitlines()) == 1 and not (tmp_path / 'PWNED').exists()
+
+
+def _meta_run_state(arch):
+    """A MoCo model of ``arch`` on the meta device, its AdamW, and a checkpoint of the shapes a run of it
+    writes: every value of its state_dict and of AdamW's two moments, uninitialised (no time spent on them)."""
+    from moco.checkpoint import ddp_state_dict
+    from moco.models import build_moco
+    from moco.optim import build_optimizer
+    with torch.device('meta'):
+        model = build_moco(arch, image_size=224, T=0.2, stop_grad_conv1=True)
+    optimizer = build_optimizer('adamw', model, 1.5e-4, 0.1)
+    state = optimizer.state_dict()
+    trainable = [p for group in optimizer.param_groups for p in group['params']]
+    state['state'] = {i: {'step': torch.tensor(1.), 'exp_avg': torch.empty(p.shape), 'exp_avg_sq': torch.empty(p.shape)}
+                      for i, p in enumerate(trainable)}
+    weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in ddp_state_dict(model).items()}
+    return model, optimizer, {'epoch': 1, 'arch': arch, 'state_dict': weights, 'optimizer': state, 'scaler': {}}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings('ignore:for .* copying from a non-meta parameter')   # the model is on the meta device
+def test_a_vit_huge_checkpoint_with_adamw_state_saves_checks_and_resumes(tmp_path):
+    """ViT-H's MoCo model (1.31 G values) with AdamW's two moments: a 10.5 GB file, past 4 GiB where torch's
+    zip writer adds zip64 fields. It is written atomically, found intact, and its model and optimizer state
+    load into the model (on the meta device: its shapes and keys, not its values)."""
+    import shutil
+    if shutil.disk_usage(tmp_path).free < 12e9 or os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') < 20e9:
+        pytest.skip('needs 12 GB of free disk and 20 GB of memory')
+    from moco.checkpoint import check_intact, restore
+    model, optimizer, state = _meta_run_state('vit_huge')
+    path = str(tmp_path / 'checkpoint_0000.pth.tar')
+    try:
+        save_checkpoint(state, path)
+        del state
+        assert os.path.getsize(path) > 10e9
+        check_intact(path)
+        ckpt = load_checkpoint(path)
+        restore(ckpt, path, model, optimizer)
+        assert len(optimizer.state) == len(ckpt['optimizer']['state']) > 0
+    finally:
+        os.remove(path) if os.path.exists(path) else None

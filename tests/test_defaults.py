@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import main_moco
-from moco.amp import Amp, at_least_fp32, resolve_precision
+from moco.amp import Amp, resolve_precision
 from moco.data import pipelines
+from moco.dtypes import at_least_fp32
 from moco.losses import regression_loss
 from moco.momentum_bn import MomentumBatchNorm
 

@@ -5,8 +5,9 @@ import os
 
 import torch
 
+from moco.data.eval_sets import eval_resize
 from moco.data.memory import decode_folder
-from moco.knn import eval_resize, knn_top1, raw_pixel_knn_accuracy
+from moco.knn import knn_top1, raw_pixel_knn_accuracy
 from moco.models import build_moco, encoder_factory
 from moco.tools import demo
 

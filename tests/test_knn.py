@@ -1,4 +1,5 @@
-"""moco/knn.py: the weighted kNN classifier, and the monitor's decoded sets equal to the eval view's."""
+"""moco/knn.py: the weighted kNN classifier, and the monitor's decoded sets (moco/data/eval_sets.py)
+equal to the eval view's."""
 
 import torch
 
@@ -52,8 +53,9 @@ def test_knn_k_limits_voters_and_features_need_not_be_normalised():
 def test_knn_monitor_reads_the_decoded_images_like_the_eval_transform(tiny_folder):
     """The memory pipeline's kNN monitor (no PIL at each evaluation) gives the reference path's
     features bit for bit when the images have the crop size (CIFAR at 32 px)."""
+    from moco.data.eval_sets import DecodedImages, knn_sets
     from moco.data.folder import SafeImageFolder
-    from moco.knn import DecodedImages, extract_features, knn_sets
+    from moco.knn import extract_features
     from moco.models import BackboneFeatures, build_moco
     loader = InMemoryLoader(tiny_folder, 'train', 8, torch.device('cpu'), 32, seed=0)
     in_memory = knn_sets(loader, tiny_folder, 32)

@@ -35,6 +35,7 @@ from moco.checkpoint import (
     single_file_resume,
 )
 from moco.data import is_unlabelled, make_loader, start_epoch
+from moco.data.sampler import ignore_stop_signals
 from moco.engine_lincls import evaluate, sharded_eval_loader
 from moco.errors import UserError
 from moco.metrics import RunLog
@@ -234,7 +235,7 @@ def main_worker(args):
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin, drop_last=True,
             sampler=RepeatAugSampler(train_set, num_replicas=dist.world_size(), rank=dist.rank()),
-            generator=generator, worker_init_fn=launch.ignore_stop_signals)
+            generator=generator, worker_init_fn=ignore_stop_signals)
     else:
         train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, drop_last=True,
                                    seed=args.seed, pin_memory=pin)

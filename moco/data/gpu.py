@@ -27,10 +27,10 @@ import functools
 import torch
 from torchvision.transforms.functional import pil_to_tensor
 
-from moco import launch
 from moco.data import tensor_views
 from moco.data.device_loader import DeviceLoader, to_device_async
 from moco.data.folder import BadImage, image_folder, load_rgb
+from moco.data.sampler import ignore_stop_signals
 
 JPEG_START = b'\xff\xd8'
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame (not DHT, JPG, DAC)
@@ -167,7 +167,7 @@ class GpuJpegLoader(DeviceLoader):
             EncodedFiles(self.folder.samples, decode_all=decode_in_workers), batch_size=batch_size,
             sampler=self.sampler, num_workers=workers, collate_fn=list, drop_last=True,
             pin_memory=self.device.type == 'cuda', prefetch_factor=4 if workers else None,
-            worker_init_fn=launch.ignore_stop_signals)
+            worker_init_fn=ignore_stop_signals)
 
     def _batches(self):
         for items in self.files:

@@ -3,11 +3,12 @@ only, so neither the number of loader workers nor of processes, nor a resume in 
 epoch, changes any view. The reference loader (``make_loader``) and the device pipelines share them.
 """
 import random
+import signal
 
 import numpy as np
 import torch
 
-from moco import dist, launch
+from moco import dist
 from moco.data.folder import SafeImageFolder
 
 
@@ -101,6 +102,13 @@ def epoch_sampler(n, batch_size, shuffle, drop_last, seed=None):
     return EpochSampler(n, batch_size, shuffle, drop_last, shared_seed(seed), dist.rank(), dist.world_size())
 
 
+def ignore_stop_signals(worker_id=None):
+    """``worker_init_fn`` of the data loaders: a loader worker outlives SIGTERM/SIGUSR1 sent to the whole
+    process group, so that the training process can finish its step and save (the workers end with it)."""
+    for name in ('SIGTERM', 'SIGUSR1'):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, workers, shuffle, drop_last, seed=None, pin_memory=False):
     """DataLoader over this process's share of ``dataset`` yielding ``(samples, targets, skipped)``.
 
@@ -110,7 +118,7 @@ def make_loader(dataset, batch_size, workers, shuffle, drop_last, seed=None, pin
     sampler = epoch_sampler(len(dataset), batch_size, shuffle, drop_last, seed)
     return torch.utils.data.DataLoader(EpochDataset(dataset), batch_size=batch_size, sampler=sampler,
                                        num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
-                                       persistent_workers=workers > 0, worker_init_fn=launch.ignore_stop_signals)
+                                       persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
 
 
 def start_epoch(loader, epoch, seed=None, skip_batches=0):

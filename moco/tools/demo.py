@@ -137,8 +137,9 @@ def main(args, moco_overrides=()):
     """Runs the demo; returns a dict of the figures it printed. ``moco_overrides``: main_moco.py flags
     appended to the demo's (tests make the run tiny with them)."""
     import main_moco
+    from moco.data.eval_sets import eval_resize
     from moco.data.memory import decode_folder
-    from moco.knn import eval_resize, knn_top1, raw_pixel_knn_accuracy
+    from moco.knn import knn_top1, raw_pixel_knn_accuracy
     from moco.models import encoder_factory
 
     tic = time.time()
