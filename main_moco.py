@@ -27,7 +27,7 @@ from moco.checkpoint import (
     save_pretraining,
 )
 from moco.data import is_unlabelled_folder, pipelines, start_epoch
-from moco.engine_pretrain import train_one_epoch
+from moco.engine_pretrain import Pretraining, train_one_epoch
 from moco.errors import UserError
 from moco.knn import feature_monitors, knn_sets, train_eval_set
 from moco.methods import apply_method_defaults
@@ -166,25 +166,8 @@ def main_worker(args):
     print(f'arch {args.arch} | {args.world_size} process(es) on {device.type} | total batch {total_batch} '
           f'({args.batch_size} per process) | base lr {base_lr:.4g} -> actual lr {args.lr:.4g} | '
           f'{args.workers} data workers per process')
-
-    model = build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, args.moco_t,
-                       image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1, method=args.method)
-    if args.grad_checkpointing:
-        n = enable_grad_checkpointing(model, compile=args.compile)
-        print(f'gradient checkpointing: {n} residual blocks of the online encoder recomputed in the backward')
+    model = build_model(args, device)
     sync_bn, eval_encoder = model.sync_bn, model.eval_encoder
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'{args.method} model: {n_params:,} parameters ({n_trainable:,} trainable) | optimizer {args.optimizer} | '
-          f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | '
-          f'weight decay {args.weight_decay}')
-    if args.distributed and sync_bn:
-        model = convert_sync_batchnorm(model, device)
-    if args.channels_last is None:
-        args.channels_last = device.type == 'cuda'
-    channels_last = args.channels_last and not is_vit(args.arch)
-    args.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(device, memory_format=args.memory_format)
     optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay, args.momentum, args.lars_trust)
     amp = Amp(args.amp, device, fast=args.fast)
     print(f'precision: {amp.precision}')
@@ -200,7 +183,84 @@ def main_worker(args):
                   'do. To train it longer, pass a larger --epochs (the schedules then stretch)')
             dist.cleanup()
             return {'finished': True}
+    model = wrap_model(model, args, device, sync_bn)
+    loader = build_loader(args, device, data_seed, total_batch)
+    iters_per_epoch = len(loader)
 
+    unwrapped = dist.unwrap(model)
+    monitors = TrainingMonitors(unwrapped, unwrapped.collapsed_loss(total_batch), skip_spikes=args.skip_spikes)
+    if resume:
+        monitors.load_state_dict(ckpt.get('monitors'))
+    features = FeatureReport(args, loader, getattr(unwrapped, eval_encoder), device, amp) if args.knn_freq > 0 \
+        else None
+    checkpoints = Checkpoints(args, settings, line, model, optimizer, amp, loader, monitors, eval_encoder)
+    # a new run that fails before its first checkpoint (--strict-data at a broken image, say) leaves nothing
+    with run_record.undone_on_error(args.output_dir, resume is None and dist.is_main_process(), checkpoints.saved):
+        if dist.is_main_process():
+            written = run_record.write(args.output_dir, settings, line.record())
+            print(f'run folder: {os.path.abspath(args.output_dir)} (checkpoints, log.txt, tensorboard/; settings in '
+                  f'{os.path.basename(written)})')
+            print(describe_keeping(model, args.optimizer, args.epochs, args.keep_checkpoints, args.keep_every))
+        run = Pretraining(model, optimizer, amp, args, RunLog(args.output_dir), iters_per_epoch,
+                          NonFiniteSteps(args.max_nonfinite_steps, args.output_dir), monitors, stop,
+                          save=checkpoints.save)
+        if features is not None and args.start_epoch == 0 and start_iter == 0:
+            first = {'epoch': 0}
+            checkpoints.knn_top1 = features.report(0, first, monitors, run.run_log, iters_per_epoch)
+            run.run_log.epoch(first)
+        train(run, loader, start_iter, checkpoints, features)
+    run.run_log.close()
+    last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
+    best_knn = best_knn_top1(monitors.evaluations)
+    print(closing_summary(args, last, best_knn, monitors))
+    dist.cleanup()
+    return {'checkpoint': last, 'best_knn_top1': best_knn, 'spikes': monitors.spikes.events}
+
+
+def train(run, loader, start_iter, checkpoints, features=None):
+    """The epochs from ``args.start_epoch`` (from iteration ``start_iter`` of the first): each one's
+    log.txt record (with the feature monitors every --knn-freq epochs) and checkpoint, then a stop if a
+    process received a stop signal."""
+    args, monitors = run.args, run.monitors
+    for epoch in range(args.start_epoch, args.epochs):
+        start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
+        stats = train_one_epoch(run, loader, epoch, start_iter=start_iter)
+        start_iter = 0
+        record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}, **monitors.epoch_record(epoch)}
+        if features is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            checkpoints.knn_top1 = features.report(epoch + 1, record, monitors, run.run_log, run.iters_per_epoch)
+        checkpoints.save(epoch + 1)
+        run.run_log.epoch(record)
+        if epoch + 1 < args.epochs:
+            launch.stop_after_step(run.stop, f'at the end of epoch {epoch + 1}: saved '
+                                             f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
+
+
+def build_model(args, device):
+    """The method's model (--grad-checkpointing, synchronised BN with several processes), on ``device``
+    in ``args.memory_format`` (set here: channels_last for convolutional models with --channels-last)."""
+    model = build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, args.moco_t,
+                       image_size=args.image_size, stop_grad_conv1=args.stop_grad_conv1, method=args.method)
+    if args.grad_checkpointing:
+        n = enable_grad_checkpointing(model, compile=args.compile)
+        print(f'gradient checkpointing: {n} residual blocks of the online encoder recomputed in the backward')
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'{args.method} model: {n_params:,} parameters ({n_trainable:,} trainable) | optimizer {args.optimizer} | '
+          f'base momentum {args.moco_m}{" (cosine to 1)" if args.moco_m_cos else ""} | '
+          f'weight decay {args.weight_decay}')
+    if args.distributed and model.sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    if args.channels_last is None:
+        args.channels_last = device.type == 'cuda'
+    channels_last = args.channels_last and not is_vit(args.arch)
+    args.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=args.memory_format)
+    return model
+
+
+def wrap_model(model, args, device, sync_bn):
+    """--compile, and with several processes DDP (--micro-batch: no DDP, the weights broadcast from rank 0)."""
     if args.compile:
         compile_networks(model)
     if args.distributed and args.micro_batch:
@@ -208,7 +268,11 @@ def main_worker(args):
     elif args.distributed:
         # gradients live in DDP's all-reduce buckets (no second copy); buckets overlap the backward
         model = dist.ddp(model, device, args.gpu, sync_buffers=sync_bn, gradient_as_bucket_view=True)
+    return model
 
+
+def build_loader(args, device, data_seed, total_batch):
+    """The training loader of the resolved --data-pipeline (set in ``args``)."""
     args.data_pipeline = pipelines.resolve(args.data_pipeline, device, args.data, fast=args.fast)
     loader = pipelines.pretrain_loader(args.data_pipeline, args.data, args.batch_size, device, args.image_size,
                                        args.crop_min, blur=not args.no_blur, seed=data_seed, workers=args.workers,
@@ -216,95 +280,66 @@ def main_worker(args):
     n_train = loader.num_images
     if n_train < total_batch:
         raise UserError(f'{n_train} training images are fewer than one batch of {total_batch}; lower -b')
-    iters_per_epoch = len(loader)
-    print(f'{n_train} training images, {iters_per_epoch} iterations per epoch ({args.data_pipeline} data pipeline)')
+    print(f'{n_train} training images, {len(loader)} iterations per epoch ({args.data_pipeline} data pipeline)')
+    return loader
 
-    unwrapped = dist.unwrap(model)
-    monitors = TrainingMonitors(unwrapped, unwrapped.collapsed_loss(total_batch),
-                                skip_spikes=args.skip_spikes)
-    if resume:
-        monitors.load_state_dict(ckpt.get('monitors'))
-    evaluate = None
-    if args.knn_freq > 0:
-        labelled = not is_unlabelled_folder(os.path.join(args.data, 'train'))
-        if labelled:
-            sets = knn_sets(loader, args.data, args.image_size, args.workers, args.strict_data)
+
+class FeatureReport:
+    """--knn-freq: kNN top-1 (with labelled class folders), RankMe and the feature std of ``encoder``'s
+    backbone, evaluated and reported by ``report``."""
+
+    def __init__(self, args, loader, encoder, device, amp):
+        if not is_unlabelled_folder(os.path.join(args.data, 'train')):
+            self.sets = knn_sets(loader, args.data, args.image_size, args.workers, args.strict_data)
         else:
             print(f'kNN monitor off: it needs labels, and {args.data}/train holds images without class folders; '
                   'RankMe and the feature std only')
-            sets = (train_eval_set(loader, args.data, args.image_size, args.strict_data), None)
-        backbone = BackboneFeatures(getattr(unwrapped, eval_encoder), head_name(args.arch))
-        evaluate = lambda: feature_monitors(  # noqa: E731
-            backbone, *sets, device, rankme_indices(len(sets[0])), k=args.knn_k, T=args.knn_t,
-            batch_size=max(args.batch_size, 64), workers=args.workers, amp=amp)
+            self.sets = (train_eval_set(loader, args.data, args.image_size, args.strict_data), None)
+        self.backbone = BackboneFeatures(encoder, head_name(args.arch))
+        self.args, self.device, self.amp = args, device, amp
 
-    saved = []   # the checkpoints this start wrote
-    # a new run that fails before its first checkpoint (--strict-data at a broken image, say) leaves nothing
-    with run_record.undone_on_error(args.output_dir, resume is None and dist.is_main_process(), saved):
-        if dist.is_main_process():
-            written = run_record.write(args.output_dir, settings, line.record())
-            print(f'run folder: {os.path.abspath(args.output_dir)} (checkpoints, log.txt, tensorboard/; settings in '
-                  f'{os.path.basename(written)})')
-            print(describe_keeping(model, args.optimizer, args.epochs, args.keep_checkpoints, args.keep_every))
-        run_log = RunLog(args.output_dir)
-        # each checkpoint records the last kNN top-1 evaluated: after a resume, the last one before the stop
-        knn_acc1 = last_knn_top1(monitors.evaluations)
+    def report(self, epoch_done, record, monitors, run_log, iters_per_epoch):
+        """Evaluate, print and log into ``record`` and ``monitors``; returns kNN top-1 (or None)."""
+        args = self.args
+        indices = rankme_indices(len(self.sets[0]))
+        values = feature_monitors(self.backbone, *self.sets, self.device, indices, k=args.knn_k, T=args.knn_t,
+                                  batch_size=max(args.batch_size, 64), workers=args.workers, amp=self.amp)
+        record.update(values)
+        monitors.evaluations.append((epoch_done, values))
+        when = 'at initialisation' if epoch_done == 0 else f'after epoch {epoch_done}'
+        label_free = (f"RankMe {values['rankme']:.1f}, feature std {values['feature_std']:.4f} "
+                      f'({len(indices)} training images)')
+        print(f"kNN top-1 {when}: {values['knn_top1']:.2f}; {label_free}" if 'knn_top1' in values
+              else f'{when}: {label_free}')
+        run_log.scalars(epoch_done * iters_per_epoch, 'val', **values)
+        monitors.tripwire.rankme(values['rankme'])
+        return values.get('knn_top1')
 
-        def report(epoch_done, record):
-            """Run the feature monitors, print and log them into ``record``; returns kNN top-1 (or None)."""
-            values = evaluate()
-            record.update(values)
-            monitors.evaluations.append((epoch_done, values))
-            when = 'at initialisation' if epoch_done == 0 else f'after epoch {epoch_done}'
-            label_free = (f"RankMe {values['rankme']:.1f}, feature std {values['feature_std']:.4f} "
-                          f'({len(rankme_indices(len(sets[0])))} training images)')
-            print(f"kNN top-1 {when}: {values['knn_top1']:.2f}; {label_free}" if 'knn_top1' in values
-                  else f'{when}: {label_free}')
-            run_log.scalars(epoch_done * iters_per_epoch, 'val', **values)
-            monitors.tripwire.rankme(values['rankme'])
-            return values.get('knn_top1')
 
-        if evaluate is not None and args.start_epoch == 0 and start_iter == 0:
-            first = {'epoch': 0}
-            knn_acc1 = report(0, first)
-            run_log.epoch(first)
+class Checkpoints:
+    """``save(epochs_done, iters_done=0)``: the original's checkpoint (plus method, eval_encoder,
+    data_seed, ``knn_top1``: the last kNN top-1 evaluated, the line of training and, mid-epoch, iter);
+    rank 0 writes it. ``saved``: the epochs this start wrote."""
 
-        def save(epochs_done, iters_done=0):
-            """The original's checkpoint (plus method, eval_encoder, data_seed, knn_top1, the line of training
-            and, mid-epoch, iter); rank 0 writes it."""
-            if not dist.is_main_process():
-                return
-            state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'eval_encoder': eval_encoder,
-                     'state_dict': ddp_state_dict(model),
-                     'optimizer': optimizer.state_dict(), 'scaler': amp.state_dict(),
-                     'data_seed': loader.sampler.seed, 'args': settings, 'monitors': monitors.state_dict(),
-                     'line': line.record()}
-            if knn_acc1 is not None:
-                state['knn_top1'] = knn_acc1
-            save_pretraining(state, args.output_dir, epochs_done, iters_done, args.keep_checkpoints, args.keep_every)
-            saved.append(epochs_done)
+    def __init__(self, args, settings, line, model, optimizer, amp, loader, monitors, eval_encoder):
+        self.args, self.settings, self.line, self.eval_encoder = args, settings, line, eval_encoder
+        self.model, self.optimizer, self.amp, self.loader, self.monitors = model, optimizer, amp, loader, monitors
+        self.knn_top1 = last_knn_top1(monitors.evaluations)   # after a resume, the last one before the stop
+        self.saved = []
 
-        nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
-        for epoch in range(args.start_epoch, args.epochs):
-            start_epoch(loader, epoch, args.seed, skip_batches=start_iter)
-            stats = train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch,
-                                    start_iter=start_iter, save_progress=save, nonfinite=nonfinite, stop=stop,
-                                    monitors=monitors)
-            start_iter = 0
-            record = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in stats.items()}, **monitors.epoch_record(epoch)}
-            if evaluate is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
-                knn_acc1 = report(epoch + 1, record)
-            save(epoch + 1)
-            run_log.epoch(record)
-            if epoch + 1 < args.epochs:
-                launch.stop_after_step(stop, f'at the end of epoch {epoch + 1}: saved '
-                                           f'{os.path.join(args.output_dir, pretrain_checkpoint_name(epoch))}')
-    run_log.close()
-    last = os.path.join(args.output_dir, pretrain_checkpoint_name(args.epochs - 1))
-    best_knn = best_knn_top1(monitors.evaluations)
-    print(closing_summary(args, last, best_knn, monitors))
-    dist.cleanup()
-    return {'checkpoint': last, 'best_knn_top1': best_knn, 'spikes': monitors.spikes.events}
+    def save(self, epochs_done, iters_done=0):
+        if not dist.is_main_process():
+            return
+        args = self.args
+        state = {'epoch': epochs_done, 'arch': args.arch, 'method': args.method, 'eval_encoder': self.eval_encoder,
+                 'state_dict': ddp_state_dict(self.model),
+                 'optimizer': self.optimizer.state_dict(), 'scaler': self.amp.state_dict(),
+                 'data_seed': self.loader.sampler.seed, 'args': self.settings, 'monitors': self.monitors.state_dict(),
+                 'line': self.line.record()}
+        if self.knn_top1 is not None:
+            state['knn_top1'] = self.knn_top1
+        save_pretraining(state, args.output_dir, epochs_done, iters_done, args.keep_checkpoints, args.keep_every)
+        self.saved.append(epochs_done)
 
 
 def last_knn_top1(evaluations):

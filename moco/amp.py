@@ -2,6 +2,7 @@
 unless fp16. The original uses fp16 autocast with a GradScaler for the whole forward and loss, and
 that is the default here; bf16 is asked for (``--amp bf16``, or ``--amp auto`` with ``--fast``)."""
 from contextlib import nullcontext
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -41,17 +42,12 @@ def resolve_precision(name, device, fast=False):
     return name
 
 
-def at_least_fp32(x):
-    """``x`` in float32, or kept in its own dtype when that is wider (float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 class NonFiniteLoss(UserError):
     """The loss stayed NaN/inf for too many consecutive steps."""
 
 
 class NonFiniteSteps:
-    """Bookkeeping of the steps ``Amp.backward_step`` skipped for a non-finite loss, shared by the
+    """Bookkeeping of the steps skipped for a non-finite loss, shared by the
     training loops: a warning for each, and ``limit`` in a row (the streak carries over epochs) stop the
     run with a NonFiniteLoss, leaving the checkpoints on disk as they were."""
 
@@ -100,8 +96,46 @@ def found_inf_of(scaler, optimizer):
     return total
 
 
+class StepValues(NamedTuple):
+    """What ``read_step`` read: whether the loss was finite on every process, whether the GradScaler
+    found inf/NaN gradients (None: not read), the shared values averaged over processes (or None)."""
+    finite: bool
+    overflow: Optional[bool]
+    shared: Optional[list]
+
+
+def read_step(loss, check_finite=True, found_inf=None, shared=None, stop=None):
+    """The step's one host sync: everything the step must know, read at once after the backward is
+    queued (one all-reduce with several processes, and no read when there is nothing to know): whether
+    ``loss`` is finite on every process (``check_finite``), the GradScaler's ``found_inf`` (a device flag,
+    or None), ``shared`` (a 1-D device tensor to average over processes, e.g. the spike guard's loss and
+    gradient norm) and, with several processes and a read anyway, ``stop``'s flag (then ``settle``d)."""
+    parts = []
+    if check_finite:
+        parts.append((~torch.isfinite(loss.detach())).float().reshape(1))
+    if found_inf is not None:
+        parts.append(found_inf.float().reshape(1))
+    if shared is not None:
+        parts.append(shared.float().reshape(-1))
+    fold_stop = bool(parts) and stop is not None and dist.world_size() > 1
+    if fold_stop:
+        parts.append(torch.full((1,), float(stop.flag), device=parts[0].device))
+    values = dist.sum_to_host(torch.cat(parts)) if parts else []
+
+    finite = values.pop(0) == 0 if check_finite else True
+    overflow = values.pop(0) > 0 if found_inf is not None else None
+    if shared is not None:
+        n = shared.numel()
+        shared, values = [v / dist.world_size() for v in values[:n]], values[n:]
+    if fold_stop:
+        stop.settle(values.pop(0) > 0)
+    return StepValues(finite, overflow, shared)
+
+
 class Amp:
-    """``with amp.autocast(): loss = ...``, then ``amp.backward_step(loss, optimizer)``."""
+    """``with amp.autocast(): loss = ...``, then the step: ``backward``, ``unscale`` and ``found_inf``
+    (fp16), ``read_step`` (the one host read) and ``step``, as the pretraining loop writes it out; or
+    ``backward_step(loss, optimizer)``, all of them at once."""
 
     def __init__(self, precision, device, fast=False):
         self.precision = resolve_precision(precision, device, fast)
@@ -114,76 +148,71 @@ class Amp:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def backward_step(self, loss, optimizer, check_finite=True, after_backward=None, stop=None, backward=None):
-        """Backward and step; returns False if the loss was not finite on some process, in which case
-        no process takes the step (fp16: the GradScaler skips it and lowers its scale, as usual).
-
-        Everything the step must know on the host is read at once, after the backward is queued: one
-        all-reduce (several processes) and one read, and none when nothing is to be known. Folded into it:
-        whether the loss is finite on every process (``check_finite``; False: no check, and bf16/fp32 step
-        whatever the loss, as the original would); under fp16, whether the GradScaler found inf/NaN
-        gradients, which its ``step`` would read with a sync of its own (not with an optimizer that reads
-        it on the device, as fused AdamW does); ``after_backward``'s shared values (the spike guard's loss
-        and gradient norm); and, with several processes, the stop flag of ``stop`` (a launch.StopRequest,
-        which is then ``settle``d for this step).
-
-        ``after_backward``: a callable ``(finite) -> take`` called after the read, or an object whose
-        ``share()`` returns a 1-D device tensor (or None) to be averaged over processes in that read and
-        whose ``decide(finite, shared, overflow) -> take`` gets the averages (``overflow``: the GradScaler
-        found inf/NaN gradients, None when not known). Either sees the gradients unscaled (fp16), before
-        the step; take False: skipped on every process, which must all answer alike.
-
-        ``backward``: a callable that back-propagates the scaled loss in place of ``.backward()`` and leaves
-        the gradients as DDP would (--micro-batch: ``moco.microbatch.MicroBatchStep.backward``)."""
-        optimizer.zero_grad(set_to_none=True)
-        if backward is None:
+    def backward(self, loss, backward_fn=None):
+        """Back-propagate the loss, scaled by the GradScaler (fp16; else as is): ``.backward()``, or
+        ``backward_fn(scaled_loss)``, which leaves the gradients as DDP would (--micro-batch:
+        ``moco.microbatch.MicroBatchStep.backward``)."""
+        if backward_fn is None:
             self.scaler.scale(loss).backward()
         else:
-            backward(self.scaler.scale(loss))
-        scaled = self.scaler.is_enabled()
-        share = getattr(after_backward, 'share', None)
-        # GradScaler.step decides on the host whether it found inf, unless the optimizer decides on the device
-        host_inf = scaled and not getattr(optimizer, '_step_supports_amp_scaling', False)
-        if after_backward is not None or host_inf:
-            self.scaler.unscale_(optimizer)   # what the step would do first (a no-op without fp16)
-        shared = share() if share is not None else None
-        found_inf = found_inf_of(self.scaler, optimizer) if scaled and (host_inf or shared is not None) else None
-        host_inf = host_inf and found_inf is not None   # else GradScaler.step reads it itself
+            backward_fn(self.scaler.scale(loss))
 
-        parts = []
-        if check_finite:
-            parts.append((~torch.isfinite(loss.detach())).float().reshape(1))
-        if found_inf is not None:
-            parts.append(found_inf.float().reshape(1))
-        if shared is not None:
-            parts.append(shared.float().reshape(-1))
-        fold_stop = bool(parts) and stop is not None and dist.world_size() > 1
-        if fold_stop:
-            parts.append(torch.full((1,), float(stop.flag), device=parts[0].device))
-        values = dist.sum_to_host(torch.cat(parts)) if parts else []   # the step's one host sync
+    def _host_inf(self, optimizer):
+        """fp16, and GradScaler.step would read its found-inf flag on the host (not with an optimizer that
+        reads it on the device, as fused AdamW does): the step reads it with its other values instead."""
+        return self.scaler.is_enabled() and not getattr(optimizer, '_step_supports_amp_scaling', False)
 
-        finite = values.pop(0) == 0 if check_finite else True
-        overflow = values.pop(0) > 0 if found_inf is not None else None
-        if shared is not None:
-            n = shared.numel()
-            shared, values = [v / dist.world_size() for v in values[:n]], values[n:]
-        if fold_stop:
-            stop.settle(values.pop(0) > 0)
+    def unscale(self, optimizer, gradients_read=False):
+        """Unscale the gradients now, what the fp16 step would do first (a no-op otherwise), when they are
+        read before the step (``gradients_read``) or the GradScaler's found-inf flag is."""
+        if gradients_read or self._host_inf(optimizer):
+            self.scaler.unscale_(optimizer)
 
-        take = True
-        if after_backward is not None:
-            take = after_backward.decide(finite, shared, overflow) if share is not None else after_backward(finite)
-        if not scaled:
+    def found_inf(self, optimizer, wanted=False):
+        """After ``unscale``, under fp16: the GradScaler's found-inf flag (a device tensor) for
+        ``read_step``, when GradScaler.step would read it on the host or it is ``wanted``; else None."""
+        if self.scaler.is_enabled() and (self._host_inf(optimizer) or wanted):
+            return found_inf_of(self.scaler, optimizer)
+        return None
+
+    def step(self, optimizer, take, finite, overflow=None):
+        """The optimizer step, unless ``take`` is False. bf16/fp32: only if the loss was ``finite``.
+        fp16: only if the gradients did not ``overflow`` (as GradScaler.step decides; None: not read, the
+        GradScaler reads it itself), then the GradScaler's update (inf found: a lower scale)."""
+        if not self.scaler.is_enabled():
             if take and finite:
                 optimizer.step()
-            return finite
-        if host_inf:
+            return
+        if overflow is not None and self._host_inf(optimizer):
             if take and not overflow:
                 optimizer.step()   # as GradScaler.step: it steps iff its found_inf_per_device sum is 0
         elif take:
             self.scaler.step(optimizer)
-        self.scaler.update()   # its bookkeeping of the unscaled gradients (inf found: a lower scale)
-        return finite
+        self.scaler.update()
+
+    def backward_step(self, loss, optimizer, check_finite=True, after_backward=None, stop=None, backward=None):
+        """Backward and step, with one host read (``read_step``); returns False if the loss was not
+        finite on some process, in which case no process takes the step (fp16: the GradScaler skips it and
+        lowers its scale, as usual). ``check_finite`` False: no check, and bf16/fp32 step whatever the
+        loss, as the original would.
+
+        ``after_backward``: a callable ``(finite) -> take`` called after the read, or an object whose
+        ``share()`` returns a 1-D device tensor (or None) to be averaged over processes in that read and
+        whose ``decide(finite, shared, overflow) -> take`` gets the averages. Either sees the gradients
+        unscaled (fp16), before the step; take False: skipped on every process, which must all answer
+        alike. ``stop``, ``backward``: as ``read_step``'s and ``backward``'s."""
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss, backward)
+        self.unscale(optimizer, gradients_read=after_backward is not None)
+        share = getattr(after_backward, 'share', None)
+        shared = share() if share is not None else None
+        read = read_step(loss, check_finite, self.found_inf(optimizer, wanted=shared is not None), shared, stop)
+        take = True
+        if after_backward is not None:
+            take = (after_backward.decide(read.finite, read.shared, read.overflow) if share is not None
+                    else after_backward(read.finite))
+        self.step(optimizer, take, read.finite, read.overflow)
+        return read.finite
 
     def state_dict(self):
         return self.scaler.state_dict()

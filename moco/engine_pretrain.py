@@ -2,44 +2,48 @@
 import math
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
+from typing import Any, Callable, Optional
 
 from moco import dist, launch, schedules
-from moco.amp import NonFiniteSteps
+from moco.amp import Amp, NonFiniteSteps, read_step
 from moco.checkpoint import LAST_CHECKPOINT
 from moco.metrics import MetricLogger, SmoothedValue
 from moco.microbatch import micro_batch_step
+from moco.monitors import TrainingMonitors
 
 
-def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_per_epoch, start_iter=0,
-                    save_progress=None, nonfinite=None, stop=None, monitors=None):
-    """Per iteration: set lr (warmup + cosine) and the momentum coefficient, forward both views,
-    backward, step.
+@dataclass
+class Pretraining:
+    """What a pretraining run trains with, the same every epoch. ``nonfinite`` (None: a new one) counts
+    the skipped non-finite steps across epochs; ``stop`` (a launch.StopRequest) ends the run after a step
+    when a process received a stop signal; ``save(epochs_done, iters_done)`` writes a resumable checkpoint
+    (every ``args.save_every_iters`` iterations and at a stop; None: none mid-epoch)."""
+    model: Any
+    optimizer: Any
+    amp: Amp
+    args: Any
+    run_log: Any
+    iters_per_epoch: int
+    nonfinite: Optional[NonFiniteSteps] = None
+    monitors: Optional[TrainingMonitors] = None
+    stop: Optional[launch.StopRequest] = None
+    save: Optional[Callable] = None
 
-    Starts at iteration ``start_iter`` of the epoch (a mid-epoch resume); ``save_progress(epoch, iters_done)``
-    is called every ``args.save_every_iters`` iterations. A step whose loss is not finite is skipped;
-    ``nonfinite`` (a NonFiniteSteps, kept across epochs by the caller) stops the run after
-    ``args.max_nonfinite_steps`` of them in a row. ``stop`` (a launch.StopRequest): after each step, if any
-    process received a stop signal, the progress is saved (``save_progress``) and ``launch.Stopped`` raised;
-    at the epoch's last step the epoch just ends (the caller saves it and stops). ``monitors`` (a
-    monitors.TrainingMonitors): the gradient magnitudes of the logged steps and, with --skip-spikes,
-    the spike guard. Returns the epoch's averages (and the monitors' per-epoch fields).
+    def __post_init__(self):
+        if self.nonfinite is None:
+            self.nonfinite = NonFiniteSteps(self.args.max_nonfinite_steps, self.args.output_dir)
 
-    Host syncs (reads of a device value, each draining the GPU's queue) of a step that is not logged: the
-    one read of ``amp.backward_step``, which carries everything the step must know (whether the loss is
-    finite, under fp16 whether the GradScaler found inf, --skip-spikes' loss and gradient norm and, with
-    several processes, the stop flag: one all-reduce); the stop check then costs nothing. Per step, with
-    1 process or several alike:
-      * the finiteness check on (the default): 1, in fp32, bf16 and fp16, with or without --skip-spikes;
-      * ``--max-nonfinite-steps 0``: 0 in fp32/bf16 and in fp16 with fused AdamW (which reads the
-        GradScaler's flag on the device); 1 in fp16 with LARS/SGD (the GradScaler's flag); 1 in any
-        precision with --skip-spikes.
-    With several processes and no read in the step (the 0s above), the stop flag is all-reduced
-    asynchronously and read one step later (a wait for the step before, not a drain; a signal stops every
-    process one step later, all after the same step). A logged step adds 2 reads (the losses since the last
-    progress line, the gradient magnitudes), a skipped step 1 (its loss, for the warning), the epoch's end
-    1 with several processes (the count of unreadable images).
-    """
+
+def train_one_epoch(run, loader, epoch, start_iter=0):
+    """Algorithm 1 of the paper, from iteration ``start_iter`` (a mid-epoch resume) of ``run``'s epoch
+    ``epoch``: lr and momentum schedules, the forward of both views, the backward, then the step, unless
+    the loss is not finite (``run.nonfinite``) or --skip-spikes skips it. The step's one host read
+    (``amp.read_step``) carries all it must know: the finiteness, fp16's found-inf, the guard's values and
+    the stop flag (tests/test_syncs.py counts the reads). Returns the epoch's averages."""
+    model, optimizer, amp, args, monitors = run.model, run.optimizer, run.amp, run.args, run.monitors
+    nonfinite, stop, iters_per_epoch = run.nonfinite, run.stop, run.iters_per_epoch
     model.train()
     method = dist.unwrap(model)   # the MoCo/BYOL/M2T model under DDP and compile wrappers
     micro = micro_batch_step(model, args)   # --micro-batch N: the step by pieces of N images, else None
@@ -51,8 +55,6 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
     device = args.device
     header = f'Epoch {epoch + 1}/{args.epochs}'
     tic = time.time()
-    if nonfinite is None:
-        nonfinite = NonFiniteSteps(args.max_nonfinite_steps, args.output_dir)
     skipped_images, skipped_before = 0, nonfinite.skipped
     guard = monitors.guard if monitors is not None else None
     if monitors is not None:
@@ -66,7 +68,6 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         lr = schedules.pretrain_lr(t, args.lr, args.warmup_epochs, args.epochs)
         schedules.set_lr(optimizer, lr)
         m = schedules.moco_momentum(t, args.moco_m, args.epochs) if args.moco_m_cos else args.moco_m
-
         method.before_step(t / args.epochs)   # e.g. Momentum² Teacher's momentum-BN coefficient
 
         x1 = images[0].to(device, non_blocking=True, memory_format=args.memory_format)
@@ -74,9 +75,18 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
         with amp.autocast():
             loss = model(x1, x2, m) if micro is None else micro(x1, x2, m)
         logged = (i - start_iter) % args.print_freq == 0 or i == iters_per_epoch - 1
-        inspect = monitors.after_backward(logged, loss) if monitors is not None else None
-        if nonfinite.record(amp.backward_step(loss, optimizer, nonfinite.check, inspect, stop,
-                                              backward=micro and micro.backward), loss, epoch, i):
+
+        optimizer.zero_grad(set_to_none=True)
+        amp.backward(loss, micro and micro.backward)   # --micro-batch: the backward by pieces
+        inspected = monitors is not None and (logged or guard is not None)
+        amp.unscale(optimizer, gradients_read=inspected)   # fp16: the gradients as the step will see them
+        measured = monitors.measure() if inspected and logged else None   # gradient magnitudes, on the device
+        shared = monitors.guard_values(loss, measured) if inspected else None
+        read = read_step(loss, nonfinite.check, amp.found_inf(optimizer, wanted=shared is not None), shared,
+                         stop)   # the step's one host sync
+        take = monitors.take_step(read.finite, read.overflow, read.shared) if inspected else True
+        amp.step(optimizer, take, read.finite, read.overflow)
+        if nonfinite.record(read.finite, loss, epoch, i):
             logger.update(loss=loss.detach(), lr=lr, m=m)
         skipped_images += int(skipped.sum())  # a CPU tensor: no device sync
 
@@ -87,18 +97,18 @@ def train_one_epoch(model, loader, optimizer, amp, epoch, args, run_log, iters_p
             scalars = dict(lr=lr, moco_momentum=m, images_per_s=images_per_s)
             if 'loss' in logger.meters:
                 scalars['loss'] = logger.meters['loss'].value
-            run_log.scalars(step, **scalars)
+            run.run_log.scalars(step, **scalars)
             if monitors is not None:
-                grads = monitors.log_step(step, run_log, scalars.get('loss'))
+                grads = monitors.log_step(step, run.run_log, scalars.get('loss'))
                 if math.isfinite(grads.get('first_layer', math.nan)):
                     logger.meters['grad_first'].update(grads['first_layer'])   # shown on this progress line
-        if save_progress is not None and args.save_every_iters > 0 and (i + 1) % args.save_every_iters == 0 \
+        if run.save is not None and args.save_every_iters > 0 and (i + 1) % args.save_every_iters == 0 \
                 and i + 1 < iters_per_epoch:
-            save_progress(epoch, i + 1)
+            run.save(epoch, i + 1)
         if i + 1 < iters_per_epoch:   # at the epoch's last step the caller saves the epoch, then stops
             launch.stop_after_step(stop, f'at epoch {epoch + 1}, step {i + 1} of {iters_per_epoch}: saved '
                                        f'{os.path.join(args.output_dir, LAST_CHECKPOINT)}',
-                                 save=save_progress and partial(save_progress, epoch, i + 1), deferred=True)
+                                   save=run.save and partial(run.save, epoch, i + 1), deferred=True)
 
     stats = logger.global_averages()
     stats.pop('grad_first', None)   # per-step values: log.txt gets the epoch's maximum and median instead

@@ -292,37 +292,29 @@ class SpikeGuard:
 class _StepInspection:
     """What ``TrainingMonitors.after_backward`` gives ``Amp.backward_step``: ``share()`` measures the
     gradient magnitudes (a logged step) and, with the guard, returns (loss, gradient norm) to be averaged
-    over processes in the step's one read; ``decide`` is the guard's decision from the averages."""
+    over processes in the step's one read; ``decide`` is the guard's decision from the averages. The
+    pretraining loop calls the same methods of ``TrainingMonitors`` itself."""
 
     def __init__(self, monitors, logged, loss):
         self.monitors, self.logged, self.loss = monitors, logged, loss
 
     def share(self):
         m = self.monitors
-        values = m.gradients.measure() if self.logged else None
-        m._measured = values
-        if m.guard is None:
-            return None
-        norm = values[-1] if values is not None else total_grad_norm(m._params)
-        return torch.stack([self.loss.detach().float(), norm.float()])
+        measured = m.measure() if self.logged else None
+        m._measured = measured
+        return m.guard_values(self.loss, measured)
 
     def decide(self, finite, shared, overflow=None):
-        if self.monitors.guard is None:
-            return True
-        if not finite:     # counted as a non-finite step, not as a spike
-            return False
-        if overflow:       # an fp16 overflow: the GradScaler skips the step and lowers its scale; not a spike
-            return True
-        return self.monitors.guard.judge(*shared)
+        return self.monitors.take_step(finite, overflow, shared)
 
 
 class TrainingMonitors:
     """What the pretraining loop measures besides the loss, in one place: the gradient magnitudes of the
     logged steps (``GradientMonitor``, ``SpikeDetector``), the collapse tripwire and, with
-    ``--skip-spikes``, the ``SpikeGuard``. The loop calls ``after_backward(logged)`` (a callback for
-    ``Amp.backward_step``, or None when nothing is to be measured or decided at this step) and, at a
-    logged step, ``log_step``; ``epoch_record`` gives log.txt's per-epoch fields; ``state_dict`` goes
-    into the checkpoint, so that a resumed run keeps its windows."""
+    ``--skip-spikes``, the ``SpikeGuard``. After the backward (gradients unscaled), the loop calls
+    ``measure()`` at a logged step, ``guard_values`` for the step's one read and ``take_step`` with what
+    it read; after the step, at a logged step, ``log_step``. ``epoch_record`` gives log.txt's per-epoch
+    fields; ``state_dict`` goes into the checkpoint, so that a resumed run keeps its windows."""
 
     def __init__(self, model, collapsed_loss=None, skip_spikes=False):
         self.gradients = GradientMonitor(model)
@@ -334,6 +326,30 @@ class TrainingMonitors:
         self._epoch_values = []
         self._epoch_spikes = []
         self.evaluations = []   # (epochs done, {knn_top1, rankme, feature_std}) of the feature monitors
+
+    def measure(self):
+        """The gradient magnitudes of a logged step, on the device (no sync), kept for ``log_step``."""
+        self._measured = self.gradients.measure()
+        return self._measured
+
+    def guard_values(self, loss, measured=None):
+        """With --skip-spikes: (loss, total gradient norm), a device tensor the step's one read averages
+        over processes (the norm: ``measured``'s at a logged step); else None."""
+        if self.guard is None:
+            return None
+        norm = measured[-1] if measured is not None else total_grad_norm(self._params)
+        return torch.stack([loss.detach().float(), norm.float()])
+
+    def take_step(self, finite, overflow, shared):
+        """The spike guard's decision (True without it) from the step's read: a non-finite loss is
+        counted as such, not as a spike; an fp16 overflow is the GradScaler's to skip, not a spike."""
+        if self.guard is None:
+            return True
+        if not finite:
+            return False
+        if overflow:
+            return True
+        return self.guard.judge(*shared)
 
     def after_backward(self, logged, loss):
         """The ``after_backward`` of ``Amp.backward_step`` for this step (a ``_StepInspection``), or None."""

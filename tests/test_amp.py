@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moco.amp import NonFiniteLoss, NonFiniteSteps
-from moco.engine_pretrain import train_one_epoch
+from moco.engine_pretrain import Pretraining, train_one_epoch
 
 
 class _Scripted(torch.nn.Module):
@@ -45,8 +45,8 @@ def _train(model, n_iters, max_nonfinite, tmp_path):
     opt.step = lambda *a, **k: (orig_step(*a, **k), history.append(model.calls - 1))
     log = SimpleNamespace(scalars=lambda *a, **k: None)
     nonfinite = NonFiniteSteps(max_nonfinite, str(tmp_path))
-    stats = train_one_epoch(model, loader, opt, Amp('fp32', torch.device('cpu')), 0, args, log, n_iters,
-                            nonfinite=nonfinite)
+    stats = train_one_epoch(Pretraining(model, opt, Amp('fp32', torch.device('cpu')), args, log, n_iters, nonfinite),
+                            loader, 0)
     return stats, nonfinite.streak, history
 
 

@@ -269,15 +269,15 @@ _OOM_AT_STEP_3 = r'''
 import runpy, sys
 import torch
 import moco.amp
-real, calls = moco.amp.Amp.backward_step, []
+real, calls = moco.amp.Amp.backward, []
 
 
-def backward_step(self, *args, **kwargs):
+def backward(self, *args, **kwargs):
     calls.append(1)
     if len(calls) == 3:   # as a GPU that runs out of memory in the backward of the third step
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)')
     return real(self, *args, **kwargs)
-moco.amp.Amp.backward_step = backward_step
+moco.amp.Amp.backward = backward
 sys.argv = sys.argv[1:]
 runpy.run_path('main_moco.py', run_name='__main__')
 '''

@@ -28,7 +28,7 @@ from helpers import small_moco, unassigned_port
 from moco import launch, microbatch
 from moco.amp import Amp, NonFiniteSteps
 from moco.builder import METHODS
-from moco.engine_pretrain import train_one_epoch
+from moco.engine_pretrain import Pretraining, train_one_epoch
 from moco.errors import UserError
 from moco.microbatch import MicroBatchStep
 from moco.models import encoder_factory
@@ -256,10 +256,10 @@ def _train(method, micro, batches, tmp_path, model=None, amp=None, monitors=None
     monitors = monitors or TrainingMonitors(unwrap(model))
     log = _Log()
     with _quiet():
-        stats = train_one_epoch(model, batches, optimizer, amp or Amp('fp32', torch.device('cpu')), 0,
-                                _args(tmp_path, micro, world_size, batch), log, iters or len(batches),
-                                start_iter=start_iter, stop=stop, save_progress=save_progress, monitors=monitors,
-                                nonfinite=NonFiniteSteps(10, str(tmp_path)))
+        run = Pretraining(model, optimizer, amp or Amp('fp32', torch.device('cpu')),
+                          _args(tmp_path, micro, world_size, batch), log, iters or len(batches),
+                          NonFiniteSteps(10, str(tmp_path)), monitors, stop, save=save_progress)
+        stats = train_one_epoch(run, batches, 0, start_iter=start_iter)
     return unwrap(model), stats, log, monitors, optimizer
 
 

@@ -26,7 +26,7 @@ from helpers import unassigned_port
 from moco import launch
 from moco.amp import Amp, NonFiniteSteps
 from moco.builder import MoCo_ViT
-from moco.engine_pretrain import train_one_epoch
+from moco.engine_pretrain import Pretraining, train_one_epoch
 from moco.monitors import TrainingMonitors
 from moco.optim import build_optimizer
 
@@ -121,8 +121,9 @@ def run_epoch(mode, counter, tmp_path, stop=None, ddp=False, loader=None):
     monitors = TrainingMonitors(model, skip_spikes=skip_spikes)
     log = SimpleNamespace(scalars=lambda *a, **k: None)
     loader = loader or _Loader(counter, STEPS)
-    return train_one_epoch(net, loader, optimizer, amp, 0, args, log, len(loader),
-                           nonfinite=NonFiniteSteps(max_nonfinite, str(tmp_path)), stop=stop, monitors=monitors)
+    run = Pretraining(net, optimizer, amp, args, log, len(loader), NonFiniteSteps(max_nonfinite, str(tmp_path)),
+                      monitors, stop)
+    return train_one_epoch(run, loader, 0)
 
 
 @pytest.mark.parametrize('mode', MODES)
