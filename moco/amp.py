@@ -25,7 +25,7 @@ def add_training_precision_args(group, reference, fast_help):
                        help='a step whose loss is NaN/inf is skipped; K such steps in a row stop the run (default: '
                             '10; 0: no check, and a NaN reaches the weights). The check is the step\'s one host sync, '
                             'which also carries fp16\'s inf check, --skip-spikes and the stop signal; with 0: no sync '
-                            'in fp32/bf16 or with fused AdamW, one in fp16 with LARS/SGD or --skip-spikes (README '
+                            'in fp32/bf16 or with fused AdamW, one in fp16 with LARS/SGD or --skip-spikes (CONFIG.md '
                             '"What differs")')
 
 
