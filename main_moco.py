@@ -27,9 +27,10 @@ from moco.checkpoint import (
     save_pretraining,
 )
 from moco.data import is_unlabelled_folder, pipelines, start_epoch
+from moco.data.eval_sets import knn_sets, train_eval_set
 from moco.engine_pretrain import Pretraining, train_one_epoch
 from moco.errors import UserError
-from moco.knn import feature_monitors, knn_sets, train_eval_set
+from moco.knn import feature_monitors
 from moco.methods import apply_method_defaults
 from moco.metrics import RunLog
 from moco.models import BackboneFeatures, arch_names, build_moco, compile_networks, head_name, is_vit

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from moco import dist
-from moco.data.eval_sets import DecodedImages, knn_sets, train_eval_set  # noqa: F401 (the sets main_moco.py reads)
+from moco.data.eval_sets import DecodedImages
 from moco.data.sampler import ignore_stop_signals
 
 

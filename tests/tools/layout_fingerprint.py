@@ -117,7 +117,7 @@ def data_fingerprints(root):
     torch.manual_seed(SEED)
     backbone = BackboneFeatures(encoder_factory('resnet10_w32')(num_classes=10), 'fc').eval()
     try:
-        from moco.knn import knn_sets
+        from moco.data.eval_sets import knn_sets
         memory_loader, _ = _loader_and_count('memory', root, BATCH, cpu, IMAGE_SIZE, seed=SEED)
         memory_sets = knn_sets(memory_loader, root, IMAGE_SIZE)
         pil_sets = knn_sets(None, root, IMAGE_SIZE)
