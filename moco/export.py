@@ -170,7 +170,8 @@ def describe_backbone_file(backbone, path):
         return f'=> wrote {path}: {len(state)} tensors, {n:,} values (no head)'
     line = f"=> wrote {path}: {len(state)} tensors, {n:,} values (no fc), torchvision's format"
     if arch in tvm.list_models(module=tvm):
-        line += f': torchvision.models.{arch}().load_state_dict(torch.load(PATH), strict=False) misses only fc.*'
+        line += (f': torchvision.models.{arch}().load_state_dict(torch.load(PATH, weights_only=True), strict=False) '
+                 'misses only fc.*')
     return line
 
 

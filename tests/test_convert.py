@@ -240,7 +240,8 @@ def test_resnet50_to_torchvision_and_timm(tmp_path, capsys):
     ours = moco_resnet_checkpoint('resnet50', tmp_path / 'moco.pth.tar')
     assert convert(tmp_path / 'moco.pth.tar', tmp_path / 'r50.pth') == 0
     out = capsys.readouterr().out
-    assert 'torchvision.models.resnet50().load_state_dict(torch.load(PATH), strict=False) misses only fc.*' in out
+    assert ('torchvision.models.resnet50().load_state_dict(torch.load(PATH, weights_only=True), strict=False) '
+            'misses only fc.*') in out
 
     state = torch.load(tmp_path / 'r50.pth', map_location='cpu', weights_only=True)
     tv = torchvision.models.resnet50()
